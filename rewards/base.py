@@ -1,0 +1,146 @@
+"""The one reward interface shared by every reward, latent or pixel.
+
+Trainers fill a :class:`RewardInput` and read back :class:`RewardOutput.scores`; they never know which
+reward they call. Tensor conventions (SD3 / rectified flow) are those of ``DESIGN.md``:
+``latents`` are what the transformer reads, ``x_sigma = (1 - sigma) * x0 + sigma * eps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TextConditioning:
+    """Prompt embeddings in the SD3 layout, as the generator's text encoders produce them."""
+
+    encoder_hidden_states: Tensor  # (B, L, joint_attention_dim)
+    pooled_projections: Tensor  # (B, pooled_projection_dim)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextConditioning":
+        return TextConditioning(
+            self.encoder_hidden_states.to(device=device, dtype=dtype),
+            self.pooled_projections.to(device=device, dtype=dtype),
+        )
+
+    def __len__(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def index(self, idx: Tensor | slice | list[int]) -> "TextConditioning":
+        return TextConditioning(self.encoder_hidden_states[idx], self.pooled_projections[idx])
+
+    def repeat_interleave(self, k: int) -> "TextConditioning":
+        return TextConditioning(
+            self.encoder_hidden_states.repeat_interleave(k, dim=0),
+            self.pooled_projections.repeat_interleave(k, dim=0),
+        )
+
+    @staticmethod
+    def cat(items: list["TextConditioning"]) -> "TextConditioning":
+        return TextConditioning(
+            torch.cat([t.encoder_hidden_states for t in items]),
+            torch.cat([t.pooled_projections for t in items]),
+        )
+
+
+class MemoDecode:
+    """Wraps a ``latents -> images`` decoder so one batch is decoded at most once.
+
+    Several pixel rewards in one call share the decode; ``calls`` counts real decodes (tests and
+    benchmarks read it).
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]):
+        self.fn = fn
+        self.calls = 0
+        self._key: tuple[int, int] | None = None
+        self._images: Tensor | None = None
+
+    def __call__(self, latents: Tensor) -> Tensor:
+        key = (id(latents), latents._version)
+        if self._key != key or self._images is None:
+            self._images = self.fn(latents)
+            self._key = key
+            self.calls += 1
+        return self._images
+
+
+@dataclass
+class RewardInput:
+    prompts: list[str]
+    latents: Tensor | None = None  # (B, C, h, w) in the transformer's latent space
+    sigmas: Tensor | None = None  # (B,) noise level of `latents`; 0 means clean
+    text: TextConditioning | None = None  # cached prompt embeddings of the generator, when shared
+    decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [0, 1], differentiable
+    images: Tensor | None = None  # (B, 3, H, W) in [0, 1], when already decoded
+    generator: torch.Generator | None = None  # stochastic rewards (DiNa-LRM noise) draw from this
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        for name in ("latents", "images", "sigmas"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"RewardInput.{name} has batch {value.shape[0]}, but there are {n} prompts")
+        if self.text is not None and len(self.text) != n:
+            raise ValueError(f"RewardInput.text has batch {len(self.text)}, but there are {n} prompts")
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    def clean_sigmas(self) -> Tensor:
+        """``sigmas`` or zeros when the latents are clean."""
+        if self.latents is None:
+            raise ValueError("RewardInput.latents is required here")
+        if self.sigmas is None:
+            return torch.zeros(self.latents.shape[0], device=self.latents.device, dtype=torch.float32)
+        return self.sigmas
+
+    def pixels(self) -> Tensor:
+        """Images in [0, 1]: the given ones, or the (memoised) decode of the latents."""
+        if self.images is not None:
+            return self.images
+        if self.latents is None or self.decode is None:
+            raise ValueError(
+                "this reward reads pixels: RewardInput needs `images`, or `latents` together with a `decode` function"
+            )
+        return self.decode(self.latents)
+
+
+@dataclass
+class RewardOutput:
+    scores: Tensor  # (B,) float32, higher is better, after the recipe's normalisation
+    extras: dict[str, Tensor] = field(default_factory=dict)  # raw scores, components; logged by name
+
+
+class Reward(nn.Module):
+    """Base class of every reward. Subclasses set the three class variables and ``forward``."""
+
+    space: ClassVar[Literal["latent", "pixel"]]
+    noise_aware: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
+
+    def forward(self, batch: RewardInput) -> RewardOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def attach_generator(self, generator: object) -> None:
+        """Called by trainers with the loaded generator (``rlkit.models.SD3Generator``).
+
+        Rewards that share the generator's backbone or text encoders override this; the default ignores it.
+        """
+
+
+Normalize = Callable[[Tensor], Tensor]
+
+
+def affine_normalizer(shift: float = 0.0, scale: float = 1.0) -> Normalize:
+    """``(raw + shift) / scale``, e.g. DiNa-LRM's ``(raw + 10) / 10``."""
+
+    def fn(raw: Tensor) -> Tensor:
+        return (raw + shift) / scale
+
+    return fn

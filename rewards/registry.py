@@ -1,0 +1,79 @@
+"""Lazy name -> reward registry.
+
+Built-in rewards are listed as ``module:Class`` strings, so ``import rewards`` loads no model code.
+Third-party rewards plug in through the ``rlkit.rewards`` entry-point group, or are named directly as a
+dotted ``package.module:Class`` path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+ENTRY_POINT_GROUP = "rlkit.rewards"
+
+_BUILTIN: dict[str, str] = {
+    "dina-lrm": "rewards.dina_lrm.reward:DiNaLRMReward",
+    "pickscore": "rewards.pickscore:PickScoreReward",
+    "hpsv3": "rewards.hpsv3:HPSv3Reward",
+    "weighted": "rewards.weighted:WeightedReward",
+    "shapes-golden": "rlkit.shapes.judges:GoldenJudgeReward",
+    "shapes-clip": "rlkit.shapes.judges:ShapesClipReward",
+    "latent-direction": "rewards.toy:LatentDirectionReward",
+}
+
+
+class Registry:
+    """Maps reward names to classes; holds no global state beyond what callers give it."""
+
+    def __init__(self, builtin: dict[str, str] | None = None):
+        self._targets: dict[str, str | type] = dict(builtin or {})
+        self._entry_points_loaded = False
+
+    def register(self, name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            self._targets[name] = cls
+            return cls
+
+        return deco
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            self._targets.setdefault(ep.name, ep.value)
+
+    def available(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._targets)
+
+    def resolve(self, name: str) -> type:
+        self._load_entry_points()
+        target = self._targets.get(name)
+        if target is None and ":" in name:
+            target = name
+        if target is None:
+            known = self.available()
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"unknown reward {name!r}.{hint} Known rewards: {', '.join(known)}")
+        if isinstance(target, str):
+            module_name, _, attr = target.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+                cls = getattr(module, attr)
+            except (ImportError, AttributeError) as exc:
+                raise KeyError(f"reward {name!r} points to {target!r}, which cannot be imported: {exc}") from exc
+            self._targets[name] = cls
+            return cls
+        return target
+
+    def build(self, name: str, **kwargs: Any):
+        cls = self.resolve(name)
+        return cls(**kwargs)
+
+
+REGISTRY = Registry(_BUILTIN)

@@ -1,0 +1,49 @@
+import torch
+
+from rlkit.models.sd3 import SD3Generator, WeightsNotFoundError
+from rlkit.models.tiny import TinySD3Config, build_tiny_sd3_pipeline
+
+
+def test_tiny_pipeline_roundtrip_gives_identical_outputs(tmp_path):
+    pipe = build_tiny_sd3_pipeline(TinySD3Config(), seed=3)
+    pipe.save_pretrained(tmp_path / "p")
+    gen = SD3Generator.from_pretrained(tmp_path / "p", max_sequence_length=16)
+    prompts = ["a red circle on the left", "a blue square"]
+    out = []
+    for p in (pipe, gen.pipeline):
+        p.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(0)
+        out.append(p(prompts, num_inference_steps=3, height=32, width=32, generator=g, output_type="pt",
+                     max_sequence_length=16).images)
+    assert out[0].shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+
+
+def test_generator_encodes_with_cache_and_converts_latents(tiny_generator):
+    gen = tiny_generator
+    text = gen.encode_prompts(["a red circle", "a blue square", "a red circle"])
+    # SD3 layout: 77-token CLIP states (here 16) then T5 tokens (max_sequence_length 16), width = T5 d_model
+    assert text.encoder_hidden_states.shape == (3, 32, 32)
+    assert text.pooled_projections.shape == (3, 32)
+    torch.testing.assert_close(text.encoder_hidden_states[0], text.encoder_hidden_states[2])
+    assert len(gen._cache) == 2
+    images = torch.rand(2, 3, 32, 32)
+    z = gen.encode(images)
+    assert z.shape == (2, *gen.latent_shape(32))
+    z.requires_grad_(True)
+    x = gen.decode(z)
+    assert x.shape == (2, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    x.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    sig = gen.sigmas(4)
+    assert sig.shape == (5,) and sig[0] == 1 and sig[-1] == 0 and (sig[1:] < sig[:-1]).all()
+
+
+def test_missing_weights_message_names_source_and_remedy(tmp_path):
+    import pytest
+
+    with pytest.raises(WeightsNotFoundError, match="nope/not-a-model"):
+        SD3Generator.from_pretrained("nope/not-a-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsNotFoundError, match="not a complete"):
+        SD3Generator.from_pretrained(tmp_path / "empty")
