@@ -1,0 +1,357 @@
+"""The recipe: one YAML file describes a whole run. One dataclass per component.
+
+``load_recipe(path, overrides)`` gives a validated :class:`Recipe` or raises
+:class:`rlkit.confload.ConfigError` listing every problem with its file and key. Every dataclass may have
+a ``check()`` returning ``(key, message)`` pairs for value-level rules; types and unknown keys are
+checked by :mod:`rlkit.confload`.
+
+The GPU count is never written here: batch sizes are global (per optimiser step) or per process, and the
+trainers derive the rest from the world size at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from rlkit import confload
+from rlkit.confload import ConfigError, ConfigProblem
+
+Problems = Iterator[tuple[str, str]]
+
+ALGORITHMS = ("refl", "flow_grpo", "reward_model")
+SD3_ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def _positive(obj: Any, *names: str) -> Problems:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            yield name, f"must be > 0, got {value}"
+
+
+def _unit(obj: Any, *names: str) -> Problems:
+    for name in names:
+        value = getattr(obj, name)
+        if not 0.0 <= value <= 1.0:
+            yield name, f"must lie in [0, 1], got {value}"
+
+
+@dataclass
+class ModelConfig:
+    """The generator: a hub id, a local folder, or ``shapes`` (the shipped Shapes-world generator)."""
+
+    pretrained: str = "shapes"
+    revision: str | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights of frozen parts; trainable LoRA stays fp32
+    resolution: int = 32
+    max_sequence_length: int = 77
+    gradient_checkpointing: bool = False
+
+    def check(self) -> Problems:
+        yield from _positive(self, "resolution", "max_sequence_length")
+
+
+@dataclass
+class LoRAConfig:
+    """Policy LoRA; ``enabled: false`` fine-tunes the whole transformer."""
+
+    enabled: bool = True
+    rank: int = 32
+    alpha: float = 64.0
+    init: Literal["gaussian", "default", "zeros"] = "gaussian"
+    target_modules: list[str] = field(default_factory=lambda: list(SD3_ATTN_TARGETS))
+    adapter_name: str = "policy"
+
+    def check(self) -> Problems:
+        yield from _positive(self, "rank", "alpha")
+        if not self.target_modules:
+            yield "target_modules", "must name at least one module"
+
+
+@dataclass
+class RewardSpec:
+    """A reward by registry name with its constructor arguments."""
+
+    name: str
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> Problems:
+        if not self.name:
+            yield "name", "must name a registered reward"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: float | None = 1.0
+
+    def check(self) -> Problems:
+        yield from _positive(self, "lr", "eps", "grad_clip")
+        if self.weight_decay < 0:
+            yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
+        if self.warmup_steps < 0:
+            yield "warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            yield "betas", f"expected two numbers in [0, 1), got {list(self.betas)}"
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.9
+    update_every: int = 1
+
+    def check(self) -> Problems:
+        yield from _unit(self, "decay")
+        yield from _positive(self, "update_every")
+
+
+@dataclass
+class LaunchConfig:
+    """How ``rlkit train`` starts accelerate. ``deepspeed``: ZeRO stage 2 or 3, or null for DDP / one process."""
+
+    num_processes: int = 1
+    deepspeed: Literal[2, 3] | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    main_process_port: int | None = None
+
+    def check(self) -> Problems:
+        yield from _positive(self, "num_processes")
+
+
+@dataclass
+class LoggingConfig:
+    backends: list[Literal["jsonl", "wandb", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
+    project: str = "rlkit"
+    every: int = 1
+    progress: bool = True
+
+    def check(self) -> Problems:
+        yield from _positive(self, "every")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only at the end (and on SIGTERM)
+    keep_last: int = 2
+    resume: bool = True  # resume from the newest complete checkpoint in the run folder
+
+    def check(self) -> Problems:
+        if self.every < 0:
+            yield "every", f"must be >= 0, got {self.every}"
+        yield from _positive(self, "keep_last")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: fixed prompts and seeds, golden rewards never differentiated."""
+
+    every: int = 0  # steps; 0 = only before and after training
+    prompts: str = "shapes:heldout"  # shapes:<split> | file.txt | file.jsonl | hf:<dataset>[:split[:column]]
+    num_prompts: int = 16
+    images_per_prompt: int = 1
+    seed: int = 1234
+    num_steps: int = 20
+    guidance_scale: float = 1.0
+    golden: list[RewardSpec] = field(default_factory=list)
+    grid_images: int = 16
+    early_stopping_patience: int = 0  # evaluations in a row the first golden reward may fall; 0 = off
+    batch_size: int = 16
+
+    def check(self) -> Problems:
+        if self.every < 0:
+            yield "every", f"must be >= 0, got {self.every}"
+        yield from _positive(self, "num_prompts", "images_per_prompt", "num_steps", "batch_size")
+        if self.early_stopping_patience and not self.golden:
+            yield "early_stopping_patience", "needs at least one golden reward"
+
+
+@dataclass
+class PromptsConfig:
+    """Training prompts."""
+
+    source: str = "shapes:train"  # shapes:<split> | file.txt | file.jsonl | hf:<dataset>[:split[:column]]
+    limit: int | None = None
+
+
+@dataclass
+class PretrainLossConfig:
+    """ReFL's regulariser: flow-matching loss on data latents or on the base model's own samples."""
+
+    weight: float = 0.0  # lambda in (L_reward + lambda L_pre) / (1 + lambda); 0 = off
+    source: Literal["data", "base_samples"] = "base_samples"
+    data: str | None = None  # latents/images for source=data
+
+    def check(self) -> Problems:
+        if self.weight < 0:
+            yield "weight", f"must be >= 0, got {self.weight}"
+        if self.weight > 0 and self.source == "data" and not self.data:
+            yield "data", "source 'data' needs a data path"
+
+
+@dataclass
+class ReFLConfig:
+    num_steps: int = 40  # sampling grid
+    grad_step_range: tuple[int, int] = (30, 39)  # the step that carries gradient, drawn inclusively
+    grad_steps: int = 1  # K last steps that carry gradient
+    guidance_scale: float = 4.5  # CFG in the no-grad rollout
+    batch_size: int = 1  # prompts per process per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 150  # optimiser updates
+    reward_at: Literal["x0_hat", "state"] = "x0_hat"  # renoise x0_hat, or score the state at its own sigma
+    loss: Literal["margin", "neg", "relu_margin"] = "margin"
+    margin: float = 2.0  # margin - r, or relu(margin - r) * scale
+    loss_scale: float = 1.0
+    pretrain: PretrainLossConfig = field(default_factory=PretrainLossConfig)
+
+    def check(self) -> Problems:
+        yield from _positive(self, "num_steps", "grad_steps", "batch_size", "grad_accum", "max_steps")
+        lo, hi = self.grad_step_range
+        if not 0 <= lo <= hi < self.num_steps:
+            yield "grad_step_range", f"must satisfy 0 <= lo <= hi < num_steps ({self.num_steps}), got {[lo, hi]}"
+
+
+@dataclass
+class FlowGRPOConfig:
+    num_steps: int = 10
+    sde: Literal["sde", "cps"] = "cps"
+    noise_level: float = 0.8
+    window_size: int = 3  # SDE steps trained; = num_steps gives plain Flow-GRPO
+    window_start_range: tuple[int, int] = (0, 2)  # inclusive
+    group_size: int = 8  # images per prompt (a group may span processes)
+    prompts_per_epoch: int = 8  # global
+    batch_size: int = 8  # images per process per forward
+    inner_epochs: int = 1
+    updates_per_epoch: int = 2  # optimiser steps per epoch; accumulation derives from this and world size
+    guidance_scale: float = 1.0  # 1 = no CFG (Fast trains and samples without CFG)
+    clip_range: float = 1e-5
+    adv_clip: float = 5.0
+    std: Literal["group", "global"] = "global"
+    kl_beta: float = 0.0
+    reward_at: Literal["final", "window_end"] = "final"
+    reward_mix: Literal["reward", "advantage"] = "reward"
+    max_epochs: int = 100
+    train_last_step: bool = False
+
+    def check(self) -> Problems:
+        yield from _positive(self, "num_steps", "window_size", "group_size", "prompts_per_epoch", "batch_size",
+                             "inner_epochs", "updates_per_epoch", "clip_range", "max_epochs")
+        lo, hi = self.window_start_range
+        if not 0 <= lo <= hi or hi + self.window_size > self.num_steps:
+            yield "window_start_range", (f"window [{lo}..{hi}] + size {self.window_size} must fit in "
+                                         f"num_steps {self.num_steps}")
+        if self.group_size < 2:
+            yield "group_size", "GRPO needs at least 2 images per prompt"
+        if self.noise_level < 0:
+            yield "noise_level", f"must be >= 0, got {self.noise_level}"
+
+
+@dataclass
+class PreferenceDataConfig:
+    train: str = ""
+    eval: str | None = None
+    format: Literal["auto", "hpdv3", "generic", "ranked"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # generic column mapping
+    max_pairs_per_prompt: int | None = None
+
+
+@dataclass
+class RewardModelConfig:
+    """DiNa-LRM training (``algorithm: reward_model``)."""
+
+    model: dict[str, Any] = field(default_factory=dict)  # DiNa-LRM architecture config fields
+    init_from: str | None = None  # an existing DiNa-LRM checkpoint to fine-tune
+    trainable: Literal["lora_head", "head", "full"] = "lora_head"
+    loss: Literal["thurstone_calibrated", "thurstone_fixed", "bt", "bt_margin", "nll_calibrated"] = (
+        "thurstone_calibrated")
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "constant", "beta"] = "uniform"
+    timestep_args: dict[str, float] = field(default_factory=dict)
+    snap_to_grid: bool = True
+    batch_size: int = 4  # pairs per process
+    grad_accum: int = 1
+    max_steps: int = 1000
+    epochs: int | None = None
+    eval_every: int = 0
+    eval_levels: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5])
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+
+    def check(self) -> Problems:
+        yield from _positive(self, "batch_size", "grad_accum", "max_steps")
+        for i, u in enumerate(self.eval_levels):
+            if not 0 <= u <= 1:
+                yield f"eval_levels.{i}", f"must lie in [0, 1], got {u}"
+
+
+@dataclass
+class Recipe:
+    algorithm: Literal["refl", "flow_grpo", "reward_model"]
+    name: str = ""
+    seed: int = 0
+    output_dir: str = "runs"  # the run folder is <output_dir>/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+
+    def check(self) -> Problems:
+        if self.algorithm in ("refl", "flow_grpo") and not self.rewards:
+            yield "rewards", f"algorithm {self.algorithm!r} needs at least one reward"
+        if self.algorithm == "reward_model" and not self.reward_model.data.train:
+            yield "reward_model.data.train", "reward-model training needs a preference data set"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / (self.name or self.algorithm)
+
+    def to_dict(self) -> dict:
+        return confload.to_dict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Reads, overrides and validates a recipe; raises ConfigError with every problem found."""
+    data = confload.read_yaml(path)
+    return confload.build(Recipe, data, file=str(path), overrides=overrides)
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | None = None, file: str = "<dict>") -> Recipe:
+    return confload.build(Recipe, data, file=file, overrides=overrides)
+
+
+def save_resolved(recipe: Recipe, run_dir: str | Path) -> Path:
+    """Writes the resolved recipe to ``<run_dir>/recipe.yaml`` (atomically)."""
+    import os
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "recipe.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    os.replace(tmp, out)
+    return out
+
+
+__all__ = [
+    "ALGORITHMS", "CheckpointConfig", "ConfigError", "ConfigProblem", "EMAConfig", "EvalConfig", "FlowGRPOConfig",
+    "LaunchConfig", "LoRAConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "PreferenceDataConfig",
+    "PretrainLossConfig", "PromptsConfig", "ReFLConfig", "Recipe", "RewardModelConfig", "RewardSpec",
+    "load_recipe", "recipe_from_dict", "save_resolved",
+]

@@ -1,0 +1,263 @@
+"""YAML -> typed dataclasses, strictly: unknown keys, wrong types and bad values are collected and
+reported all at once, each naming the file and the dotted key.
+
+Precedence: dataclass defaults < YAML < command-line ``key=value`` overrides (dotted paths, list indices,
+values parsed as YAML scalars, so ``train.lr=1e-5`` is a float and ``launch.deepspeed=null`` is None).
+The schema itself lives in :mod:`rlkit.config`; this module knows nothing about training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+_MISSING = object()
+
+
+@dataclasses.dataclass
+class ConfigProblem:
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        return f"{where}{self.key or '<root>'}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """All problems of one recipe, reported together."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the recipe:\n{lines}")
+
+
+def _join(prefix: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{prefix}.{key}" if prefix else str(key)
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Builder:
+    def __init__(self, file: str):
+        self.file = file
+        self.problems: list[ConfigProblem] = []
+
+    def fail(self, key: str, message: str) -> object:
+        self.problems.append(ConfigProblem(self.file, key, message))
+        return _MISSING
+
+    def convert(self, tp: Any, value: Any, key: str) -> Any:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if tp is Any:
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self.build_dataclass(tp, value, key)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            candidates = [a for a in args if a is not type(None)]
+            # try each member silently, keep the first that converts
+            for cand in candidates:
+                trial = _Builder(self.file)
+                out = trial.convert(cand, value, key)
+                if not trial.problems:
+                    return out
+            if len(candidates) == 1:
+                return self.convert(candidates[0], value, key)
+            return self.fail(key, f"expected {_type_name(tp)}, got {value!r}")
+        if origin is Literal:
+            if value in args:
+                return value
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return self.fail(key, f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}{hint}")
+        if origin in (list, tuple):
+            if not isinstance(value, (list, tuple)):
+                return self.fail(key, f"expected a list, got {value!r}")
+            item_tp = args[0] if args else Any
+            items = [self.convert(item_tp, v, _join(key, i)) for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+        if origin is dict:
+            if not isinstance(value, dict):
+                return self.fail(key, f"expected a mapping, got {value!r}")
+            val_tp = args[1] if len(args) == 2 else Any
+            return {k: self.convert(val_tp, v, _join(key, k)) for k, v in value.items()}
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            return self.fail(key, f"expected true or false, got {value!r}")
+        if tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return self.fail(key, f"expected an integer, got {value!r}")
+        if tp is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML 1.1 reads "1e-5" as a string
+                except ValueError:
+                    pass
+            return self.fail(key, f"expected a number, got {value!r}")
+        if tp is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            return self.fail(key, f"expected a string, got {value!r}")
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        return self.fail(key, f"expected {_type_name(tp)}, got {value!r}")
+
+    def build_dataclass(self, cls: type, data: Any, key: str) -> Any:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            return self.fail(key, f"expected a mapping ({cls.__name__}), got {data!r}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        for name in data:
+            if name not in fields:
+                close = difflib.get_close_matches(str(name), list(fields), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+                self.fail(_join(key, name), f"unknown key{hint}")
+        kwargs = {}
+        broken = False
+        for name, f in fields.items():
+            if name in data:
+                out = self.convert(hints[name], data[name], _join(key, name))
+                if out is _MISSING:
+                    broken = True
+                    continue
+                kwargs[name] = out
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(_join(key, name), "required key is missing")
+                broken = True
+        if broken:
+            return _MISSING
+        try:
+            obj = cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            return self.fail(key, str(exc))
+        check = getattr(obj, "check", None)
+        if callable(check):
+            for sub, message in check():
+                self.fail(_join(key, sub), message)
+        return obj
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """``a.b.0.c=value`` -> (['a', 'b', 0, 'c'], parsed value)."""
+    if "=" not in text:
+        raise ConfigError([ConfigProblem("command line", text, "overrides are written key=value")])
+    key, _, raw = text.partition("=")
+    path: list[str | int] = [int(p) if p.lstrip("-").isdigit() else p for p in key.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> list[ConfigProblem]:
+    """Applies dotted overrides to a raw mapping in place; returns the problems (bad paths)."""
+    problems: list[ConfigProblem] = []
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            if isinstance(part, int):
+                if not isinstance(node, list) or not -len(node) <= part < len(node):
+                    problems.append(ConfigProblem("command line", text, f"no list item {part} at this path"))
+                    break
+                if not isinstance(node[part], (dict, list)):
+                    node[part] = [] if isinstance(nxt, int) else {}
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    problems.append(ConfigProblem("command line", text, f"{part!r} is not inside a mapping"))
+                    break
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = [] if isinstance(nxt, int) else {}
+                node = node[part]
+        else:
+            last = path[-1]
+            if isinstance(last, int):
+                if isinstance(node, list) and -len(node) <= last < len(node):
+                    node[last] = value
+                elif isinstance(node, list) and last == len(node):
+                    node.append(value)
+                else:
+                    problems.append(ConfigProblem("command line", text, f"no list item {last} at this path"))
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                problems.append(ConfigProblem("command line", text, f"{last!r} is not inside a mapping"))
+    return problems
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([ConfigProblem(str(path), "", "file not found")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError([ConfigProblem(str(path), where, f"not valid YAML: {exc}")]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(str(path), "", "the top level must be a mapping")])
+    return data
+
+
+def build(cls: type, data: dict, file: str = "", overrides: list[str] | None = None):
+    """Builds dataclass ``cls`` from ``data`` (+ overrides); raises :class:`ConfigError` with every problem."""
+    problems = apply_overrides(data, overrides or [])
+    builder = _Builder(file)
+    obj = builder.build_dataclass(cls, data, "")
+    problems += builder.problems
+    if problems:
+        raise ConfigError(problems)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
