@@ -79,8 +79,15 @@ class RewardSpec:
     args: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> Problems:
-        if not self.name:
-            yield "name", "must name a registered reward"
+        import rewards
+
+        known = rewards.available()
+        if self.name not in known and ":" not in self.name:
+            import difflib
+
+            close = difflib.get_close_matches(self.name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            yield "name", f"unknown reward {self.name!r}; {hint}known: {', '.join(known)} (or a module:Class path)"
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""What the ReFL and Flow-GRPO trainers share: functions, not a base class.
+
+Generator + policy set-up, rewards from recipe specs, optimiser and schedule, the evaluator, and the
+run folder. The trainers stay readable top to bottom and call these.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import rewards as reward_registry
+from rewards.base import Reward
+from rlkit.config import EvalConfig, LoRAConfig, ModelConfig, OptimConfig, Recipe, RewardSpec
+from rlkit.evaluate import Evaluator
+from rlkit.models.sd3 import SD3Generator
+from rlkit.prompts import load_prompts
+
+def resolve_model_source(name: str) -> str:
+    """``shapes`` names the shipped Shapes generator; anything else is a hub id or a folder."""
+    if name == "shapes":
+        from rlkit.shapes.judges import ASSETS_DIR
+
+        return str(ASSETS_DIR / "generator")
+    return name
+
+
+def load_generator(cfg: ModelConfig, device: torch.device | str = "cpu") -> SD3Generator:
+    gen = SD3Generator.from_pretrained(resolve_model_source(cfg.pretrained), dtype=cfg.dtype, device=device,
+                                       max_sequence_length=cfg.max_sequence_length, revision=cfg.revision)
+    gen.transformer.requires_grad_(False)
+    return gen
+
+
+def prepare_policy(gen: SD3Generator, lora: LoRAConfig, gradient_checkpointing: bool = False) -> list[torch.nn.Parameter]:
+    """Attaches the policy LoRA (or unfreezes the transformer) and returns the trainable parameters."""
+    from rlkit.models.lora import add_lora, enable_adapter_aware_checkpointing
+
+    transformer = gen.transformer
+    if lora.enabled:
+        add_lora(transformer, lora.adapter_name, rank=lora.rank, alpha=lora.alpha,
+                 target_modules=list(lora.target_modules), init=lora.init)
+    else:
+        transformer.requires_grad_(True)
+    if gradient_checkpointing:
+        enable_adapter_aware_checkpointing(transformer)
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def build_reward(specs: list[RewardSpec], gen: SD3Generator | None = None) -> Reward:
+    """One reward from the recipe's list: the reward itself, or a ``weighted`` mixture of several."""
+    if len(specs) == 1 and specs[0].weight == 1.0:
+        reward = reward_registry.build(specs[0].name, **specs[0].args)
+    else:
+        reward = reward_registry.build("weighted", components=[
+            {"name": s.name, "weight": s.weight, "args": dict(s.args)} for s in specs])
+    if gen is not None:
+        reward.attach_generator(gen)
+    return reward
+
+
+def build_named_rewards(specs: list[RewardSpec], gen: SD3Generator | None = None) -> dict[str, Reward]:
+    out: dict[str, Reward] = {}
+    for spec in specs:
+        reward = reward_registry.build(spec.name, **spec.args)
+        if gen is not None:
+            reward.attach_generator(gen)
+        reward.requires_grad_(False)
+        out[spec.name if spec.name not in out else f"{spec.name}_{len(out)}"] = reward
+    return out
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base lr at optimiser step ``step`` (0-based): linear warmup, then the schedule."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, total_steps: int):
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.schedule))
+    return optimizer, scheduler
+
+
+def build_evaluator(cfg: EvalConfig, gen: SD3Generator, proxy: dict[str, Reward]) -> Evaluator:
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    return Evaluator(prompts=prompts, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
+                     num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                     golden=build_named_rewards(cfg.golden, gen), proxy=proxy, batch_size=cfg.batch_size,
+                     grid_images=cfg.grid_images, patience=cfg.early_stopping_patience)
+
+
+def run_dir(recipe: Recipe) -> Path:
+    path = recipe.run_dir
+    path.mkdir(parents=True, exist_ok=True)
+    return path

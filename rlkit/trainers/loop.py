@@ -1,0 +1,253 @@
+"""The run that ReFL and Flow-GRPO share: set-up, one optimiser update at a time, evaluation, checkpoints.
+
+:class:`PolicyRun` is a composition of the runtime pieces (accelerator, generator + policy LoRA, reward,
+optimiser, EMA, tracker, evaluator, checkpoints, guards), not a base class with behaviour to override:
+each trainer keeps its algorithm in its own loop and calls these few methods around it.
+
+Batch arithmetic follows from the world size at run time: a trainer asks for a per-process micro-batch;
+prompts and initial noise are drawn for the *global* batch from a seed shared by every rank and each rank
+takes its slice, so a run on 2 processes sees the same data as one process with twice the micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rlkit.config import PretrainLossConfig, Recipe, save_resolved
+from rlkit.trainers import common
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from the parts (stable across processes and Python runs)."""
+    import hashlib
+
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class SamplePool:
+    """Latents + prompts to draw pre-training-loss batches from (base-model samples or a data set)."""
+
+    latents: Tensor
+    prompts: list[str]
+
+    def draw(self, rng: torch.Generator, n: int) -> tuple[Tensor, list[str]]:
+        idx = torch.randint(0, self.latents.shape[0], (n,), generator=rng)
+        return self.latents[idx], [self.prompts[int(i)] for i in idx]
+
+
+@dataclass
+class PolicyRun:
+    recipe: Recipe
+    accelerator: object
+    gen: object  # SD3Generator
+    model: torch.nn.Module  # the (prepared) policy transformer
+    reward: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    ema: object | None
+    tracker: object
+    evaluator: object
+    checkpoints: object
+    guard: object
+    prompts: list[str]
+    total_updates: int
+    micro_batch: int
+    run_dir: Path
+    step: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    last_metrics: dict = field(default_factory=dict)
+    stopped_early: bool = False
+
+    # -- set-up --------------------------------------------------------------------------------------
+    @classmethod
+    def setup(cls, recipe: Recipe, total_updates: int, micro_batch: int, grad_accum: int) -> "PolicyRun":
+        from rlkit.runtime.accelerator import build_accelerator
+        from rlkit.runtime.checkpoint import CheckpointManager
+        from rlkit.runtime.ema import EMA
+        from rlkit.runtime.guards import TrainingGuard
+        from rlkit.runtime.tracking import Tracker
+
+        run_dir = common.run_dir(recipe)
+        accelerator = build_accelerator(recipe.launch, grad_accum=grad_accum, micro_batch=micro_batch,
+                                        grad_clip=recipe.optim.grad_clip)
+        torch.manual_seed(derive_seed(recipe.seed, "init"))
+        gen = common.load_generator(recipe.model, device=accelerator.device)
+        params = common.prepare_policy(gen, recipe.lora, recipe.model.gradient_checkpointing)
+        reward = common.build_reward(recipe.rewards, gen)
+        optimizer, scheduler = common.build_optimizer(params, recipe.optim, total_updates)
+        model, optimizer = accelerator.prepare(gen.transformer, optimizer)
+        ema = EMA(params, decay=recipe.ema.decay, update_every=recipe.ema.update_every) if recipe.ema.enabled else None
+        recipe_file = save_resolved(recipe, run_dir) if accelerator.is_main_process else run_dir / "recipe.yaml"
+        tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
+        proxy = {spec.name: reward for spec in recipe.rewards[:1]} if len(recipe.rewards) == 1 else {"mix": reward}
+        evaluator = common.build_evaluator(recipe.eval, gen, proxy)
+        checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=recipe.checkpoint.keep_last)
+        run = cls(recipe=recipe, accelerator=accelerator, gen=gen, model=model, reward=reward, optimizer=optimizer,
+                  scheduler=scheduler, ema=ema, tracker=tracker, evaluator=evaluator, checkpoints=checkpoints,
+                  guard=TrainingGuard(), prompts=common.load_prompts(recipe.prompts.source, recipe.prompts.limit),
+                  total_updates=total_updates, micro_batch=micro_batch, run_dir=run_dir)
+        del recipe_file
+        if recipe.checkpoint.resume:
+            run._resume()
+        if run.step == 0:
+            run.evaluate()
+        return run
+
+    # -- data and randomness ---------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def step_generator(self, step: int, micro: int) -> torch.Generator:
+        """The same on every rank: draws global quantities (prompts, noise, the ReFL step)."""
+        return torch.Generator().manual_seed(derive_seed(self.recipe.seed, "step", step, micro))
+
+    def rank_generator(self, step: int, micro: int, purpose: str) -> torch.Generator:
+        """Different on every rank: for per-sample randomness that is not shared."""
+        return torch.Generator().manual_seed(derive_seed(self.recipe.seed, purpose, step, micro, self.rank))
+
+    def _rank_slice(self, n: int) -> slice:
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def sample_prompts(self, rng: torch.Generator, per_rank: int) -> list[str]:
+        idx = torch.randint(0, len(self.prompts), (per_rank * self.world,), generator=rng)
+        return [self.prompts[int(i)] for i in idx[self._rank_slice(per_rank)]]
+
+    def global_noise(self, rng: torch.Generator, per_rank: int) -> Tensor:
+        shape = (per_rank * self.world, *self.gen.latent_shape(self.recipe.model.resolution))
+        return torch.randn(shape, generator=rng)[self._rank_slice(per_rank)].to(self.accelerator.device)
+
+    def pretrain_pool(self, cfg: PretrainLossConfig, size: int = 64) -> SamplePool:
+        """Latents for the pre-training loss: base-model samples (LoRA disabled) or a latents file."""
+        if cfg.source == "data":
+            from safetensors.torch import load_file
+
+            data = load_file(cfg.data)
+            prompts = Path(cfg.data).with_suffix(".txt").read_text().splitlines()
+            return SamplePool(data["latents"].to(self.accelerator.device), prompts)
+        from rlkit.models.lora import use_adapter
+        from rlkit.rollout import sample
+
+        rng = torch.Generator().manual_seed(derive_seed(self.recipe.seed, "pretrain-pool", self.rank))
+        prompts = [self.prompts[int(i)] for i in torch.randint(0, len(self.prompts), (size,), generator=rng)]
+        base = self.gen.transformer
+        with use_adapter(base, None):
+            latents = sample(self.gen, prompts, num_steps=self.recipe.eval.num_steps,
+                             guidance_scale=self.recipe.eval.guidance_scale, generator=rng)
+        return SamplePool(latents.detach(), prompts)
+
+    # -- one update --------------------------------------------------------------------------------------
+    def accumulate(self):
+        return self.accelerator.accumulate(self.model)
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward unless the loss is NaN/inf (then the step is skipped and counted)."""
+        if not self.guard.check(loss, self.step):
+            self._skip = True
+            return
+        self.accelerator.backward(loss)
+
+    def end_update(self, stats: dict[str, float]) -> None:
+        """Clips, steps the optimiser and schedule, updates EMA, logs, evaluates and checkpoints."""
+        skipped = getattr(self, "_skip", False)
+        self._skip = False
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            stats["skipped"] = 1.0
+        else:
+            if self.recipe.optim.grad_clip and not self._deepspeed:
+                stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                                            self.recipe.optim.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        stats["time/elapsed_s"] = time.perf_counter() - self.started
+        self.step += 1
+        if self.step % self.recipe.logging.every == 0:
+            self.tracker.log({f"train/{k}": v for k, v in stats.items()}, step=self.step)
+        every = self.recipe.eval.every
+        if every and self.step % every == 0 and self.step < self.total_updates:
+            self.evaluate()
+        ck = self.recipe.checkpoint.every
+        if (ck and self.step % ck == 0) or self.guard.stop_requested:
+            self.save()
+        if self.guard.stop_requested:
+            raise SystemExit(f"stopped by signal after step {self.step}; checkpoint saved in {self.run_dir}")
+
+    @property
+    def _deepspeed(self) -> bool:
+        return getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_updates or self.stopped_early
+
+    # -- evaluation, checkpoints, export -----------------------------------------------------------------
+    def _ema_weights(self):
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def evaluate(self) -> dict[str, float]:
+        with self._ema_weights():
+            self.model.eval()
+            result = self.evaluator.run(self.gen, self.step, out_dir=self.run_dir if self.accelerator.is_main_process
+                                        else None)
+            self.model.train()
+        metrics = dict(result.metrics, **{"time/elapsed_s": time.perf_counter() - self.started})
+        self.tracker.log(metrics, step=self.step)
+        self.last_metrics = metrics
+        if self.evaluator.should_stop:
+            self.stopped_early = True
+            self.tracker.log({"eval/early_stopped": 1.0}, step=self.step)
+        return metrics
+
+    def save(self) -> Path:
+        extra = {"step": self.step, "ema": self.ema.state_dict() if self.ema is not None else None,
+                 "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict(),
+                 "evaluator": self.evaluator.state_dict()}
+        return self.checkpoints.save(self.accelerator, self.step, extra)
+
+    def _resume(self) -> None:
+        extra = self.checkpoints.load_latest(self.accelerator)
+        if extra is None:
+            return
+        self.step = int(extra["step"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.guard.load_state_dict(extra["guard"])
+        self.evaluator.load_state_dict(extra["evaluator"])
+        if self.ema is not None and extra.get("ema") is not None:
+            self.ema.load_state_dict(extra["ema"])
+        self.tracker.log({"resumed_from": float(self.step)}, step=self.step)
+
+    def finish(self) -> dict[str, float]:
+        metrics = self.evaluate() if self.evaluator.history[-1].step != self.step else self.last_metrics
+        self.save()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.export()
+        self.tracker.close()
+        return metrics
+
+    def export(self) -> Path:
+        from rlkit.export import export_full_transformer, export_policy_lora
+
+        model = self.accelerator.unwrap_model(self.model)
+        recipe_file = self.run_dir / "recipe.yaml"
+        with self._ema_weights():
+            if self.recipe.lora.enabled:
+                return export_policy_lora(model, self.recipe.lora.adapter_name, self.run_dir / "export", recipe_file)
+            return export_full_transformer(model, self.run_dir / "export", recipe_file)
