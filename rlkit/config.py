@@ -40,9 +40,9 @@ def _unit(obj: Any, *names: str) -> Problems:
 
 @dataclass
 class ModelConfig:
-    """The generator: a hub id, a local folder, or ``shapes`` (the shipped Shapes-world generator)."""
+    """The generator: a hub id or a local folder (``pkg://`` paths name files shipped inside the package)."""
 
-    pretrained: str = "shapes"
+    pretrained: str = "pkg://rlkit/shapes/assets/generator"
     revision: str | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights of frozen parts; trainable LoRA stays fp32
     resolution: int = 32

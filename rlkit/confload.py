@@ -74,7 +74,7 @@ class _Builder:
         origin = typing.get_origin(tp)
         args = typing.get_args(tp)
         if tp is Any:
-            return value
+            return _resolve_any(value)
         if dataclasses.is_dataclass(tp):
             return self.build_dataclass(tp, value, key)
         if origin in (Union, types.UnionType):
@@ -128,7 +128,7 @@ class _Builder:
             return self.fail(key, f"expected a number, got {value!r}")
         if tp is str:
             if isinstance(value, str):
-                return value
+                return resolve_package_path(value)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
             return self.fail(key, f"expected a string, got {value!r}")
@@ -171,6 +171,35 @@ class _Builder:
             for sub, message in check():
                 self.fail(_join(key, sub), message)
         return obj
+
+
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_package_path(value: str) -> str:
+    """``pkg://rlkit/shapes/assets/x`` -> the absolute path of that file inside the installed package.
+
+    Lets shipped recipes name shipped checkpoints without depending on the working directory.
+    """
+    if not value.startswith(PACKAGE_SCHEME):
+        return value
+    import importlib.util
+
+    package, _, rest = value[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return value
+    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+
+
+def _resolve_any(value: Any) -> Any:
+    if isinstance(value, str):
+        return resolve_package_path(value)
+    if isinstance(value, list):
+        return [_resolve_any(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_any(v) for k, v in value.items()}
+    return value
 
 
 def parse_override(text: str) -> tuple[list[str | int], Any]:

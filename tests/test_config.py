@@ -70,3 +70,13 @@ def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     assert path.read_text().startswith("#"), "every recipe starts with a header comment"
+
+
+def test_package_paths_resolve_to_the_installed_package(tmp_path):
+    import rlkit
+
+    r = recipe_from_dict({"algorithm": "refl", "model": {"pretrained": "pkg://rlkit/shapes/assets/generator"},
+                          "rewards": [{"name": "dina-lrm", "args": {"pretrained": "pkg://rlkit/x", "u": 0.4}}]})
+    root = Path(rlkit.__file__).parent
+    assert r.model.pretrained == str(root / "shapes/assets/generator")
+    assert r.rewards[0].args == {"pretrained": str(root / "x"), "u": 0.4}

@@ -13,22 +13,15 @@ import torch
 
 import rewards as reward_registry
 from rewards.base import Reward
+from rlkit.confload import resolve_package_path
 from rlkit.config import EvalConfig, LoRAConfig, ModelConfig, OptimConfig, Recipe, RewardSpec
 from rlkit.evaluate import Evaluator
 from rlkit.models.sd3 import SD3Generator
 from rlkit.prompts import load_prompts
 
-def resolve_model_source(name: str) -> str:
-    """``shapes`` names the shipped Shapes generator; anything else is a hub id or a folder."""
-    if name == "shapes":
-        from rlkit.shapes.judges import ASSETS_DIR
-
-        return str(ASSETS_DIR / "generator")
-    return name
-
-
 def load_generator(cfg: ModelConfig, device: torch.device | str = "cpu") -> SD3Generator:
-    gen = SD3Generator.from_pretrained(resolve_model_source(cfg.pretrained), dtype=cfg.dtype, device=device,
+    source = resolve_package_path(cfg.pretrained)
+    gen = SD3Generator.from_pretrained(source, dtype=cfg.dtype, device=device,
                                        max_sequence_length=cfg.max_sequence_length, revision=cfg.revision)
     gen.transformer.requires_grad_(False)
     return gen
