@@ -1,0 +1,186 @@
+"""Loading and saving DiNa-LRM in the release's layout.
+
+::
+
+    <folder>/config.json                      the training config (``model`` section decides the architecture)
+    <folder>/checkpoint/backbone_lora/        peft adapter of the N-block backbone
+        adapter_config.json                   (keys ``base_model.model.transformer_blocks.{i}.attn....``)
+        adapter_model.safetensors
+    <folder>/checkpoint/rm_head.pt            reward-head state dict
+    <folder>/checkpoint/full_model.pt         instead of both, when trained without LoRA and unfrozen
+
+A frozen-backbone checkpoint holds ``rm_head.pt`` only. ``.pt`` files load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rewards.dina_lrm.config import DiNaLRMConfig
+from rewards.dina_lrm.model import ADAPTER_NAME, DiNaLRM
+from rlkit.models.lora import LORA_INITS, load_lora_state_dict, lora_state_dict
+from rlkit.models.sd3 import WeightsNotFoundError, explain_missing
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoint"
+LORA_DIR = "backbone_lora"
+HEAD_FILE = "rm_head.pt"
+FULL_FILE = "full_model.pt"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."  # peft's PeftModel wraps the backbone: keys start with this
+UNSUPPORTED_LORA_OPTIONS = ("use_dora", "use_rslora")
+
+
+def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
+    """A local folder, or a hub id resolved through the Hugging Face cache (downloaded when allowed)."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=str(source), revision=revision))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; one readable message for all
+        raise explain_missing(str(source), exc, "DiNa-LRM checkpoint") from None
+
+
+def _missing(path: Path, why: str) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
+        f"DiNa-LRM checkpoint file {str(path)!r} is missing ({why}). Provide a folder laid out as the release "
+        f"(config.json + checkpoint/backbone_lora/ + checkpoint/rm_head.pt, e.g. `huggingface-cli download "
+        f"liuhuohuo/DiNa-LRM-SD35M-12layers --local-dir <folder>`), or one written by rewards.dina_lrm.save_dina_lrm")
+
+
+def read_config(folder: Path) -> DiNaLRMConfig:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise _missing(path, "it holds the architecture")
+    return DiNaLRMConfig.from_official(json.loads(path.read_text()), source=str(path))
+
+
+def checkpoint_dir(folder: Path) -> Path:
+    """``<folder>/checkpoint``, or the folder itself when it already holds the weight files."""
+    inner = folder / CHECKPOINT_DIR
+    return inner if inner.is_dir() or not any((folder / f).exists() for f in (LORA_DIR, HEAD_FILE, FULL_FILE)) \
+        else folder
+
+
+def _load_pt(path: Path, why: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise _missing(path, why)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _adapter_config(lora_dir: Path) -> dict:
+    path = lora_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise _missing(path, "the peft adapter of the backbone")
+    data = json.loads(path.read_text())
+    for option in UNSUPPORTED_LORA_OPTIONS:
+        if data.get(option):
+            raise ValueError(f"{path}: {option}=true is not supported by rlkit's DiNa-LRM loader")
+    return data
+
+
+def _adapter_weights(lora_dir: Path) -> dict[str, torch.Tensor]:
+    for name in ADAPTER_WEIGHTS:
+        path = lora_dir / name
+        if path.is_file():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                weights = load_file(str(path))
+            else:
+                weights = torch.load(path, map_location="cpu", weights_only=True)
+            return {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
+    raise _missing(lora_dir / ADAPTER_WEIGHTS[0], "the LoRA weights of the backbone")
+
+
+def _lora_config_from_adapter(config: DiNaLRMConfig, adapter: dict) -> DiNaLRMConfig:
+    """The adapter's own r/alpha win, as peft's ``load_adapter`` builds the adapter from its saved config."""
+    from dataclasses import replace
+
+    targets = adapter.get("target_modules")
+    updates = {"lora_r": int(adapter.get("r", config.lora_r)),
+               "lora_alpha": float(adapter.get("lora_alpha", config.lora_alpha))}
+    if isinstance(targets, list) and targets:
+        updates["lora_targets"] = tuple(targets)
+    return replace(config, **updates)
+
+
+def load_dina_lrm(
+    source: str | Path,
+    transformer: nn.Module,
+    share: bool = False,
+    copy_blocks: bool = False,
+    revision: str | None = None,
+) -> DiNaLRM:
+    """The checkpoint at ``source`` (folder or hub id) on ``transformer``'s first blocks, frozen and in eval mode.
+
+    ``share=True`` puts the LoRA as adapter ``rm_lora`` onto ``transformer`` itself (see :mod:`.model`).
+    """
+    folder = resolve_folder(source, revision)
+    config = read_config(folder)
+    ckpt = checkpoint_dir(folder)
+    mode = config.save_mode
+    if mode == "full" and share:
+        raise ValueError(f"{folder}: a full_model.pt checkpoint has its own backbone weights and cannot share the "
+                         "generator's blocks; load it with share=False")
+    if mode == "lora":
+        lora_dir = ckpt / LORA_DIR
+        config = _lora_config_from_adapter(config, _adapter_config(lora_dir))
+        lora_weights = _adapter_weights(lora_dir)
+        head = _load_pt(ckpt / HEAD_FILE, "the reward head")
+    elif mode == "full":
+        full = _load_pt(ckpt / FULL_FILE, "the whole model, saved without LoRA")
+    else:
+        head = _load_pt(ckpt / HEAD_FILE, "the reward head of a frozen-backbone model")
+    model = DiNaLRM.build(config, transformer, share=share, copy_blocks=copy_blocks or mode == "full",
+                          add_adapter=mode == "lora")
+    if mode == "lora":
+        load_lora_state_dict(model.adapter_host, ADAPTER_NAME, lora_weights)
+    if mode == "full":
+        model.load_state_dict(full, strict=True)
+    else:
+        model.reward_head.load_state_dict(head, strict=True)
+    model.set_trainable(lora=False, head=False, backbone=False)
+    return model.eval()
+
+
+def save_dina_lrm(model: DiNaLRM, folder: str | Path) -> Path:
+    """Writes ``model`` in the release's layout (the save mode follows its config)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    ckpt = folder / CHECKPOINT_DIR
+    ckpt.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    (folder / CONFIG_FILE).write_text(json.dumps(config.to_official(), indent=4))
+
+    def cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    mode = config.save_mode
+    if mode == "full":
+        torch.save(cpu(model.state_dict()), ckpt / FULL_FILE)
+        return folder
+    torch.save(cpu(model.reward_head.state_dict()), ckpt / HEAD_FILE)
+    if mode == "lora":
+        lora_dir = ckpt / LORA_DIR
+        lora_dir.mkdir(exist_ok=True)
+        weights = lora_state_dict(model.adapter_host, ADAPTER_NAME)
+        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in weights.items()},
+                  str(lora_dir / ADAPTER_WEIGHTS[0]))
+        peft_config = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=list(config.lora_targets),
+            exclude_modules=list(config.excluded_lora_modules) or None,
+            init_lora_weights=LORA_INITS[config.lora_init],
+        )
+        peft_config.save_pretrained(str(lora_dir))
+    return folder
