@@ -1,0 +1,155 @@
+"""Weighted reward mixtures: construction from specs, normalisations, capability flags, shared decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rewards
+from rewards.base import MemoDecode, Reward, RewardInput, RewardOutput
+from rewards.weighted import NormalizeSpec, ScoreNormalizer
+
+PROMPTS = ["a red circle", "a blue square", "a star", "two rings"]
+
+
+class FixedScores(Reward):
+    """A pixel reward returning given scores (the mean pixel added, so it really reads the images)."""
+
+    space = "pixel"
+    noise_aware = False
+    differentiable = False
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.tensor(scores)
+        self.attached = None
+
+    def attach_generator(self, generator):
+        self.attached = generator
+
+    def forward(self, batch):
+        pixels = batch.pixels()
+        return RewardOutput(scores=self.scores + 0 * pixels.mean(dim=(1, 2, 3)), extras={"raw": self.scores})
+
+
+@pytest.fixture(scope="module")
+def tiny_pickscore_dir(tmp_path_factory):
+    from rewards.tiny import save_tiny_pickscore
+
+    return save_tiny_pickscore(tmp_path_factory.mktemp("pickscore") / "clip")
+
+
+@pytest.fixture(scope="module")
+def tiny_hpsv3(tmp_path_factory):
+    from rewards.tiny import save_tiny_hpsv3
+
+    return save_tiny_hpsv3(tmp_path_factory.mktemp("hpsv3") / "qwen2vl")
+
+
+def _pixel_components(pickscore_dir, hpsv3):
+    base, checkpoint = hpsv3
+    return [
+        {"name": "pickscore", "weight": 1.0, "args": {"model": str(pickscore_dir), "processor": str(pickscore_dir)},
+         "normalize": {"kind": "affine", "scale": 26.0}},
+        {"name": "hpsv3", "weight": 0.5, "normalize": "zscore",
+         "args": {"model": str(base), "checkpoint": str(checkpoint), "dtype": "fp32", "pixels": 256}},
+    ]
+
+
+def _latents(gen, b=2, seed=0):
+    return torch.randn(b, *gen.latent_shape(16), generator=torch.Generator().manual_seed(seed))
+
+
+def test_two_pixel_rewards_decode_once(tiny_pickscore_dir, tiny_hpsv3, tiny_generator):
+    mix = rewards.build("weighted", components=_pixel_components(tiny_pickscore_dir, tiny_hpsv3))
+    assert mix.space == "pixel" and mix.differentiable and not mix.noise_aware
+    latents = _latents(tiny_generator).requires_grad_()
+    decode = MemoDecode(tiny_generator.decode)
+    out = mix(RewardInput(prompts=PROMPTS[:2], latents=latents, decode=decode))
+    assert decode.calls == 1
+    assert out.scores.shape == (2,)
+    for key in ("pickscore/raw", "pickscore/score", "pickscore/normalized", "hpsv3/raw", "hpsv3/sigma"):
+        assert out.extras[key].shape == (2,)
+    torch.testing.assert_close(out.extras["pickscore/normalized"], out.extras["pickscore/raw"] / 26.0)
+    expected = 1.0 * out.extras["pickscore/normalized"] + 0.5 * out.extras["hpsv3/normalized"]
+    torch.testing.assert_close(out.scores.detach(), expected)
+    out.scores.sum().backward()  # ReFL through both rewards and the one decode
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+
+
+def test_attached_generator_decodes_once_when_batch_has_no_decoder(tiny_generator):
+    comps = [FixedScores([1.0, 2.0]), FixedScores([3.0, 5.0])]
+    mix = rewards.build("weighted", components=[{"name": "a"}, {"name": "b"}], rewards_by_key=dict(zip("ab", comps)))
+    calls = []
+
+    class CountingGenerator:
+        def decode(self, latents):
+            calls.append(1)
+            return tiny_generator.decode(latents)
+
+    gen = CountingGenerator()
+    mix.attach_generator(gen)
+    assert all(c.attached is gen for c in comps)
+    out = mix(RewardInput(prompts=PROMPTS[:2], latents=_latents(tiny_generator)))
+    assert len(calls) == 1
+    torch.testing.assert_close(out.scores, torch.tensor([4.0, 7.0]))
+    assert not mix.differentiable
+
+
+def test_latent_only_mixture_never_decodes(tiny_generator):
+    mix = rewards.build("weighted", components=[
+        {"name": "latent-direction", "weight": 2.0, "args": {"seed": 1}},
+        {"name": "latent-direction", "weight": -1.0, "args": {"seed": 2}, "normalize": "none"},
+    ])
+    assert mix.space == "latent" and mix.noise_aware and mix.differentiable
+    assert mix.keys == ["latent-direction", "latent-direction#1"]
+    decode = MemoDecode(tiny_generator.decode)
+    latents = _latents(tiny_generator, b=3)
+    out = mix(RewardInput(prompts=PROMPTS[:3], latents=latents, decode=decode))
+    assert decode.calls == 0
+    a = rewards.build("latent-direction", seed=1)(RewardInput(prompts=PROMPTS[:3], latents=latents)).scores
+    b = rewards.build("latent-direction", seed=2)(RewardInput(prompts=PROMPTS[:3], latents=latents)).scores
+    torch.testing.assert_close(out.scores, 2 * a - b)
+    torch.testing.assert_close(out.extras["latent-direction#1/raw"], b)
+
+
+def test_running_zscore_cumulative_equals_pooled_statistics():
+    norm = ScoreNormalizer(NormalizeSpec(kind="zscore", eps=1e-6))
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for size in (4, 1, 7, 3):
+        x = torch.randn(size, generator=g, dtype=torch.float64) * 3 + 5
+        seen.append(x)
+        out = norm(x)
+        pooled = torch.cat(seen)
+        mean, std = pooled.mean(), pooled.std(unbiased=False)
+        torch.testing.assert_close(out, (x - mean) / (std + 1e-6))
+    assert int(norm.count) == 15
+
+
+def test_running_zscore_ema_hand_worked():
+    norm = ScoreNormalizer(NormalizeSpec(kind="zscore", momentum=0.5, eps=1e-6))
+    norm(torch.tensor([1.0, 3.0]))  # first batch: mean 2, var 1
+    out = norm(torch.tensor([5.0, 5.0]))  # mean 0.5*2 + 0.5*5 = 3.5, var 0.5*1 + 0.5*0 = 0.5
+    assert norm.mean.item() == pytest.approx(3.5) and norm.var.item() == pytest.approx(0.5)
+    torch.testing.assert_close(out, torch.full((2,), 1.5 / (0.5**0.5 + 1e-6)))
+    assert "mean" in norm.state_dict() and "var" in norm.state_dict()  # checkpointed with the reward
+
+
+def test_zscore_keeps_gradients():
+    norm = ScoreNormalizer(NormalizeSpec(kind="zscore"))
+    x = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
+    norm(x).sum().backward()
+    std = torch.tensor([1.0, 2.0, 4.0]).std(unbiased=False)
+    torch.testing.assert_close(x.grad, torch.full((3,), 1 / (std.item() + 1e-6)))
+
+
+def test_spec_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"components\[1\] has unknown keys \['wieght'\]"):
+        rewards.build("weighted", components=[{"name": "latent-direction"}, {"name": "latent-direction", "wieght": 1}])
+    with pytest.raises(ValueError, match=r"components\[0\]\.normalize.kind"):
+        rewards.build("weighted", components=[{"name": "latent-direction", "normalize": "minmax"}])
+    with pytest.raises(ValueError, match="at least one"):
+        rewards.build("weighted", components=[])
+    with pytest.raises(KeyError, match="unknown reward 'pickscor'"):
+        rewards.build("weighted", components=[{"name": "pickscor"}])
