@@ -326,3 +326,19 @@ def randomize_(module, generator, scale=0.5):
                 p.copy_(1 + 0.1 * noise)
             else:
                 p.copy_(noise * scale)
+
+
+def load_checkpoint(model, config_model, checkpoint_path):
+    """``DRMInferencer.load_checkpoint``: peft ``load_adapter`` as ``rm_lora`` + head, or full model, or head."""
+    if config_model.use_lora and not config_model.freeze_backbone:
+        model.backbone.load_adapter(os.path.join(checkpoint_path, "backbone_lora"), adapter_name="rm_lora")
+        model.backbone.set_adapter("rm_lora")
+        model.reward_head.load_state_dict(
+            torch.load(os.path.join(checkpoint_path, "rm_head.pt"), map_location="cpu", weights_only=True))
+    elif not config_model.freeze_backbone:
+        model.load_state_dict(
+            torch.load(os.path.join(checkpoint_path, "full_model.pt"), map_location="cpu", weights_only=True))
+    else:
+        model.reward_head.load_state_dict(
+            torch.load(os.path.join(checkpoint_path, "rm_head.pt"), map_location="cpu", weights_only=True))
+    return model.eval()
