@@ -63,6 +63,12 @@ def draw_window(start_range: tuple[int, int], size: int, num_steps: int, generat
     return SDEWindow(start, size)
 
 
+def per_image_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image, seeded ``seed + index`` (a global image index, so that a sample does not
+    depend on how images are split over processes or micro-batches)."""
+    return [torch.Generator(device=device).manual_seed(seed + int(i)) for i in indices]
+
+
 @dataclass
 class Rollout:
     """A batch of B images sampled from a sigma grid, with the W transitions of its SDE window.
@@ -343,5 +349,5 @@ def sample(
 
 __all__ = [
     "Context", "NEGATIVE_PROMPT", "NO_GUIDANCE", "Rollout", "SDEWindow", "draw_window", "full_window",
-    "guided_velocity", "rollout", "sample", "step_log_probs", "window_log_probs",
+    "guided_velocity", "per_image_generators", "rollout", "sample", "step_log_probs", "window_log_probs",
 ]

@@ -13,6 +13,7 @@ from rlkit.rollout import (
     SDEWindow,
     draw_window,
     full_window,
+    per_image_generators,
     rollout,
     sample,
     step_log_probs,
@@ -132,8 +133,8 @@ def test_reference_by_context_and_by_transformer(tiny_generator):
 
 def test_per_image_generators_do_not_depend_on_the_batch(tiny_generator):
     kwargs = dict(num_steps=STEPS, window=SDEWindow(0, 2), method="sde", noise_level=0.7)
-    both = rollout(tiny_generator, PROMPTS, generator=[_gen(10), _gen(11)], **kwargs)
-    second = rollout(tiny_generator, PROMPTS[1:], generator=[_gen(11)], **kwargs)
+    both = rollout(tiny_generator, PROMPTS, generator=per_image_generators(10, [0, 1]), **kwargs)
+    second = rollout(tiny_generator, PROMPTS[1:], generator=per_image_generators(10, [1]), **kwargs)
     assert torch.equal(both.noise[1:], second.noise)
     # the transformer's batched matmuls round differently with batch size (~1e-7)
     torch.testing.assert_close(both.state[1:], second.state, rtol=0, atol=1e-4)
