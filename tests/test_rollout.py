@@ -200,3 +200,23 @@ def test_invalid_arguments_are_named(tiny_generator):
         rollout(tiny_generator, PROMPTS, num_steps=STEPS, generator=[_gen()], group_size=2)
     with pytest.raises(ValueError, match="method"):
         rollout(tiny_generator, PROMPTS, num_steps=STEPS, generator=_gen(), method="ddim")
+
+
+def test_policy_gradient_step_moves_log_probs_by_advantage_sign(tiny_generator):
+    """The pieces a GRPO trainer chains: stored rollout -> recomputed log-probs -> clipped loss -> SGD step."""
+    from rlkit.grpo import clipped_policy_loss
+
+    ro = rollout(tiny_generator, PROMPTS, num_steps=STEPS, generator=_gen(12), window=SDEWindow(1, 1),
+                 method="sde", noise_level=0.7)
+    adv = torch.tensor([1.0, -1.0])
+    params = [p for p in tiny_generator.transformer.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    new = step_log_probs(tiny_generator, ro, 0).log_prob
+    loss, stats = clipped_policy_loss(new, ro.log_probs[:, 0], adv, clip_range=1.0)
+    assert abs(stats["ratio_mean"].item() - 1.0) < 1e-5
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after = step_log_probs(tiny_generator, ro, 0).log_prob
+    delta = after - ro.log_probs[:, 0]
+    assert delta[0] > 0 > delta[1], delta
