@@ -295,6 +295,13 @@ class HPSv3Reward(Reward):
             model.backbone.train()  # transformers checkpoints only in training mode; Qwen2-VL has no active dropout
         return tokenizer, image_processor, model
 
+    @staticmethod
+    def meta_cost(resolution: int, batch_size: int = 1, decode: bool = True):
+        """Parameters and FLOPs of VAE decode + this reward at ``resolution`` (``rewards.cost.Cost``)."""
+        from rewards.cost import meta_cost
+
+        return meta_cost("hpsv3", resolution, batch_size, decode)
+
     def attach_generator(self, generator: object) -> None:
         self._decode = getattr(generator, "decode", None)
 

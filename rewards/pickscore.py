@@ -83,6 +83,13 @@ class PickScoreReward(Reward):
         self._text_cache: dict[str, Tensor] = {}
         self._decode = None
 
+    @staticmethod
+    def meta_cost(resolution: int, batch_size: int = 1, decode: bool = True):
+        """Parameters and FLOPs of VAE decode + this reward at ``resolution`` (``rewards.cost.Cost``)."""
+        from rewards.cost import meta_cost
+
+        return meta_cost("pickscore", resolution, batch_size, decode)
+
     def attach_generator(self, generator: object) -> None:
         self._decode = getattr(generator, "decode", None)
 

@@ -53,3 +53,15 @@ def test_memory_options_keep_values_and_gradients(tiny_generator):
     assert tiny_generator.vae.use_slicing  # the last config left slicing on
     make_decode(tiny_generator, DecodeConfig())
     assert not tiny_generator.vae.use_slicing
+
+
+def test_vae_decode_cost_on_meta():
+    from rewards.cost import vae_decode_part
+
+    small, large = vae_decode_part(512), vae_decode_part(1024)
+    assert small.params == large.params == 49_545_475  # SD3.5-M VAE decoder (no post-quant conv)
+    # convolutions scale with pixels (4x); the mid-block attention with pixels squared, so a little more
+    assert 4.0 < large.flops / small.flops < 4.5
+    assert vae_decode_part(512, batch_size=2).flops == 2 * small.flops
+    # first conv_in (16 -> 512, 3x3) on 64 x 64 latents, counted by hand: 2 * 64^2 * 512 * 16 * 9
+    assert small.flops > 2 * 64 * 64 * 512 * 16 * 9

@@ -216,3 +216,18 @@ def test_checkpoint_for_another_model_is_refused(tiny_hpsv3, tmp_path):
     save_file(state, str(tmp_path / "HPSv3.safetensors"))
     with pytest.raises(ValueError, match="missing.*rm_head"):
         rewards.build("hpsv3", model=str(base), checkpoint=str(tmp_path), dtype="fp32")
+
+
+def test_meta_cost_matches_hand_count():
+    from rewards.cost import HPSV3_VOCAB, hpsv3_parts
+
+    parts = hpsv3_parts(512, text_tokens=300)
+    d, ff, layers, heads, kv_heads = 3584, 18944, 28, 28, 4
+    kv = d // heads * kv_heads
+    block = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * ff + 2 * d  # q/k/v (bias), o, MLP, 2 RMSNorms
+    assert parts["qwen2vl_decoder"].params == layers * block + HPSV3_VOCAB * d + d
+    assert 670e6 < parts["qwen2vl_vision"].params < 680e6  # the 675 M vision tower of Qwen2-VL
+    seq = 256 + 300  # 448^2 image -> 256 visual tokens
+    matmul = layers * (block - d - 2 * kv - 2 * d)  # weights of the matmuls (biases and norms removed)
+    hand = 2 * seq * matmul + layers * 2 * 2 * heads * seq * seq * (d // heads)
+    assert abs(parts["qwen2vl_decoder"].flops - hand) / hand < 0.01

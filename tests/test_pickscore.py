@@ -137,3 +137,17 @@ def test_config_errors_name_the_field(tiny_pickscore_dir):
         rewards.build("pickscore", model=str(tiny_pickscore_dir), processor=str(tiny_pickscore_dir), normalize="z")
     with pytest.raises(TypeError, match="nonsense"):
         rewards.build("pickscore", nonsense=1)
+
+
+def test_meta_cost_matches_hand_count():
+    from rewards.pickscore import PickScoreReward
+
+    cost = PickScoreReward.meta_cost(512)
+    vision, text = cost.parts["clip_vision"], cost.parts["clip_text"]
+    assert 630e6 < vision.params < 635e6 and 353e6 < text.params < 356e6  # ViT-H/14: 632 M + 354 M
+    # hand count of the vision tower: 257 tokens, width 1280, MLP 5120, 32 layers, patch conv, projection
+    t, d, ff, layers = 257, 1280, 5120, 32
+    per_layer = 2 * t * (4 * d * d + 2 * d * ff) + 2 * 2 * t * t * d
+    hand = layers * per_layer + 2 * 256 * (3 * 14 * 14) * d + 2 * d * 1024
+    assert abs(vision.flops - hand) / hand < 0.01
+    assert cost.parts["vae_decode"].flops > 2e12 and cost.flops == sum(p.flops for p in cost.parts.values())
