@@ -286,6 +286,7 @@ class HPSv3Reward(Reward):
                 raise ValueError(f"HPSv3 checkpoint {str(checkpoint)!r}: {name} has shape {tuple(state[name].shape)}, "
                                  f"the model built from {cfg.model!r} expects {tuple(param.shape)}")
         model.load_state_dict(state, strict=True, assign=True)
+        # the whole backbone is cast, rotary buffers included, as HPSv3's own loader does (`model.to(bf16)`)
         model.backbone.to(device=cfg.device, dtype=resolve_dtype(cfg.dtype))
         model.rm_head.to(device=cfg.device, dtype=torch.float32)
         model.requires_grad_(False)
@@ -322,7 +323,7 @@ class HPSv3Reward(Reward):
     def mu_sigma(self, images: Tensor, prompts: list[str]) -> Tensor:
         """``(B, 2)`` raw ``(mu, sigma)``, in micro-batches; keeps a graph only when grad is on and asked for."""
         track = torch.is_grad_enabled() and images.requires_grad
-        device = self.config.device
+        device = self.model.rm_head[0].weight.device  # where the model is now
         ip = self.image_processor
         outs = []
         with torch.set_grad_enabled(track):

@@ -97,6 +97,11 @@ class PickScoreReward(Reward):
     def dtype(self) -> torch.dtype:
         return self.model.logit_scale.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now (it may have been moved after construction)."""
+        return self.model.logit_scale.device
+
     def preprocess(self, images: Tensor) -> Tensor:
         """``CLIPImageProcessor`` as tensor ops (differentiable)."""
         ip = self.image_processor
@@ -109,14 +114,14 @@ class PickScoreReward(Reward):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             tok = self.tokenizer(missing, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH,
-                                 return_tensors="pt").to(self.config.device)
+                                 return_tensors="pt").to(self.device)
             emb = _features(self.model.get_text_features(**tok)).float()
             emb = emb / emb.norm(dim=-1, keepdim=True)
             self._text_cache.update(zip(missing, emb))
-        return torch.stack([self._text_cache[p] for p in prompts])
+        return torch.stack([self._text_cache[p] for p in prompts]).to(self.device)
 
     def image_embeddings(self, pixel_values: Tensor) -> Tensor:
-        emb = _features(self.model.get_image_features(pixel_values=pixel_values.to(self.config.device, self.dtype)))
+        emb = _features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
         emb = emb.float()
         return emb / emb.norm(dim=-1, keepdim=True)
 

@@ -121,7 +121,8 @@ def save_tiny_hpsv3(path: str | Path, config: TinyQwen2VLConfig | None = None, s
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": list(cfg.mrope_section)},
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                             "mrope_section": list(cfg.mrope_section)},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(

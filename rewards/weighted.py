@@ -124,7 +124,9 @@ class ComponentSpec:
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = set(value) - allowed
         if unknown:
-            raise ValueError(f"weighted.components[{index}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+            raise ValueError(
+                f"weighted.components[{index}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
         if "name" not in value:
             raise ValueError(f"weighted.components[{index}] needs a 'name'")
         try:

@@ -231,3 +231,14 @@ def test_meta_cost_matches_hand_count():
     matmul = layers * (block - d - 2 * kv - 2 * d)  # weights of the matmuls (biases and norms removed)
     hand = 2 * seq * matmul + layers * 2 * 2 * heads * seq * seq * (d // heads)
     assert abs(parts["qwen2vl_decoder"].flops - hand) / hand < 0.01
+
+
+def test_bf16_backbone_keeps_an_fp32_head(tiny_hpsv3, reward):
+    half = _build(tiny_hpsv3, dtype="bf16")
+    assert half.model.backbone.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in half.model.rm_head.parameters())
+    images = _images(2, 16, 16, seed=7)
+    out = half(RewardInput(prompts=PROMPTS[:2], images=images))
+    assert out.scores.dtype == torch.float32
+    torch.testing.assert_close(out.scores, reward(RewardInput(prompts=PROMPTS[:2], images=images)).scores,
+                               atol=0.05, rtol=0.05)
