@@ -1,0 +1,143 @@
+"""The accelerate ``Accelerator`` for a recipe: one process, DDP, or DeepSpeed ZeRO-2/3.
+
+Launch with ``rlkit train`` or ``accelerate launch --config_file recipes/accelerate/{ddp,zero2,zero3}.yaml``;
+the recipe's ``launch`` section is the source of truth and :func:`build_accelerator` builds the DeepSpeed
+plugin from it (stage, gradient clipping, accumulation, precision).
+
+Traps handled here:
+
+* DeepSpeed without CUDA: accelerate leaves the process-group backend unset and then reports
+  ``process_index 0 / num_processes 1`` on every rank although DeepSpeed's own (gloo) group has all ranks.
+  Asking for ``gloo`` explicitly when there is no CUDA and ``WORLD_SIZE > 1`` fixes it.
+* ``ACCELERATE_USE_CPU=1`` makes accelerate silently drop DeepSpeed; it is refused with a DeepSpeed recipe.
+* RL loops prepare no DataLoader, so DeepSpeed cannot infer its batch sizes; :func:`set_deepspeed_batch_size`
+  writes them into the config before ``prepare``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlkit.config import LaunchConfig
+
+CPU_BACKEND = "gloo"
+LAUNCHER_STAGE_ENV = "ACCELERATE_DEEPSPEED_ZERO_STAGE"  # set by `accelerate launch --zero_stage`
+NO_CLIPPING = 0.0
+FROZEN_MICRO_BATCH = 1  # DeepSpeed insists on batch sizes even for an engine that never steps
+TRUE_VALUES = ("1", "true", "yes")
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_accelerator(
+    launch: LaunchConfig,
+    *,
+    grad_clip: float | None = None,
+    grad_accum: int = 1,
+    micro_batch: int | None = None,
+    project_dir: str | os.PathLike | None = None,
+    **accelerator_kwargs: Any,
+):
+    """An ``Accelerator`` as ``launch`` says.
+
+    ``grad_clip`` goes to DeepSpeed's ``gradient_clipping`` under DeepSpeed (the engine clips; do not call
+    ``clip_grad_norm_`` yourself there). ``micro_batch``: samples per process per forward; when given, the
+    DeepSpeed batch sizes are set (see :func:`set_deepspeed_batch_size`). Extra keyword arguments go to
+    ``Accelerator``.
+    """
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if grad_accum < 1:
+        raise ValueError(f"build_accelerator: grad_accum must be >= 1, got {grad_accum}")
+    handlers = list(accelerator_kwargs.pop("kwargs_handlers", []))
+    plugin = None
+    if launch.deepspeed is not None:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in TRUE_VALUES:
+            raise RuntimeError("launch.deepspeed is set but ACCELERATE_USE_CPU=1 is exported: accelerate would "
+                               "silently run without DeepSpeed. Unset ACCELERATE_USE_CPU.")
+        launched_stage = os.environ.get(LAUNCHER_STAGE_ENV)
+        if launched_stage is not None and int(launched_stage) != launch.deepspeed:
+            raise RuntimeError(f"the recipe says launch.deepspeed={launch.deepspeed} but accelerate was launched "
+                               f"with ZeRO stage {launched_stage}; make them agree")
+        plugin = DeepSpeedPlugin(
+            zero_stage=launch.deepspeed,
+            gradient_accumulation_steps=grad_accum,
+            gradient_clipping=grad_clip,
+            zero3_init_flag=False,  # models are built before the plugin exists; ZeRO-3 partitions at prepare
+            zero3_save_16bit_model=launch.deepspeed == 3,
+        )
+        # accelerate turns an unset ("auto") clip into 1.0; DeepSpeed reads 0 as "no clipping"
+        plugin.deepspeed_config["gradient_clipping"] = float(grad_clip) if grad_clip else NO_CLIPPING
+        if not torch.cuda.is_available() and _world_size() > 1:
+            handlers.append(InitProcessGroupKwargs(backend=CPU_BACKEND))
+    accelerator = Accelerator(
+        mixed_precision=launch.mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        deepspeed_plugin=plugin,
+        project_dir=project_dir,
+        kwargs_handlers=handlers,
+        **accelerator_kwargs,
+    )
+    if micro_batch is not None:
+        set_deepspeed_batch_size(accelerator, micro_batch)
+    return accelerator
+
+
+def uses_deepspeed(accelerator) -> bool:
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage, or None without DeepSpeed."""
+    if not uses_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def set_deepspeed_batch_size(accelerator, micro_batch: int) -> None:
+    """Sets ``train_micro_batch_size_per_gpu`` and ``train_batch_size`` in the DeepSpeed config.
+
+    DeepSpeed checks ``train_batch_size == micro * accumulation * world``; accelerate fills these from a
+    prepared DataLoader, which RL loops do not have. No-op without DeepSpeed.
+    """
+    if micro_batch < 1:
+        raise ValueError(f"set_deepspeed_batch_size: micro_batch must be >= 1, got {micro_batch}")
+    if not uses_deepspeed(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["train_batch_size"] = micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+
+
+def prepare_frozen(accelerator, model: nn.Module) -> nn.Module:
+    """Prepares a frozen helper model (reference policy, reward) for inference on every rank.
+
+    Without DeepSpeed, or under ZeRO-1/2, it is simply frozen, put in eval mode and moved to the device (each
+    rank keeps a full copy). Under ZeRO-3 it is wrapped in an inference-only DeepSpeed engine whose parameters
+    are partitioned like the policy's, so that large frozen models do not sit whole on every rank.
+    """
+    model.requires_grad_(False)
+    model.eval()
+    if zero_stage(accelerator) != 3:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler", "gradient_clipping"):
+        config.pop(key, None)
+    config = {key: value for key, value in config.items() if value != "auto"}  # unfilled before prepare()
+    config.setdefault("train_micro_batch_size_per_gpu", FROZEN_MICRO_BATCH)
+    config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+                                  * accelerator.num_processes)
+    config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
