@@ -1,0 +1,169 @@
+"""Atomic checkpoints: accelerate's ``save_state`` plus the trainer's own state, resumable bit-for-bit.
+
+Layout of ``<dir>/step_000123/``: whatever ``accelerator.save_state`` writes (model, optimizer, DeepSpeed shards,
+per-process RNG states), ``trainer_state.json`` (step and small JSON-able facts), ``trainer_extra.pt`` (anything
+else the trainer hands over: EMA weights, schedule, generators) and ``COMPLETE``, a manifest of every file
+with its size.
+
+Writing goes to ``step_000123.tmp``; the main process fsyncs every file, writes ``COMPLETE`` last, and
+renames the folder. A crash mid-write leaves a ``.tmp`` folder that is ignored (and removed by the next save);
+a folder whose files no longer match its manifest (truncated, copied halfway) is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MARKER = "COMPLETE"
+STATE_JSON = "trainer_state.json"
+EXTRA_FILE = "trainer_extra.pt"
+TMP_SUFFIX = ".tmp"
+STEP_DIGITS = 6
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:0{STEP_DIGITS}d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MARKER
+    }
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` has a ``COMPLETE`` manifest and every listed file exists with its recorded size."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MARKER).read_text())
+        files = manifest["files"]
+        return all((folder / name).is_file() and (folder / name).stat().st_size == size
+                   for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every finished-looking ``step_N`` folder (``.tmp`` folders excluded), by step."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder, skipping incomplete or truncated ones (with a warning)."""
+    for step, path in reversed(list_checkpoints(directory)):
+        if is_complete(path):
+            return path
+        warnings.warn(f"skipping incomplete or truncated checkpoint {path}", stacklevel=2)
+    return None
+
+
+def read_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(folder) / STATE_JSON).read_text())
+
+
+class CheckpointManager:
+    """Saves to and resumes from ``directory``, keeping the newest ``keep_last`` complete checkpoints.
+
+    Every process must call :meth:`save` and :meth:`load_latest` (DeepSpeed writes one shard per rank).
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"CheckpointManager: keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def save(self, accelerator, step: int, extra: dict[str, Any] | None = None,
+             state: dict[str, Any] | None = None) -> Path:
+        """Writes checkpoint ``step`` atomically and returns its folder.
+
+        ``state``: small JSON-able facts, stored in ``trainer_state.json`` beside ``step``; ``extra``: anything
+        ``torch.save`` can write (EMA tensors, scheduler and generator states), returned by :meth:`load_latest`.
+        """
+        final = self.directory / step_dir_name(step)
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)  # before any rank writes its shard or RNG file into it
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            torch.save(extra or {}, tmp / EXTRA_FILE)
+            _write_synced(tmp / STATE_JSON, json.dumps({"step": step, **(state or {})}, indent=2).encode())
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    _fsync_file(path)
+            _write_synced(tmp / MARKER, json.dumps({"step": step, "files": _manifest(tmp)}, indent=1).encode())
+            _fsync_dir(tmp)
+            if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            self.prune()
+        accelerator.wait_for_everyone()
+        return final
+
+    def prune(self) -> None:
+        """Removes all but the newest ``keep_last`` complete checkpoints, and leftover ``.tmp`` folders."""
+        complete = [path for _, path in list_checkpoints(self.directory) if is_complete(path)]
+        for path in complete[: -self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.directory.glob(f"step_*{TMP_SUFFIX}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.directory)
+
+    def load_latest(self, accelerator) -> dict[str, Any] | None:
+        """Restores the newest complete checkpoint into the prepared objects; returns ``{"step", ...extra}``.
+
+        None when there is nothing to resume from. ``extra``'s keys come first, then ``step`` and the JSON
+        ``state`` keys (under ``"state"``).
+        """
+        folder = self.latest()
+        if folder is None:
+            return None
+        accelerator.load_state(str(folder))
+        trainer_state = read_trainer_state(folder)
+        extra = torch.load(folder / EXTRA_FILE, map_location="cpu", weights_only=False)
+        return {**extra, "step": int(trainer_state["step"]), "state": trainer_state, "path": str(folder)}
