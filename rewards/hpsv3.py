@@ -192,9 +192,10 @@ def _remap_checkpoint_key(key: str) -> str | None:
 
 
 def rm_head(hidden_size: int) -> nn.Sequential:
-    """HPSv3's ``ranknet`` head (module indices match the checkpoint: 0, 3, 5)."""
+    """HPSv3's ``ranknet`` head (module indices match the checkpoint: 0, 3, 5). Its training dropout (0.05) is
+    fixed at 0 here: the reward only ever runs inference, whatever mode a trainer sets."""
     return nn.Sequential(
-        nn.Linear(hidden_size, RM_HEAD_DIMS[0]), nn.ReLU(), nn.Dropout(0.05),
+        nn.Linear(hidden_size, RM_HEAD_DIMS[0]), nn.ReLU(), nn.Dropout(0.0),
         nn.Linear(RM_HEAD_DIMS[0], RM_HEAD_DIMS[1]), nn.ReLU(), nn.Linear(RM_HEAD_DIMS[1], 2),
     )
 
@@ -242,6 +243,7 @@ class HPSv3Reward(Reward):
         self.config = HPSv3Config(**kwargs)
         self._normalize = affine_normalizer(self.config.shift, self.config.scale)
         self.tokenizer, self.image_processor, self.model = self._load(self.config)
+        self.train(False)
         self.reward_token_id = self.tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self._decode = None
@@ -290,11 +292,17 @@ class HPSv3Reward(Reward):
         model.backbone.to(device=cfg.device, dtype=resolve_dtype(cfg.dtype))
         model.rm_head.to(device=cfg.device, dtype=torch.float32)
         model.requires_grad_(False)
-        model.eval()
         if cfg.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.backbone.train()  # transformers checkpoints only in training mode; Qwen2-VL has no active dropout
         return tokenizer, image_processor, model
+
+    def train(self, mode: bool = True) -> "HPSv3Reward":
+        """A frozen reward stays in inference mode; only with gradient checkpointing is the backbone flagged
+        as training, because transformers checkpoints only then (Qwen2-VL has no active dropout)."""
+        super().train(mode)
+        self.model.eval()
+        self.model.backbone.train(self.config.gradient_checkpointing)
+        return self
 
     @staticmethod
     def meta_cost(resolution: int, batch_size: int = 1, decode: bool = True):

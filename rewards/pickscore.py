@@ -93,6 +93,12 @@ class PickScoreReward(Reward):
     def attach_generator(self, generator: object) -> None:
         self._decode = getattr(generator, "decode", None)
 
+    def train(self, mode: bool = True) -> "PickScoreReward":
+        """A frozen reward stays in inference mode whatever mode a trainer sets."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.logit_scale.dtype

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rewards.hpsv3 import QWEN2VL_CHAT_TEMPLATE, REWARD_TOKEN, RM_HEAD_DIMS, hpsv3_user_text
+from rewards.hpsv3 import QWEN2VL_CHAT_TEMPLATE, REWARD_TOKEN, hpsv3_user_text, rm_head
 from rlkit.models.tiny import DEFAULT_WORDS, _clip_tokenizer
 
 QWEN_SPECIAL_TOKENS = (
@@ -148,10 +148,7 @@ def save_tiny_hpsv3(path: str | Path, config: TinyQwen2VLConfig | None = None, s
     # the reward checkpoint: base + reward token + head, in the released key layout
     tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    head = torch.nn.Sequential(
-        torch.nn.Linear(cfg.hidden, RM_HEAD_DIMS[0]), torch.nn.ReLU(), torch.nn.Dropout(0.0),
-        torch.nn.Linear(RM_HEAD_DIMS[0], RM_HEAD_DIMS[1]), torch.nn.ReLU(), torch.nn.Linear(RM_HEAD_DIMS[1], 2),
-    )
+    head = rm_head(cfg.hidden)
     state: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         if key.startswith("model.visual."):

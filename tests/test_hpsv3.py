@@ -189,6 +189,9 @@ def test_gradients_reach_latents_through_decode(reward, tiny_generator):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_hpsv3, reward):
     ckpt = _build(tiny_hpsv3, gradient_checkpointing=True)
+    for r, backbone_flag in ((reward, False), (ckpt, True)):
+        r.train()  # a trainer switching modes leaves the reward in inference mode
+        assert not r.model.rm_head.training and r.model.backbone.training == backbone_flag
     grads = []
     for r in (reward, ckpt):
         images = _images(2, 16, 16, seed=5).requires_grad_()
