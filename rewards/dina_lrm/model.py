@@ -72,6 +72,10 @@ class TappedBackbone(nn.Module):
         if config.num_transformer_layers > n_total:
             raise ValueError(f"DiNaLRMConfig.num_transformer_layers={config.num_transformer_layers} exceeds the "
                              f"base transformer's {n_total} blocks")
+        for tap in config.text_head_idx:
+            if tap > 0 and getattr(transformer.transformer_blocks[tap - 1], "context_pre_only", False):
+                raise ValueError(f"DiNaLRMConfig.text_head_idx: block {tap} is the transformer's last block, "
+                                 "which outputs no text tokens")
         self.pos_embed = transformer.pos_embed
         self.time_text_embed = transformer.time_text_embed
         self.context_embedder = transformer.context_embedder
