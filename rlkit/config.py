@@ -247,6 +247,8 @@ class FlowGRPOConfig:
     reward_mix: Literal["reward", "advantage"] = "reward"
     max_epochs: int = 100
     train_last_step: bool = False
+    cps_log_prob: Literal["upstream", "gaussian"] = "upstream"  # upstream: -mean((x' - mu)^2), no variance
+    kl_std: Literal["upstream", "transition"] = "upstream"  # KL divides by std_t^2 (upstream) or std_t^2 |dt|
 
     def check(self) -> Problems:
         yield from _positive(self, "num_steps", "window_size", "group_size", "prompts_per_epoch", "batch_size",
@@ -255,6 +257,12 @@ class FlowGRPOConfig:
         if not 0 <= lo <= hi or hi + self.window_size > self.num_steps:
             yield "window_start_range", (f"window [{lo}..{hi}] + size {self.window_size} must fit in "
                                          f"num_steps {self.num_steps}")
+        elif not self.train_last_step and lo + self.window_size < self.num_steps <= hi + self.window_size:
+            yield "window_start_range", (f"some windows in [{lo}..{hi}] reach the last step and some do not, so the "
+                                         "number of trained steps per batch would vary; keep every window off the "
+                                         "last step or set train_last_step")
+        if self.train_last_step and self.sde == "cps":
+            yield "train_last_step", "the last CPS step is deterministic (std 0) and has no log-prob to train"
         if self.group_size < 2:
             yield "group_size", "GRPO needs at least 2 images per prompt"
         if self.noise_level < 0:

@@ -1,0 +1,300 @@
+"""Flow-GRPO / -Fast trainer on a tiny SD3 model with a latent reward (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlkit.config import FlowGRPOConfig, load_recipe, recipe_from_dict
+from rlkit.grpo import group_advantages, mixed_advantages
+from rlkit.trainers.flow_grpo import (
+    compute_advantages,
+    epoch_cost,
+    epoch_layout,
+    plan_epoch,
+    rollout_epoch,
+    train_update,
+    trained_positions,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle at the top left", "a blue square at the center", "a green triangle at the bottom",
+           "a yellow cross at the right", "a red square at the bottom right", "a blue circle at the top"]
+RECIPES = ["flow_grpo_fast_sd35.yaml", "flow_grpo_sd35.yaml", "flow_grpo_fast_sd35_hpsv3.yaml",
+           "flow_grpo_fast_sd35_pickscore.yaml", "flow_grpo_shapes.yaml"]
+
+
+def tiny_recipe(tmp_path: Path, model_dir: Path, flow_grpo: dict | None = None, **top) -> dict:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    recipe = {
+        "algorithm": "flow_grpo",
+        "name": "tiny",
+        "seed": 3,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"pretrained": str(model_dir), "resolution": 32, "max_sequence_length": 16},
+        "lora": {"rank": 4, "alpha": 8},
+        "rewards": [{"name": "latent-direction", "args": {"seed": 1, "scale": 10.0}}],
+        "prompts": {"source": str(prompts)},
+        "optim": {"lr": 3e-3, "weight_decay": 0.0, "grad_clip": 10.0},
+        "flow_grpo": {"num_steps": 6, "sde": "cps", "noise_level": 0.8, "window_size": 2,
+                      "window_start_range": [0, 2], "group_size": 4, "prompts_per_epoch": 2, "batch_size": 4,
+                      "updates_per_epoch": 1, "clip_range": 1e-2, "max_epochs": 2, **(flow_grpo or {})},
+        "eval": {"prompts": str(prompts), "num_prompts": 2, "num_steps": 4, "batch_size": 2, "grid_images": 2},
+        "logging": {"backends": ["jsonl"], "progress": False},
+        "checkpoint": {"every": 0, "keep_last": 1},
+    }
+    recipe.update(top)
+    return recipe
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- arithmetic and advantages (no model) ---------------------------------------------------------------------
+def test_plan_epoch_derives_accumulation_from_world_size_and_names_bad_keys():
+    cfg = FlowGRPOConfig(num_steps=10, window_size=3, window_start_range=(0, 4), group_size=18, prompts_per_epoch=48,
+                         batch_size=9, updates_per_epoch=2)
+    for world, batches in [(1, 96), (2, 48), (8, 12)]:
+        plan = plan_epoch(cfg, world)
+        assert plan.batches_per_rank == batches and plan.train_steps == 3
+        assert plan.grad_accum == batches // 2 * 3 and plan.updates_per_epoch == 2
+    with pytest.raises(ValueError, match="over 5 processes"):
+        plan_epoch(cfg, 5)
+    with pytest.raises(ValueError, match="flow_grpo.updates_per_epoch"):
+        plan_epoch(cfg, 32)  # 27 images per process: 3 batches for 2 updates
+    with pytest.raises(ValueError, match="flow_grpo.batch_size"):
+        plan_epoch(replace(cfg, batch_size=7), 1)
+    # full window: every step stochastic, the last one (a sharp Gaussian) not trained
+    full = replace(cfg, window_size=10, window_start_range=(0, 0))
+    assert trained_positions(full, 0) == list(range(9)) and plan_epoch(full, 8).grad_accum == 6 * 9
+    assert trained_positions(replace(full, sde="sde", train_last_step=True), 0) == list(range(10))
+
+
+def test_window_rules_in_config():
+    from rlkit.config import ConfigError
+
+    base = {"algorithm": "flow_grpo", "rewards": [{"name": "latent-direction"}]}
+    with pytest.raises(ConfigError, match="window_start_range"):
+        recipe_from_dict({**base, "flow_grpo": {"num_steps": 10, "window_size": 3, "window_start_range": [5, 7]}})
+    with pytest.raises(ConfigError, match="train_last_step"):
+        recipe_from_dict({**base, "flow_grpo": {"sde": "cps", "train_last_step": True, "window_size": 10,
+                                                "window_start_range": [0, 0]}})
+
+
+def test_epoch_layout_repeats_each_prompt_group_size_times_and_shuffles_across_ranks():
+    cfg = FlowGRPOConfig(group_size=4, prompts_per_epoch=3)
+    prompt_idx, groups = epoch_layout(5, cfg, seed=0, epoch=2)
+    assert torch.equal(torch.bincount(groups), torch.full((3,), 4))
+    for g in range(3):  # one prompt per group, three different prompts
+        assert prompt_idx[groups == g].unique().numel() == 1
+    assert prompt_idx.unique().numel() == 3
+    again = epoch_layout(5, cfg, seed=0, epoch=2)
+    assert torch.equal(again[0], prompt_idx) and torch.equal(again[1], groups)
+    halves = groups[:6], groups[6:]
+    assert set(halves[0].tolist()) & set(halves[1].tolist()), "a group spans the two ranks' halves"
+
+
+def test_advantage_mix_and_statistics():
+    cfg = FlowGRPOConfig(std="group", adv_clip=5.0)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    a = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 4.0])
+    b = torch.tensor([5.0, 1.0, 0.0, 1.0, 2.0, 2.0])
+    adv, stats = compute_advantages({"reward": a + 0.2 * b, "a": a, "b": b}, groups, cfg, {"a": 1.0, "b": 0.2})
+    torch.testing.assert_close(adv, mixed_advantages({"a": a, "b": b}, {"a": 1.0, "b": 0.2}, groups, std="group"))
+    assert stats["zero_std_fraction"] == 0.0  # group 1 ties on `a` but not on `b`
+    adv, stats = compute_advantages({"reward": a}, groups, cfg, None)
+    torch.testing.assert_close(adv, group_advantages(a, groups, std="group"))
+    assert stats["zero_std_fraction"] == pytest.approx(1 / 3) and adv[2:4].eq(0).all()
+    assert stats["reward/mean"] == pytest.approx(2.0) and stats["reward/std"] == pytest.approx(a.std(correction=0).item())
+
+
+# -- rollout cost and window_end ------------------------------------------------------------------------------
+def test_window_end_reward_skips_the_remaining_steps(tiny_generator, tiny_sd3_dir):
+    """Transformer calls: Flow-GRPO rolls out and trains every step, Fast trains the window only, Fast with
+    ``reward_at: window_end`` also stops the rollout at the window's end."""
+    import rewards
+    from rlkit.models.sd3 import SD3Generator
+
+    torch.set_num_threads(1)
+    reward = rewards.build("latent-direction", seed=1)
+    cfg = FlowGRPOConfig(num_steps=6, window_size=2, window_start_range=(1, 1), group_size=2, prompts_per_epoch=2,
+                         batch_size=2, updates_per_epoch=1, clip_range=1e-2)
+    costs = {}
+    for name, variant in {"flow_grpo": replace(cfg, window_size=6, window_start_range=(0, 0)), "fast": cfg,
+                          "fast_window_end": replace(cfg, reward_at="window_end")}.items():
+        gen = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+        costs[name] = epoch_cost(gen, reward, variant, PROMPTS, resolution=32)
+    batches = 2
+    assert costs["flow_grpo"].rollout_calls == batches * 6 and costs["flow_grpo"].update_calls == batches * 5
+    assert costs["fast"].rollout_calls == batches * 6 and costs["fast"].update_calls == batches * 2
+    assert costs["fast_window_end"].rollout_calls == batches * 3 and costs["fast_window_end"].update_calls == batches * 2
+    print({k: (round(c.rollout_s, 3), round(c.update_s, 3)) for k, c in costs.items()})
+
+    class PixelReward(torch.nn.Module):
+        noise_aware = False
+
+    from rlkit.trainers.flow_grpo import check_reward
+
+    with pytest.raises(ValueError, match="not noise-aware"):
+        check_reward(PixelReward(), replace(cfg, reward_at="window_end"))
+    del tiny_generator
+
+
+def test_advantage_mix_normalises_each_reward_and_decodes_once_per_batch(tiny_generator, monkeypatch):
+    """``reward_mix: advantage`` with a latent and a pixel reward: each reward's advantages are normalised on
+    their own and weighted; the pixel reward decodes each batch once, the latent reward alone never decodes."""
+    from rlkit.config import RewardSpec
+    from rlkit.models.lora import add_lora
+    from rlkit.models.sd3 import SD3Generator
+    from rlkit.trainers.common import build_reward
+    from rlkit.trainers.flow_grpo import LocalRun
+
+    torch.set_num_threads(1)
+    decodes = []
+    original = SD3Generator.decode
+    monkeypatch.setattr(SD3Generator, "decode", lambda self, z: decodes.append(z.shape[0]) or original(self, z))
+    gen = tiny_generator
+    add_lora(gen.transformer, "policy", 4, 8.0, init="gaussian")
+    cfg = FlowGRPOConfig(num_steps=4, window_size=1, window_start_range=(0, 1), group_size=2, prompts_per_epoch=2,
+                         batch_size=2, updates_per_epoch=1, std="group", reward_mix="advantage")
+    plan = plan_epoch(cfg, 1)
+
+    def epoch(specs: list[RewardSpec]):
+        reward = build_reward(specs, gen)
+        run = LocalRun(gen=gen, model=gen.transformer, reward=reward, prompts=PROMPTS,
+                       optimizer=torch.optim.SGD([p for p in gen.transformer.parameters() if p.requires_grad], lr=0.0),
+                       grad_accum=plan.grad_accum)
+        return rollout_epoch(run, cfg, plan, 0, 0, 32)
+
+    latent = RewardSpec("latent-direction", 1.0, {"seed": 1})
+    alone = epoch([latent])
+    assert decodes == []
+    mixed = epoch([latent, RewardSpec("shapes-golden", 0.2, {"mode": "fraction"})])
+    assert decodes == [cfg.batch_size] * plan.batches_per_rank, "one decode per batch, shared by the pixel reward"
+    groups = epoch_layout(len(PROMPTS), cfg, 0, 0)[1]
+    scores = {k: v for k, v in mixed.all_scores.items() if k != "reward"}
+    assert set(scores) == {"latent-direction", "shapes-golden"}
+    torch.testing.assert_close(scores["latent-direction"], alone.all_rewards)
+    expected = mixed_advantages(scores, {"latent-direction": 1.0, "shapes-golden": 0.2}, groups, std="group")
+    torch.testing.assert_close(mixed.all_advantages, expected)
+
+
+# -- the trainer on one process -------------------------------------------------------------------------------
+def test_on_policy_ratio_is_one_and_kl_is_zero_then_positive(tmp_path, tiny_sd3_dir):
+    """One batch per update: the recomputed log-probs equal the rollout's bit for bit (ratio exactly 1, the
+    clipped loss equals the unclipped one), also after the policy has moved; the KL to the LoRA-disabled
+    reference is exactly 0 before the first update and positive after it."""
+    from rlkit.rollout import step_log_probs
+    from rlkit.trainers.flow_grpo import LocalRun  # noqa: F401  (the trainer path below uses PolicyRun)
+    from rlkit.trainers.loop import PolicyRun
+
+    torch.set_num_threads(1)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_sd3_dir, {"prompts_per_epoch": 1, "kl_beta": 0.1}))
+    cfg = recipe.flow_grpo
+    plan = plan_epoch(cfg, 1)
+    assert plan.batches_per_rank == 1 and plan.grad_accum == 2
+    run = PolicyRun.setup(recipe, total_updates=2, micro_batch=cfg.batch_size, grad_accum=plan.grad_accum)
+    kls = []
+    for epoch in range(2):
+        data = rollout_epoch(run, cfg, plan, epoch, recipe.seed, 32)
+        ro, adv = data.batches[0], data.advantages[0]
+        assert adv.abs().sum() > 0
+        with torch.no_grad():
+            for j in trained_positions(cfg, int(ro.step_indices[0, 0])):
+                out = step_log_probs(run.gen, ro, j, transformer=run.model)
+                assert torch.equal(out.log_prob, ro.log_probs[:, j]), "recomputed log-probs differ from the rollout's"
+        stats = train_update(run, cfg, plan, data, epoch, 0, recipe.seed)
+        assert stats["ratio_dev_max"] == 0.0 and stats["clip_fraction"] == 0.0 and stats["ratio_mean"] == 1.0
+        # ratio 1: the clipped surrogate is -mean(A), the unclipped one
+        assert stats["policy_loss"] == pytest.approx(-adv.mean().item(), abs=1e-7)
+        kls.append(stats["kl"])
+        before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+        run.end_update(stats)
+        assert all(not torch.equal(p, before[n]) for n, p in run.model.named_parameters() if p.requires_grad)
+    assert kls[0] == 0.0 and kls[1] > 0.0, kls
+
+
+@pytest.mark.slow
+def test_reward_rises_over_cpu_epochs(tmp_path, tiny_sd3_dir):
+    from rlkit.trainers import flow_grpo
+
+    torch.set_num_threads(1)
+    epochs = 12
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_sd3_dir, {"max_epochs": epochs, "prompts_per_epoch": 4,
+                                                                   "batch_size": 8, "updates_per_epoch": 2}))
+    flow_grpo.train(recipe)
+    log = [r for r in read_log(recipe.run_dir) if "train/reward/mean" in r]
+    curve = [r["train/reward/mean"] for r in log[::2]]  # two updates per epoch log the same rollout
+    assert len(curve) == epochs
+    print("Flow-GRPO-Fast reward curve:", " ".join(f"{x:.3f}" for x in curve))
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    assert last > first + 0.1, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    assert (recipe.run_dir / "export").is_dir()
+
+
+# -- recipes --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipes_load_and_split_over_processes(name):
+    path = REPO / "recipes" / name
+    text = path.read_text()
+    assert text.startswith("#") and "Launch" in text.split("algorithm:")[0]
+    recipe = load_recipe(path)
+    assert recipe.algorithm == "flow_grpo"
+    worlds = (1, 2) if "shapes" in name else (1, 2, 4, 8)
+    for world in worlds:
+        plan_epoch(recipe.flow_grpo, world)
+    if "fast" in name:
+        assert recipe.flow_grpo.window_size == 3 and recipe.flow_grpo.guidance_scale == 1.0
+
+
+# -- two processes, ZeRO-2 ------------------------------------------------------------------------------------
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_groups_spanning_ranks_get_the_advantages_of_one_process(tmp_path, tiny_sd3_dir):
+    """2 CPU processes under ZeRO-2 (gloo): each image's reward and advantage equal those of one process,
+    although every group has images on both ranks; the update then runs in step on both ranks."""
+    from rlkit.models.sd3 import SD3Generator
+    from rlkit.trainers.flow_grpo import LocalRun
+    from rlkit.trainers.common import build_reward
+
+    spec = tiny_recipe(tmp_path, tiny_sd3_dir, {"prompts_per_epoch": 2, "batch_size": 2, "kl_beta": 0.1,
+                                                "std": "group"},
+                       launch={"num_processes": 2, "deepspeed": 2})
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(spec))
+    out = tmp_path / "dist.pt"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/zero2.yaml"), "--num_processes", "2", "--main_process_port", "29617",
+           str(REPO / "tests/dist_scripts/flow_grpo_ranks.py"), str(recipe_file), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    dist = torch.load(out)
+
+    recipe = recipe_from_dict(spec)
+    cfg = recipe.flow_grpo
+    plan = plan_epoch(cfg, 1)
+    groups = epoch_layout(len(PROMPTS), cfg, recipe.seed, 0)[1]
+    assert (groups[:4].unsqueeze(1) == groups[4:].unsqueeze(0)).any(), "some group has images on both ranks"
+    gen = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+    from rlkit.models.lora import add_lora
+
+    add_lora(gen.transformer, "policy", 4, 8.0, init="gaussian")
+    run = LocalRun(gen=gen, model=gen.transformer, reward=build_reward(recipe.rewards, gen), prompts=PROMPTS,
+                   optimizer=torch.optim.SGD([p for p in gen.transformer.parameters() if p.requires_grad], lr=0.0),
+                   grad_accum=plan.grad_accum)
+    single = rollout_epoch(run, cfg, plan, 0, recipe.seed, 32)
+    torch.testing.assert_close(dist["rewards"], single.all_rewards, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dist["advantages"], single.all_advantages, rtol=1e-4, atol=1e-4)
+    assert single.all_advantages.abs().sum() > 0
+    assert dist["steps"] == 1 and dist["kl"] == 0.0 and dist["lora_changed"]
