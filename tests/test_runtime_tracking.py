@@ -1,0 +1,87 @@
+"""Tracking (JSONL, TensorBoard, offline wandb), progress bars and image grids."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rlkit.config import LoggingConfig
+from rlkit.runtime.images import PADDING, make_image_grid, save_image_grid
+from rlkit.runtime.tracking import Tracker, progress, read_metrics
+
+
+def _images(n: int, size: int = 8) -> torch.Tensor:
+    """Image i is a flat colour (i / n, 0, 1) so each tile can be found in the grid."""
+    out = torch.zeros(n, 3, size, size)
+    for i in range(n):
+        out[i, 0] = i / n
+        out[i, 2] = 1.0
+    return out
+
+
+def test_image_grid_layout_and_pixels(tmp_path):
+    images = _images(5)
+    path = save_image_grid(images, tmp_path / "sub" / "grid.png", nrow=3)
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    cell = 8 + PADDING
+    assert grid.shape == (2 * cell + PADDING, 3 * cell + PADDING, 3)
+    for i in range(5):
+        y, x = PADDING + (i // 3) * cell, PADDING + (i % 3) * cell
+        assert tuple(grid[y + 3, x + 3]) == (round(255 * i / 5), 0, 255)
+    assert tuple(grid[PADDING + cell + 3, PADDING + 2 * cell + 3]) == (255, 255, 255)  # empty sixth cell
+    captioned = make_image_grid(_images(2, size=32), captions=["red circle", "a blue square on the left"])
+    assert captioned.size[1] > 32 + 2 * PADDING  # room for caption text below the tiles
+    with pytest.raises(ValueError, match="captions"):
+        make_image_grid(images, captions=["one"])
+    with pytest.raises(ValueError, match="shape"):
+        make_image_grid(torch.zeros(2, 1, 8, 8))
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = LoggingConfig(backends=["jsonl", "tensorboard"])
+    with Tracker(tmp_path, cfg, config={"train": {"lr": 1e-4}}) as tracker:
+        tracker.log({"loss": torch.tensor(0.5), "reward": 2, "bad": math.nan, "vector": torch.ones(3)}, step=1)
+        tracker.log({"loss": 0.25}, step=2)
+        image_path = tracker.log_images("eval/samples", _images(4), step=2, captions=list("abcd"))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 2]
+    assert records[0]["loss"] == 0.5 and records[0]["reward"] == 2.0 and records[0]["bad"] == "nan"
+    assert "vector" not in records[0]
+    assert records[2]["path"] == str(image_path) and image_path.exists()
+    assert json.loads((tmp_path / "config.json").read_text()) == {"train": {"lr": 1e-4}}
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (2, 0.25)]
+    assert "eval/samples" in events.Tags()["images"]
+
+
+def test_disabled_tracker_writes_nothing(tmp_path):
+    tracker = Tracker(tmp_path / "rank1", LoggingConfig(backends=["jsonl", "tensorboard"]), config={}, enabled=False)
+    tracker.log({"loss": 1.0}, step=0)
+    assert tracker.log_images("x", _images(1), step=0) is None
+    tracker.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default
+    with Tracker(tmp_path, LoggingConfig(backends=["jsonl", "wandb"]), config={"seed": 3}) as tracker:
+        assert tracker._wandb.settings.mode == "offline"
+        assert tracker._wandb.config["seed"] == 3
+        tracker.log({"loss": 1.0}, step=0)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_progress_bar():
+    bar = progress(total=3, initial=1)
+    bar.update(2)
+    assert bar.n == 3 and not bar.disable
+    bar.close()
+    assert progress(total=3, enabled=False).disable
