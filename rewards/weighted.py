@@ -29,13 +29,16 @@ NORMALIZE_KINDS = ("none", "affine", "zscore")
 class NormalizeSpec:
     """Per-component normalisation. ``affine``: ``(x + shift) / scale``. ``zscore``: ``(x - mean) / (std + eps)``
     with running statistics: cumulative over every batch seen when ``momentum`` is None, else an exponential
-    moving average with that momentum. The statistics include the current batch."""
+    moving average with that momentum. The statistics include the current batch. ``sync``: pool each batch's
+    statistics over all processes (``torch.distributed``), so every rank normalises alike; every rank must
+    then call the reward together."""
 
     kind: Literal["none", "affine", "zscore"] = "none"
     shift: float = 0.0
     scale: float = 1.0
     momentum: float | None = None
     eps: float = 1e-6
+    sync: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in NORMALIZE_KINDS:
@@ -76,11 +79,15 @@ class ScoreNormalizer(nn.Module):
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
         x = x.detach().to(torch.float64).flatten()
-        n = x.numel()
+        moments = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(),
+                               (x * x).sum()])
+        if self.spec.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(moments)
+        n = int(moments[0].item())
         if n == 0:
             return
-        b_mean = x.mean()
-        b_var = x.var(unbiased=False) if n > 1 else torch.zeros_like(b_mean)
+        b_mean = (moments[1] / n).to(self.mean.device)
+        b_var = (moments[2] / n - b_mean**2).clamp(min=0).to(self.mean.device)
         if self.count == 0:
             self.mean.copy_(b_mean)
             self.var.copy_(b_var)

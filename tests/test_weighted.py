@@ -153,3 +153,41 @@ def test_spec_errors_name_the_field():
         rewards.build("weighted", components=[])
     with pytest.raises(KeyError, match="unknown reward 'pickscor'"):
         rewards.build("weighted", components=[{"name": "pickscor"}])
+
+
+def _zscore_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        norm = ScoreNormalizer(NormalizeSpec(kind="zscore", sync=True))
+        x = torch.tensor([1.0, 2.0, 3.0]) if rank == 0 else torch.tensor([10.0, 20.0])
+        queue.put((rank, norm(x).tolist(), norm.mean.item(), norm.var.item()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_zscore_sync_pools_statistics_over_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_zscore_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (out, mean, var)) for r, out, mean, var in (queue.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    pooled = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0], dtype=torch.float64)
+    mean, std = pooled.mean().item(), pooled.std(unbiased=False).item()
+    for rank, x in ((0, [1.0, 2.0, 3.0]), (1, [10.0, 20.0])):
+        out, m, v = results[rank]
+        assert m == pytest.approx(mean) and v == pytest.approx(std**2)
+        assert out == pytest.approx([(xi - mean) / (std + 1e-6) for xi in x], rel=1e-5)
