@@ -65,3 +65,17 @@ def test_vae_decode_cost_on_meta():
     assert vae_decode_part(512, batch_size=2).flops == 2 * small.flops
     # first conv_in (16 -> 512, 3x3) on 64 x 64 latents, counted by hand: 2 * 64^2 * 512 * 16 * 9
     assert small.flops > 2 * 64 * 64 * 512 * 16 * 9
+
+
+def test_decode_if_needed_follows_the_reward_spaces(tiny_generator):
+    import rewards
+    from rlkit.models.decode import decode_if_needed
+
+    latent = rewards.build("latent-direction")
+    assert decode_if_needed(tiny_generator, [latent]) is None
+
+    class PixelReward(rewards.Reward):
+        space = "pixel"
+
+    decode = decode_if_needed(tiny_generator, [latent, PixelReward()])
+    assert isinstance(decode, MemoDecode) and decode.calls == 0

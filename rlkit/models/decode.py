@@ -11,7 +11,7 @@ time) and tiling (overlapping tiles, for large images).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -53,3 +53,10 @@ def make_decode(generator, config: DecodeConfig | None = None, memo: bool = True
         return generator.decode(latents)
 
     return MemoDecode(decode) if memo else decode
+
+
+def decode_if_needed(generator, rewards: Iterable, config: DecodeConfig | None = None) -> MemoDecode | None:
+    """A fresh memoised decoder for one batch when any of ``rewards`` reads pixels, else None (no VAE work)."""
+    if all(getattr(r, "space", "pixel") == "latent" for r in rewards):
+        return None
+    return make_decode(generator, config, memo=True)  # type: ignore[return-value]
