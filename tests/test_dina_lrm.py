@@ -11,7 +11,7 @@ import rewards
 from rewards.base import RewardInput
 from rewards.dina_lrm import ADAPTER_NAME, DiNaLRMConfig, load_dina_lrm
 from rewards.dina_lrm.reward import DiNaLRMReward
-from rlkit.models.lora import active_adapters, add_lora, adapter_names
+from rlkit.models.lora import active_adapters, add_lora, adapter_names, enable_adapter_aware_checkpointing
 from rlkit.models.sd3 import SD3Generator, WeightsNotFoundError
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -128,9 +128,13 @@ def test_sharing_adds_only_lora_and_head(trained_folder, tiny_sd3_dir):
     assert adapter_names(gen.transformer) == {"policy", ADAPTER_NAME}
 
 
-def test_shared_reward_gradients_equal_a_separate_frozen_copy(trained_folder, tiny_sd3_dir):
-    """ReFL: policy -> x0_hat -> reward. Sharing the blocks gives the policy the same gradients as a copy."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_reward_gradients_equal_a_separate_frozen_copy(checkpointing, trained_folder, tiny_sd3_dir):
+    """ReFL: policy -> x0_hat -> reward. Sharing the blocks gives the policy the same gradients as a copy,
+    also when the generator checkpoints its blocks (re-runs at backward time use the forward's adapter)."""
     gen = policy_generator(tiny_sd3_dir)
+    if checkpointing:
+        enable_adapter_aware_checkpointing(gen.transformer)
     base_copy = copy.deepcopy(SD3Generator.from_pretrained(tiny_sd3_dir).transformer).requires_grad_(False)
     shared = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir))
     shared.attach_generator(gen)
@@ -201,6 +205,13 @@ def test_fresh_model_for_reward_training(tiny_sd3_dir):
     scores = reward(batch(x)).scores
     scores.sum().backward()
     assert all(p.grad is not None for p in model.reward_head.parameters() if p.requires_grad)
+    params = reward.set_trainable("head")
+    assert {id(p) for p in params} == {id(p) for p in model.reward_head.parameters()}
+    assert not any(p.requires_grad for p in model.lora_parameters())
+    assert len(reward.set_trainable("lora_head")) == len(params) + len(model.lora_parameters())
+    n_full = len(reward.set_trainable("full"))
+    assert n_full == len(list(model.parameters()))
+    assert reward.set_trainable("none") == []
 
 
 def test_missing_files_are_named(tmp_path, trained_folder, tiny_sd3_dir):

@@ -14,10 +14,12 @@ Two ways to hold the backbone:
 from __future__ import annotations
 
 import copy
+from functools import partial
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from rewards.base import TextConditioning
@@ -87,16 +89,23 @@ class TappedBackbone(nn.Module):
     def width(self) -> int:
         return self.context_embedder.out_features
 
-    def forward(self, latents: Tensor, timesteps: Tensor, text: TextConditioning
+    def forward(self, latents: Tensor, timesteps: Tensor, text: TextConditioning, checkpoint_fn=None
                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        # latents (B, C, h, w), timesteps (B,) -> cond (B, D), image taps [(B, N, D)], text taps [(B, L, D)]
+        """latents (B, C, h, w), timesteps (B,) -> cond (B, D), image taps [(B, N, D)], text taps [(B, L, D)].
+
+        ``checkpoint_fn(block, hidden, context, cond, kwargs)``: gradient checkpointing of each block (diffusers'
+        calling convention), used when grad is enabled.
+        """
         image = self.pos_embed(latents)
         cond = self.time_text_embed(timesteps, text.pooled_projections)
         context = self.context_embedder(text.encoder_hidden_states)
         image_taps = [image] if 0 in self.image_taps else []
         text_taps = [context] if 0 in self.text_taps else []
         for depth, block in enumerate(self.transformer_blocks, start=1):
-            context, image = block(hidden_states=image, encoder_hidden_states=context, temb=cond)
+            if checkpoint_fn is not None and torch.is_grad_enabled():
+                context, image = checkpoint_fn(block, image, context, cond, None)
+            else:
+                context, image = block(hidden_states=image, encoder_hidden_states=context, temb=cond)
             if depth in self.image_taps:
                 image_taps.append(image)
             if depth in self.text_taps:
@@ -124,6 +133,7 @@ class DiNaLRM(nn.Module):
         self._shared = (backbone, shared_transformer) if shared_transformer is not None else None
         if shared_transformer is None:
             self.backbone = backbone
+        self.gradient_checkpointing = False  # own backbone; a shared one follows the generator's setting
         self.register_buffer("grid", sigma_grid(config.grid_num_train_timesteps, config.grid_shift), persistent=False)
 
     # -- construction -------------------------------------------------------------------------------------
@@ -206,11 +216,25 @@ class DiNaLRM(nn.Module):
             return nullcontext()
         return use_adapter(self.adapter_host, ADAPTER_NAME if self.has_lora else None)
 
+    def _checkpoint_fn(self):
+        """Block checkpointing: a shared backbone checkpoints when the generator does, always re-running a
+        block under the adapter of its forward (rm_lora), whatever adapter is active at backward time."""
+        if self.is_shared:
+            if not getattr(self.adapter_host, "gradient_checkpointing", False):
+                return None
+            from rlkit.models.lora import _checkpoint_under_captured_adapter
+
+            return _checkpoint_under_captured_adapter
+        if not self.gradient_checkpointing:
+            return None
+        return partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
     def _features(self, latents: Tensor, timesteps: Tensor, text: TextConditioning):
         backbone = self.tapped_backbone
         dtype = next(backbone.parameters()).dtype
         text = text.to(device=latents.device, dtype=dtype)
-        return backbone(latents.to(dtype), timesteps.to(latents.device, torch.float32), text)
+        return backbone(latents.to(dtype), timesteps.to(latents.device, torch.float32), text,
+                        checkpoint_fn=self._checkpoint_fn())
 
     def _output(self, raw: Tensor) -> Tensor:
         raw = raw[:, 0].float() if raw.shape[-1] == 1 else raw.float()

@@ -250,6 +250,25 @@ class DiNaLRMReward(Reward):
         return RewardOutput(scores=self.normalize(raw), extras={"raw": raw.detach()})
 
     # -- training / saving -----------------------------------------------------------------------------
+    def set_trainable(self, mode: Literal["lora_head", "head", "full", "none"]) -> list[torch.nn.Parameter]:
+        """Marks what reward-model training updates and returns those parameters (for the optimiser).
+
+        ``lora_head``: the release's default; ``head``: frozen backbone; ``full``: backbone weights too (an own,
+        unshared backbone, saved as ``full_model.pt``); ``none``: frozen (scoring).
+        """
+        model = self._materialize()
+        flags = {"lora_head": (True, True, False), "head": (False, True, False), "full": (True, True, True),
+                 "none": (False, False, False)}
+        if mode not in flags:
+            raise ValueError(f"dina-lrm set_trainable: mode must be one of {sorted(flags)}, got {mode!r}")
+        if mode == "lora_head" and not model.has_lora:
+            raise ValueError("dina-lrm set_trainable('lora_head'): this model has no LoRA (config.use_lora=False "
+                             "or freeze_backbone=True)")
+        lora, head, backbone = flags[mode]
+        model.set_trainable(lora=lora, head=head, backbone=backbone)
+        candidates = model.added_parameters() + (list(model.parameters()) if backbone else [])
+        return list({id(p): p for p in candidates if p.requires_grad}.values())
+
     def save_pretrained(self, folder: str | Path) -> Path:
         """The release's layout (``config.json`` + ``checkpoint/``)."""
         return save_dina_lrm(self._materialize(), folder)
