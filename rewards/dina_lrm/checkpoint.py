@@ -37,7 +37,11 @@ UNSUPPORTED_LORA_OPTIONS = ("use_dora", "use_rslora")
 
 
 def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
-    """A local folder, or a hub id resolved through the Hugging Face cache (downloaded when allowed)."""
+    """A local folder (``pkg://`` paths name folders shipped in a package), or a hub id resolved through the
+    Hugging Face cache (downloaded when allowed)."""
+    from rlkit.confload import resolve_package_path
+
+    source = resolve_package_path(str(source))
     local = Path(source).expanduser()
     if local.is_dir():
         return local

@@ -31,6 +31,7 @@ from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
 from rewards.dina_lrm.checkpoint import load_dina_lrm, read_config, resolve_folder, save_dina_lrm
 from rewards.dina_lrm.config import DiNaLRMConfig
 from rewards.dina_lrm.model import TIMESTEP_SCALE, DiNaLRM
+from rlkit.confload import resolve_package_path
 
 Mode = Literal["renoise", "state", "ensemble"]
 MODES = ("renoise", "state", "ensemble")
@@ -50,7 +51,8 @@ class DiNaLRMRewardOptions:
     shift: float = 0.0
     scale: float = 1.0
     snap_levels: bool = True  # move u / levels to the scheduler's sigma table, as the release does
-    share_backbone: Literal["auto", "always", "never"] = "auto"  # auto: share when base_model is the generator's
+    share_backbone: Literal["auto", "always", "never"] | bool = "auto"  # auto (true): share when base_model is
+    # the generator's (or not given); always: share with any attached generator; never (false): own copy
     on_full_finetune: Literal["refuse", "copy"] = "refuse"  # generator trained without LoRA: refuse or frozen copy
     dtype: str = "fp32"  # when the reward loads its own base model
     device: str = "cpu"
@@ -59,6 +61,8 @@ class DiNaLRMRewardOptions:
 
     def __post_init__(self) -> None:
         self.levels = tuple(float(v) for v in self.levels)
+        if isinstance(self.share_backbone, bool):  # recipes may write `share_backbone: true`
+            self.share_backbone = "auto" if self.share_backbone else "never"
         problems = []
         if self.mode not in MODES:
             problems.append(("mode", f"must be one of {MODES}, got {self.mode!r}"))
@@ -127,7 +131,7 @@ class DiNaLRMReward(Reward):
             raise ValueError("dina-lrm: give exactly one of `pretrained` (a checkpoint folder or hub id) and "
                              "`config` (a fresh, untrained model)")
         self.pretrained = str(pretrained) if pretrained is not None else None
-        self.base_model = str(base_model) if base_model is not None else None
+        self.base_model = resolve_package_path(str(base_model)) if base_model is not None else None
         if self.pretrained is not None:
             self.arch = read_config(resolve_folder(self.pretrained, self.options.revision))
         else:
@@ -152,7 +156,11 @@ class DiNaLRMReward(Reward):
                                               max_sequence_length=self.max_sequence_length)
 
     def attach_generator(self, generator: Any) -> None:
-        """Shares the generator's blocks (a second adapter ``rm_lora``) when it is the reward's base model."""
+        """Shares the generator's blocks (a second adapter ``rm_lora``) when it is the reward's base model.
+
+        Call it after the policy is set up (LoRA added, or the transformer unfrozen for full fine-tuning): a
+        generator whose base weights require grad at this point is refused or copied (``on_full_finetune``).
+        """
         if self._text_encoder is None:
             self._use_text_encoders_of(generator)
         if self.model is not None:
