@@ -1,0 +1,222 @@
+"""Rebuilds every shipped Shapes checkpoint from scratch and measures what the world must show.
+
+Stages (each timed): ``generator`` (tiny VAE, then rectified-flow pretraining of the tiny SD3
+transformer), ``clip`` (contrastive training of the CLIP-style reward), ``evaluate`` (golden judge on
+real pictures, on VAE reconstructions and on the base generator's samples for held-out and training
+prompts; realism guards; CLIP retrieval accuracy) and ``preferences`` (the annotated pair set).
+Everything is written under ``out_dir``::
+
+    generator/             StableDiffusion3Pipeline.save_pretrained folder
+    clip/                  ShapesClipModel (config.json + model.safetensors)
+    preferences/train.parquet
+    build_report.json      stage seconds, settings and measured numbers
+
+``rlkit shapes build`` calls :func:`main`; ``--evaluate`` only measures an existing folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rlkit.shapes import world
+from rlkit.shapes.clip import ClipTrainConfig, ShapesClipModel, retrieval_accuracy, train_clip
+from rlkit.shapes.judges import ASSETS_DIR, ATTRIBUTES, read_scenes, realism_ratios
+from rlkit.shapes.preferences import PreferenceConfig, build_preferences, save_preferences
+from rlkit.shapes.pretrain import (GeneratorTrainConfig, PretrainConfig, VAETrainConfig, load_generator,
+                                   pretrain, sample_images)
+
+REPORT_NAME = "build_report.json"
+
+
+@dataclass
+class EvalConfig:
+    samples_per_prompt: int = 4
+    num_train_prompts: int = 54  # a random subset of training prompts, as many as held-out ones
+    num_real: int = 512  # real pictures per split for the judge, the guards and CLIP
+    num_steps: int = 20
+    guidance: float = 3.0
+    seed: int = 123
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_prompt", "num_train_prompts", "num_real", "num_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EvalConfig.{name} must be positive")
+
+
+def stage_configs(fast: bool) -> dict:
+    """Settings of every stage; ``fast`` shrinks them to a smoke test of the whole pipeline."""
+    if not fast:
+        return {"pretrain": PretrainConfig(), "clip": ClipTrainConfig(), "evaluate": EvalConfig(),
+                "preferences": PreferenceConfig()}
+    return {
+        "pretrain": PretrainConfig(
+            vae=VAETrainConfig(steps=20, max_minutes=1.0),
+            generator=GeneratorTrainConfig(steps=20, num_images=256, max_minutes=1.0),
+        ),
+        "clip": ClipTrainConfig(steps=20, batch_size=64, max_minutes=1.0),
+        "evaluate": EvalConfig(samples_per_prompt=1, num_train_prompts=8, num_real=64, num_steps=4),
+        "preferences": PreferenceConfig(num_pairs=16, num_steps=4, batch_size=16),
+    }
+
+
+def _golden_summary(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    reading = read_scenes(images, prompts)
+    out = {f"{a}": float(reading.correct[a].float().mean()) for a in ATTRIBUTES}
+    out.update(all=float(reading.all_correct.mean()), fraction=float(reading.fraction.mean()))
+    return out
+
+
+@torch.no_grad()
+def evaluate(out_dir: str | Path, config: EvalConfig, log: Callable[[str], None] = print) -> dict:
+    """Measures the folder's generator and CLIP reward; real pictures are drawn fresh from ``config.seed``."""
+    out_dir = Path(out_dir)
+    generator = load_generator(out_dir / "generator")
+    clip = ShapesClipModel.from_pretrained(str(out_dir / "clip")).eval()
+    rng = np.random.default_rng([config.seed, 5])
+    metrics: dict[str, dict] = {}
+    real: dict[str, tuple[torch.Tensor, list[world.Scene]]] = {}
+    for split in ("train", "heldout"):
+        scenes = world.sample_scenes(config.num_real, rng, split)
+        real[split] = (world.draw_batch(scenes, seed=config.seed + len(split)), scenes)
+        images, scenes = real[split]
+        captions = [s.caption for s in scenes]
+        metrics[f"golden_real_{split}"] = _golden_summary(images, captions)
+        metrics[f"golden_vae_reconstruction_{split}"] = _golden_summary(
+            generator.decode(generator.encode(images)), captions)
+        metrics[f"clip_retrieval_real_{split}"] = retrieval_accuracy(clip, images, scenes)
+        wrong = [world.Scene(s.color, world.SHAPES[(world.SHAPES.index(s.shape) + 1) % len(world.SHAPES)],
+                             s.position).caption for s in scenes]
+        metrics[f"clip_prefers_true_caption_{split}"] = {
+            "wrong_shape": float((clip.similarity(images, captions) > clip.similarity(images, wrong)).float().mean())}
+    train_all = world.train_prompts()
+    prompt_sets = {
+        "heldout": world.heldout_prompts(),
+        "train": [train_all[i] for i in rng.choice(len(train_all), config.num_train_prompts, replace=False)],
+    }
+    for split, prompts in prompt_sets.items():
+        prompts = [p for p in prompts for _ in range(config.samples_per_prompt)]
+        samples = sample_images(generator, prompts, seed=config.seed, num_steps=config.num_steps,
+                                guidance=config.guidance)
+        metrics[f"golden_generated_{split}"] = _golden_summary(samples, prompts)
+        metrics[f"realism_generated_{split}"] = realism_ratios(samples, real[split][0])
+        metrics[f"clip_generated_{split}"] = {"mean_cosine": float(clip.similarity(samples, prompts).mean())}
+        log(f"generated ({split} prompts): {metrics[f'golden_generated_{split}']}")
+    return metrics
+
+
+STAGES = ("generator", "clip", "evaluate", "preferences")
+
+
+def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = 1,
+              stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print) -> dict:
+    """Rebuilds the generator, the CLIP reward and the preference set under ``out_dir``; returns the report.
+
+    ``num_threads=1`` by default: on a CPU shared with other jobs one thread per process is several
+    times faster than oversubscribed threads. ``None`` leaves torch's setting alone. ``stages`` reruns
+    only some stages (later ones read the earlier ones' outputs from ``out_dir``); their numbers are
+    merged into an existing report.
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown build stages {sorted(unknown)}; expected some of {STAGES}")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configs = stage_configs(fast)
+    report: dict = {"fast": fast, "seconds": {}, "stats": {}, "settings": {k: asdict(v) for k, v in configs.items()}}
+    previous = out_dir / REPORT_NAME
+    if set(stages) != set(STAGES) and previous.is_file():
+        old = json.loads(previous.read_text())
+        report["seconds"].update(old.get("seconds", {}))
+        report["stats"].update(old.get("stats", {}))
+    start_all = time.monotonic()
+
+    def timed(name: str, fn: Callable[[], dict]) -> None:
+        start = time.monotonic()
+        log(f"== stage {name}")
+        report["stats"][name] = fn()
+        report["seconds"][name] = round(time.monotonic() - start, 1)
+        log(f"== stage {name}: {report['seconds'][name]} s")
+
+    def stage_generator() -> dict:
+        _, stats = pretrain(configs["pretrain"], out_dir / "generator", log)
+        return stats
+
+    def stage_clip() -> dict:
+        train_clip(configs["clip"], log).save_pretrained(str(out_dir / "clip"))
+        return {}
+
+    def stage_preferences() -> dict:
+        dataset, stats = build_preferences(load_generator(out_dir / "generator"), configs["preferences"])
+        save_preferences(dataset, out_dir / "preferences" / "train.parquet")
+        return stats
+
+    runs = {"generator": stage_generator, "clip": stage_clip, "preferences": stage_preferences,
+            "evaluate": lambda: evaluate(out_dir, configs["evaluate"], log)}
+    for name in STAGES:
+        if name in stages:
+            timed(name, runs[name])
+    report["seconds"]["total"] = round(sum(v for k, v in report["seconds"].items() if k in STAGES), 1)
+    report["seconds"]["this_run"] = round(time.monotonic() - start_all, 1)
+    report["sizes_mb"] = folder_sizes(out_dir)
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def folder_sizes(out_dir: str | Path) -> dict[str, float]:
+    out_dir = Path(out_dir)
+    sizes = {}
+    for child in sorted(out_dir.iterdir()):
+        files = [child] if child.is_file() else [f for f in child.rglob("*") if f.is_file()]
+        sizes[child.name] = round(sum(f.stat().st_size for f in files) / 2**20, 3)
+    sizes["total"] = round(sum(sizes.values()), 3)
+    return sizes
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    if "seconds" in report:
+        lines.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
+    metrics = report.get("stats", {}).get("evaluate", report.get("metrics", {}))
+    for name, values in metrics.items():
+        lines.append(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    for name in ("generator", "preferences"):
+        if report.get("stats", {}).get(name):
+            lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in report["stats"][name].items()))
+    if "sizes_mb" in report:
+        lines.append("sizes (MB): " + ", ".join(f"{k} {v}" for k, v in report["sizes_mb"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlkit shapes build [OUT_DIR] [--fast] [--evaluate]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="rlkit shapes build", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", nargs="?", default=str(ASSETS_DIR), help="where to write (default: shipped assets)")
+    parser.add_argument("--fast", action="store_true", help="tiny budgets: a smoke test of every stage")
+    parser.add_argument("--evaluate", action="store_true", help="only measure the folder's checkpoints")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    args = parser.parse_args(argv)
+    if args.evaluate:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report = {"metrics": evaluate(args.out_dir, stage_configs(args.fast)["evaluate"])}
+    else:
+        report = build_all(args.out_dir, fast=args.fast, num_threads=args.threads or None,
+                           stages=tuple(s for s in args.stages.split(",") if s))
+    print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Judges of the Shapes world: the annotators, the golden judge, realism guards and the CLIP reward.
+
+- :func:`read_scenes` reads a picture analytically (no learning): it segments the prompt's colour, keeps
+  the largest connected blob, reads the shape by fitting each shape's template to the blob's bounding
+  box (the best intersection-over-union; fill of the box and area decide it) and the position from
+  the blob's centroid on the 3x3 grid.
+- :class:`GoldenJudgeReward` (``shapes-golden``) scores that reading; it is for evaluation only. It is
+  analytic on purpose: two learned CNNs share blind spots, so a learned proxy reward can be hacked in
+  ways a learned judge would not notice.
+- :class:`AnnotatorJudge` are the "humans" that label preference pairs: each perceives an attribute
+  score plus Gaussian noise (Thurstone), so ``P(a > b) = Phi((s_a - s_b) / sqrt(2 var))``.
+- :func:`realism_ratios`: foreground area and high-frequency energy relative to real pictures (1 = real).
+- :class:`ShapesClipReward` (``shapes-clip``): the learned pixel-space CLIP-style reward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rewards.base import Reward, RewardInput, RewardOutput
+from rlkit.shapes import world
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+COLOR_TOLERANCE = 0.33  # max RGB distance from the palette colour for a pixel to count as that colour
+MIN_AREA = 12.0  # pixels: a smaller blob is no shape (the smallest drawn triangle covers ~35)
+MAX_AREA = 200.0  # pixels: a larger blob is no shape (the largest drawn square covers ~121)
+MIN_SHAPE_IOU = 0.55  # the best template must fit at least this well to name a shape
+FOREGROUND_TOLERANCE = 0.15  # RGB distance from the border colour that makes a pixel foreground
+ATTRIBUTES = ("color", "shape", "position")
+SHAPE_FIT_WEIGHT = 0.2  # share of the graded template fit in what annotators value
+
+
+@dataclass
+class Reading:
+    """What the analytic reader sees in each picture, given the colour its prompt asks for."""
+
+    area: Tensor  # (B,) pixels of the largest blob of the prompt's colour
+    shape: list[str | None]  # best-fitting template, None when nothing fits
+    shape_iou: Tensor  # (B,) IoU of the prompt's own shape template with the blob
+    position: list[str | None]  # grid cell of the blob's centroid
+    correct: dict[str, Tensor]  # attribute -> (B,) bool, for the prompt's scene
+
+    @property
+    def fraction(self) -> Tensor:
+        return torch.stack([self.correct[a].float() for a in ATTRIBUTES]).mean(0)
+
+    @property
+    def all_correct(self) -> Tensor:
+        return torch.stack([self.correct[a] for a in ATTRIBUTES]).all(0).float()
+
+
+def _color_masks(images: Tensor, colors: list[str]) -> Tensor:
+    """``(B, H, W)`` bool: pixels nearest to the asked palette colour, within tolerance."""
+    palette = torch.tensor(list(world.COLORS.values()), dtype=images.dtype, device=images.device)  # (P, 3)
+    dist = (images[:, None] - palette[None, :, :, None, None]).norm(dim=2)  # (B, P, H, W)
+    names = list(world.COLORS)
+    idx = torch.tensor([names.index(c) for c in colors], device=images.device)
+    asked = dist[torch.arange(len(colors)), idx]
+    return (dist.argmin(1) == idx[:, None, None]) & (asked < COLOR_TOLERANCE)
+
+
+def _largest_component(masks: Tensor) -> Tensor:
+    """Keeps the largest 8-connected blob of each mask (label propagation by max-pooling)."""
+    b, h, w = masks.shape
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w).expand(b, h, w)
+    labels = torch.where(masks, ids, torch.zeros(()))
+    for _ in range(h * w):
+        grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * masks
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    keep = torch.zeros_like(masks)
+    for i in range(b):
+        values, counts = labels[i][masks[i]].unique(return_counts=True)
+        if len(values):
+            keep[i] = labels[i] == values[counts.argmax()]
+    return keep
+
+
+def _alpha_maps(images: Tensor, colors: list[str]) -> Tensor:
+    """``(B, H, W)`` in [0, 1]: how far each pixel lies from the background towards the asked colour.
+
+    The background is the median border colour; soft edges get fractional coverage, which lets the
+    templates be compared below pixel resolution.
+    """
+    palette = torch.tensor([world.COLORS[c] for c in colors], dtype=images.dtype, device=images.device)
+    background = _border_colour(images)
+    direction = palette - background  # (B, 3)
+    along = ((images - background[..., None, None]) * direction[..., None, None]).sum(1)
+    return (along / direction.pow(2).sum(-1).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
+
+
+def _template_ious(soft: np.ndarray, blob: np.ndarray) -> dict[str, float]:
+    """Soft IoU of a blob's coverage with each shape's template fitted to the blob's bounding box."""
+    ys, xs = np.nonzero(blob)
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    gx, gy = np.meshgrid(np.arange(soft.shape[1]) + 0.5, np.arange(soft.shape[0]) + 0.5, indexing="xy")
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    out = {}
+    for shape in world.SHAPES:
+        t = np.clip(0.5 - world.shape_sdf(shape, gx, gy, cx, cy, rx, ry), 0.0, 1.0)
+        out[shape] = float(np.minimum(t, soft).sum() / np.maximum(t, soft).sum())
+    return out
+
+
+def _position_of(cx: float, cy: float, size: int) -> str:
+    col, row = min(int(3 * cx / size), 2), min(int(3 * cy / size), 2)
+    return next(name for name, rc in world.POSITIONS.items() if rc == (row, col))
+
+
+@torch.no_grad()
+def read_scenes(images: Tensor, prompts: list[str]) -> Reading:
+    """Analytic reading of ``images`` (B, 3, H, W) in [0, 1] against the scenes their ``prompts`` ask for."""
+    asked = [world.parse_caption(p) for p in prompts]
+    images = images.detach().float().cpu()
+    colors = [s.color for s in asked]
+    blobs = _largest_component(_color_masks(images, colors))
+    # coverage of the blob and its one-pixel rim (the soft edge), zero elsewhere
+    rim = F.max_pool2d(blobs[:, None].float(), 3, stride=1, padding=1)[:, 0]
+    soft = (_alpha_maps(images, colors) * rim).numpy()
+    size = images.shape[-1]
+    area = blobs.flatten(1).sum(1).float()
+    shapes: list[str | None] = []
+    positions: list[str | None] = []
+    prompt_iou = torch.zeros(len(prompts))
+    for i, scene in enumerate(asked):
+        if area[i] < MIN_AREA:
+            shapes.append(None)
+            positions.append(None)
+            continue
+        mask = blobs[i].numpy()
+        covered = soft[i] > 0.5
+        ious = _template_ious(soft[i], covered if covered.any() else mask)
+        best = max(ious, key=ious.get)
+        plausible = ious[best] >= MIN_SHAPE_IOU and area[i] <= MAX_AREA
+        shapes.append(best if plausible else None)
+        prompt_iou[i] = ious[scene.shape] if area[i] <= MAX_AREA else 0.0
+        ys, xs = np.nonzero(mask)
+        positions.append(_position_of(xs.mean() + 0.5, ys.mean() + 0.5, size))
+    correct = {
+        "color": area >= MIN_AREA,
+        "shape": torch.tensor([s == a.shape for s, a in zip(shapes, asked)]),
+        "position": torch.tensor([p == a.position for p, a in zip(positions, asked)]),
+    }
+    return Reading(area=area, shape=shapes, shape_iou=prompt_iou, position=positions, correct=correct)
+
+
+def golden_scores(images: Tensor, prompts: list[str], mode: str = "all") -> Tensor:
+    """``(B,)`` in [0, 1]: all attributes correct (``"all"``) or the fraction correct (``"fraction"``)."""
+    reading = read_scenes(images, prompts)
+    if mode == "all":
+        return reading.all_correct
+    if mode == "fraction":
+        return reading.fraction
+    raise ValueError(f"golden judge mode must be 'all' or 'fraction', got {mode!r}")
+
+
+class GoldenJudgeReward(Reward):
+    """``shapes-golden``: the analytic judge as a reward, for evaluation only (not differentiable)."""
+
+    space = "pixel"
+    noise_aware = False
+    differentiable = False
+
+    def __init__(self, mode: str = "all"):
+        super().__init__()
+        if mode not in ("all", "fraction"):
+            raise ValueError(f"GoldenJudgeReward.mode must be 'all' or 'fraction', got {mode!r}")
+        self.mode = mode
+
+    def forward(self, batch: RewardInput) -> RewardOutput:
+        images = batch.pixels()
+        reading = read_scenes(images, batch.prompts)
+        scores = reading.all_correct if self.mode == "all" else reading.fraction
+        extras = {f"{a}_correct": reading.correct[a].float() for a in ATTRIBUTES}
+        extras.update(fraction=reading.fraction, all_correct=reading.all_correct)
+        device = images.device
+        return RewardOutput(scores=scores.to(device), extras={k: v.to(device) for k, v in extras.items()})
+
+
+# -- annotators ------------------------------------------------------------------------------------
+def annotator_utility(images: Tensor, prompts: list[str]) -> Tensor:
+    """What an annotator values, noise-free, in [0, 1].
+
+    Mostly the fraction of attributes right, plus a graded term for how well the blob fits the asked
+    shape's template, as a person prefers the better drawn of two pictures that are equally right.
+    """
+    reading = read_scenes(images, prompts)
+    return (1 - SHAPE_FIT_WEIGHT) * reading.fraction + SHAPE_FIT_WEIGHT * reading.shape_iou
+
+
+@dataclass
+class AnnotatorConfig:
+    noise_std: float = 0.15  # std of each annotator's perception of an image's utility
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.noise_std < 0:
+            raise ValueError(f"AnnotatorConfig.noise_std must be >= 0, got {self.noise_std}")
+
+
+class AnnotatorJudge:
+    """Noisy "human" labels of preference pairs (Thurstone case V)."""
+
+    def __init__(self, config: AnnotatorConfig | None = None):
+        self.config = config or AnnotatorConfig()
+
+    def preference_probability(self, utility_a: Tensor, utility_b: Tensor) -> Tensor:
+        """``P(a preferred over b) = Phi((s_a - s_b) / sqrt(2 var))``."""
+        var = self.config.noise_std**2
+        if var == 0:
+            return (utility_a > utility_b).float() + 0.5 * (utility_a == utility_b).float()
+        z = (utility_a - utility_b) / math.sqrt(2 * var)
+        return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+    def label(self, utility_a: Tensor, utility_b: Tensor, generator: torch.Generator) -> Tensor:
+        """One labelling: ``(B,)`` 1.0 where the annotator prefers ``a``; each item gets its own noise."""
+        std = self.config.noise_std
+        seen_a = utility_a + std * torch.randn(utility_a.shape, generator=generator)
+        seen_b = utility_b + std * torch.randn(utility_b.shape, generator=generator)
+        return (seen_a > seen_b).float()
+
+    def label_images(self, images_a: Tensor, images_b: Tensor, prompts: list[str],
+                     generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """``(labels, utility_a, utility_b)`` for pairs of pictures of the same prompts."""
+        ua, ub = annotator_utility(images_a, prompts), annotator_utility(images_b, prompts)
+        return self.label(ua, ub, generator), ua, ub
+
+    def consistency_ceiling(self, utility_a: Tensor, utility_b: Tensor) -> float:
+        """Expected agreement of two independent labellings: ``mean(p^2 + (1 - p)^2)``."""
+        p = self.preference_probability(utility_a, utility_b)
+        return float((p**2 + (1 - p) ** 2).mean())
+
+
+# -- realism guards --------------------------------------------------------------------------------
+def _border_colour(images: Tensor) -> Tensor:
+    """``(B, 3)`` median colour of the outermost pixels: the background of a Shapes picture."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    return border.median(dim=-1).values
+
+
+def foreground_area(images: Tensor) -> Tensor:
+    """``(B,)`` fraction of pixels that differ from the picture's border colour (its background)."""
+    background = _border_colour(images)
+    dist = (images - background[..., None, None]).norm(dim=1)
+    return (dist > FOREGROUND_TOLERANCE).float().flatten(1).mean(1)
+
+
+def high_frequency_energy(images: Tensor) -> Tensor:
+    """``(B,)`` mean squared response of a 3x3 Laplacian per channel (texture, noise and edge energy)."""
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=images.dtype,
+                          device=images.device).expand(images.shape[1], 1, 3, 3)
+    lap = F.conv2d(images, kernel, groups=images.shape[1])
+    return lap.pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def realism_ratios(images: Tensor, reference: Tensor) -> dict[str, float]:
+    """Guards beside the golden judge: each statistic of ``images`` over that of real ``reference`` pictures.
+
+    Near 1 is realistic; a policy that paints the whole canvas or hides high-frequency patterns that
+    fool a learned reward drifts away from 1 while a proxy score still climbs.
+    """
+    images, reference = images.detach().float(), reference.detach().float()
+    return {
+        "foreground_area": float(foreground_area(images).mean() / foreground_area(reference).mean()),
+        "high_frequency": float(high_frequency_energy(images).mean() / high_frequency_energy(reference).mean()),
+    }
+
+
+# -- learned CLIP-style reward ---------------------------------------------------------------------
+class ShapesClipReward(Reward):
+    """``shapes-clip``: cosine similarity of the CLIP-style model's image and caption embeddings.
+
+    Reads pixels (decoding latents through ``batch.decode`` when needed) and is differentiable with
+    respect to them, so ReFL can use it. ``path`` is a folder saved by ``ShapesClipModel.save_pretrained``;
+    by default the checkpoint shipped with rlkit.
+    """
+
+    space = "pixel"
+    noise_aware = False
+    differentiable = True
+
+    def __init__(self, path: str | Path | None = None, scale: float = 1.0):
+        super().__init__()
+        from rlkit.models.sd3 import explain_missing
+        from rlkit.shapes.clip import ShapesClipModel
+
+        source = str(path or ASSETS_DIR / "clip")
+        try:
+            self.model = ShapesClipModel.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise explain_missing(source, exc, "Shapes CLIP reward") from None
+        self.model.eval().requires_grad_(False)
+        self.scale = scale
+
+    def forward(self, batch: RewardInput) -> RewardOutput:
+        images = batch.pixels()
+        self.model.to(images.device)
+        raw = self.model.similarity(images.float(), batch.prompts)
+        return RewardOutput(scores=self.scale * raw, extras={"clip_cosine": raw.detach()})

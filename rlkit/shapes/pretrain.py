@@ -1,0 +1,278 @@
+"""Pretraining of the Shapes generator: a tiny VAE, then a tiny SD3 transformer with the rectified-flow loss.
+
+The generator has the real ``SD3Transformer2DModel`` architecture (dual-attention blocks, qk RMS-norm)
+at 0.64 M parameters, reading 16x16x4 latents in 2x2 patches (64 tokens). The text encoders stay random
+and frozen: they only need to tell the captions apart. Captions are dropped (replaced by ``""``) a tenth
+of the time so that classifier-free guidance works. The training budget is short on purpose: the model
+learns colour and position but stays unreliable on shape, which leaves room for alignment.
+
+Only the training split of :mod:`rlkit.shapes.world` is ever seen here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlkit.models.sd3 import SD3Generator
+from rlkit.models.tiny import TinySD3Config, build_tiny_sd3_components
+from rlkit.shapes import world
+
+MAX_SEQUENCE_LENGTH = 8  # T5 tokens of a Shapes caption (at most 7 words and the end token)
+MAX_CLIP_LENGTH = 12  # CLIP tokens (at most 7 words, start and end tokens)
+
+
+class Budget:
+    """Progress of a run capped both in steps and in wall-clock minutes, for a schedule that always anneals.
+
+    On a shared CPU the step rate is unknown in advance; the learning rate follows the larger of the two
+    fractions (steps done, time used), so a run stopped by the clock still ends at a small rate.
+    """
+
+    def __init__(self, steps: int, max_minutes: float, warmup: float = 0.05):
+        self.steps, self.seconds, self.warmup = steps, 60.0 * max_minutes, warmup
+        self.start = time.monotonic()
+
+    def progress(self, step: int) -> float:
+        return min(1.0, max(step / self.steps, (time.monotonic() - self.start) / self.seconds))
+
+    def lr_factor(self, step: int) -> float:
+        p = self.progress(step)
+        if p < self.warmup:
+            return max(p / self.warmup, 0.01)
+        return 0.5 * (1 + math.cos(math.pi * (p - self.warmup) / (1 - self.warmup)))
+
+    def done(self, step: int) -> bool:
+        return self.progress(step + 1) >= 1.0
+
+    def set_lr(self, opt: torch.optim.Optimizer, base_lr: float, step: int) -> None:
+        for group in opt.param_groups:
+            group["lr"] = base_lr * self.lr_factor(step)
+
+
+def shapes_model_config() -> TinySD3Config:
+    """The architecture of the shipped Shapes generator."""
+    return TinySD3Config(
+        sample_size=16, patch_size=2, latent_channels=4, num_layers=4, attention_head_dim=16,
+        num_attention_heads=4, dual_attention_layers=(0, 1), qk_norm="rms_norm",
+        vae_block_out_channels=(16, 32), words=world.VOCABULARY, max_clip_length=MAX_CLIP_LENGTH,
+    )
+
+
+def load_generator(path: str | Path | None = None, device: str = "cpu") -> SD3Generator:
+    """The Shapes generator from a ``save_pretrained`` folder (default: the shipped one)."""
+    from rlkit.shapes.judges import ASSETS_DIR
+
+    return SD3Generator.from_pretrained(path or ASSETS_DIR / "generator", device=device,
+                                        max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+
+@dataclass
+class VAETrainConfig:
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 3e-3
+    kl_weight: float = 1e-4
+    max_minutes: float = 6.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"VAETrainConfig.{name} must be positive")
+        if self.lr <= 0 or self.kl_weight < 0 or self.max_minutes <= 0:
+            raise ValueError("VAETrainConfig: lr and max_minutes must be positive, kl_weight >= 0")
+
+
+def train_vae(vae, config: VAETrainConfig, log=print) -> dict[str, float]:
+    """Reconstruction + small KL on freshly drawn training pictures; sets the latent shift and scale.
+
+    After training, ``shift_factor`` and ``scaling_factor`` are set so that transformer latents
+    ``(z - shift) * scale`` have zero mean and unit variance over the data.
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 11])
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    budget = Budget(config.steps, config.max_minutes)
+    vae.train()
+    gen = torch.Generator().manual_seed(config.seed)
+    for step in range(config.steps):
+        budget.set_lr(opt, config.lr, step)
+        images = world.draw_batch(world.sample_scenes(config.batch_size, rng), seed=int(rng.integers(2**31)))
+        x = images * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(gen)).sample
+        rec = (recon - x).pow(2).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + config.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or budget.done(step):
+            log(f"vae step {step}: mse {rec.item():.5f} kl/dim {kl.item():.3f}")
+        if budget.done(step):
+            break
+    vae.eval()
+    with torch.no_grad():
+        images = world.draw_batch(world.sample_scenes(512, rng), seed=int(rng.integers(2**31)))
+        z = vae.encode(images * 2 - 1).latent_dist.mode()
+        recon = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    return {"vae_mse": float((recon - images).pow(2).mean()), "vae_steps": step + 1}
+
+
+@dataclass
+class GeneratorTrainConfig:
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    caption_dropout: float = 0.1  # share of captions replaced by "" (unconditional, for CFG)
+    num_images: int = 8192  # drawn training pictures, encoded once
+    logit_normal_std: float = 1.0  # sigma = sigmoid(N(0, std)), as SD3 samples timesteps
+    max_minutes: float = 20.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_images"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GeneratorTrainConfig.{name} must be positive")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"GeneratorTrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.lr <= 0 or self.max_minutes <= 0:
+            raise ValueError("GeneratorTrainConfig: lr and max_minutes must be positive")
+
+
+@torch.no_grad()
+def encode_dataset(generator: SD3Generator, num_images: int, seed: int, batch_size: int = 256) -> tuple[Tensor, list[str]]:
+    """Transformer latents and captions of ``num_images`` pictures streamed from the training split."""
+    latents, captions = [], []
+    for images, caps in world.batches(world.shapes_dataset(num_images, seed=seed, split="train"), batch_size):
+        latents.append(generator.encode(images))
+        captions += caps
+    return torch.cat(latents), captions
+
+
+def rectified_flow_loss(generator: SD3Generator, x0: Tensor, text, sigmas: Tensor, noise: Tensor) -> Tensor:
+    """``|v_theta(x_sigma, sigma) - (eps - x0)|^2`` with ``x_sigma = (1 - sigma) x0 + sigma eps``."""
+    s = sigmas.view(-1, 1, 1, 1)
+    x_sigma = (1 - s) * x0 + s * noise
+    return (generator.velocity(x_sigma, sigmas, text) - (noise - x0)).pow(2).mean()
+
+
+def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=print) -> dict[str, float]:
+    """Rectified-flow pretraining of ``generator.transformer`` on encoded training pictures."""
+    torch.manual_seed(config.seed)
+    latents, captions = encode_dataset(generator, config.num_images, seed=config.seed)
+    prompts = sorted(set(captions)) + [""]
+    table = generator.encode_prompts(prompts)
+    index = {p: i for i, p in enumerate(prompts)}
+    caption_ids = torch.tensor([index[c] for c in captions])
+    empty = index[""]
+    model = generator.transformer
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    budget = Budget(config.steps, config.max_minutes)
+    ema = None
+    for step in range(config.steps):
+        budget.set_lr(opt, config.lr, step)
+        idx = torch.randint(len(latents), (config.batch_size,), generator=gen)
+        ids = caption_ids[idx].clone()
+        ids[torch.rand(config.batch_size, generator=gen) < config.caption_dropout] = empty
+        sigmas = torch.sigmoid(config.logit_normal_std * torch.randn(config.batch_size, generator=gen))
+        noise = torch.randn(latents[idx].shape, generator=gen)
+        loss = rectified_flow_loss(generator, latents[idx], table.index(ids), sigmas, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 50 == 0 or budget.done(step):
+            log(f"generator step {step}: loss {ema:.4f} (progress {budget.progress(step):.2f})")
+        if budget.done(step):
+            break
+    model.eval().requires_grad_(False)
+    return {"generator_loss": float(ema), "generator_steps": step + 1}
+
+
+@torch.no_grad()
+def sample_latents(generator: SD3Generator, prompts: list[str], generator_rng: torch.Generator,
+                   num_steps: int = 20, guidance: float | Tensor = 3.0) -> Tensor:
+    """Euler ODE sampling from sigma 1 to 0 with classifier-free guidance; ``(B, C, h, w)`` clean latents.
+
+    ``guidance`` is one scale or one per prompt ``(B,)``.
+    """
+    scale = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1, 1, 1, 1).to(generator.device)
+    c, h, w = generator.latent_shape(world.IMAGE_SIZE)
+    x = torch.randn((len(prompts), c, h, w), generator=generator_rng).to(generator.device)
+    cond = generator.encode_prompts(prompts)
+    uncond = generator.encode_prompts([""] * len(prompts))
+    both = type(cond).cat([uncond, cond])
+    sigmas = generator.sigmas(num_steps)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        s = sigma.expand(2 * len(prompts))
+        v_u, v_c = generator.velocity(torch.cat([x, x]), s, both).chunk(2)
+        x = x + (sigma_next - sigma) * (v_u + scale * (v_c - v_u))
+    return x
+
+
+@torch.no_grad()
+def sample_images(generator: SD3Generator, prompts: list[str], seed: int, num_steps: int = 20,
+                  guidance: float = 3.0, batch_size: int = 128) -> Tensor:
+    """Decoded samples ``(B, 3, H, W)`` in [0, 1]."""
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out.append(generator.decode(sample_latents(generator, prompts[i:i + batch_size], rng, num_steps, guidance)))
+    return torch.cat(out)
+
+
+@dataclass
+class PretrainConfig:
+    model: TinySD3Config = field(default_factory=shapes_model_config)
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    generator: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
+    seed: int = 0
+
+
+def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=print) -> tuple[SD3Generator, dict]:
+    """Builds, trains and (when ``out_dir`` is given) saves the Shapes generator pipeline folder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    components = build_tiny_sd3_components(config.model, seed=config.seed)
+    stats: dict[str, float] = {}
+    stats.update(train_vae(components["vae"], config.vae, log))
+    components["vae"].requires_grad_(False)
+    pipe = StableDiffusion3Pipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    generator = SD3Generator(pipeline=pipe, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    stats.update(train_generator(generator, config.generator, log))
+    if out_dir is not None:
+        pipe.save_pretrained(out_dir)
+    return generator, stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rlkit.shapes.pretrain OUT_DIR [--fast]``: pretrain and save only the generator."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--fast", action="store_true", help="a few steps only (smoke test)")
+    args = parser.parse_args(argv)
+    from rlkit.shapes.build import stage_configs
+
+    config = stage_configs(args.fast)["pretrain"]
+    _, stats = pretrain(config, args.out_dir)
+    print(stats)
+
+
+if __name__ == "__main__":
+    main()
