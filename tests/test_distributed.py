@@ -48,8 +48,7 @@ def script():
 @pytest.fixture(scope="module")
 def reference(script):
     initial = script.trainable_state(script.Pair())
-    params, norms = script.reference_params(WORLD)
-    return initial, params, norms
+    return initial, *script.reference_params(WORLD)
 
 
 def _launch(stage: int, out: Path) -> float:
@@ -72,7 +71,7 @@ def _launch(stage: int, out: Path) -> float:
 def test_zero_two_ranks_equal_one_process_on_union(stage, tmp_path, script, reference):
     _launch(stage, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(WORLD)]
-    initial, want, ref_norms = reference
+    initial, want, ref_norms, want_ema = reference
 
     # accelerate sees the real process group (not rank 0 of 1 on every process)
     assert [r["process_index"] for r in ranks] == list(range(WORLD))
@@ -99,3 +98,6 @@ def test_zero_two_ranks_equal_one_process_on_union(stage, tmp_path, script, refe
         assert r["params"].keys() == want.keys()
         for name, value in want.items():
             torch.testing.assert_close(r["params"][name], value, rtol=0, atol=PARAM_ATOL, msg=name)
+            # the EMA (sharded per rank under ZeRO-3) swapped in equals the single-process EMA
+            torch.testing.assert_close(r["ema_params"][name], want_ema[name], rtol=0, atol=PARAM_ATOL, msg=name)
+    assert any(not torch.equal(want_ema[n], want[n]) for n in changed)

@@ -1,12 +1,15 @@
 """Exponential moving average of the trainable weights, for evaluation and export.
 
 ``shadow = decay * shadow + (1 - decay) * param`` every ``update_every``-th call of :meth:`EMA.update`.
-The shadow copy is float32 whatever the parameters' dtype. Under DeepSpeed ZeRO-3 each rank averages its own
-partition (``param.ds_tensor``), so the EMA is sharded like the weights.
+The shadow copy is float32 whatever the parameters' dtype. Under DeepSpeed ZeRO-3 the parameters are gathered
+for each update and swap (every rank keeps the whole shadow of the trainable weights: cheap for LoRA, large
+for full fine-tuning), and the swap writes through DeepSpeed's ``GatheredParameters(modifier_rank=0)``, the
+supported way to change partitioned weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,10 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
+MODIFIER_RANK = 0  # under ZeRO-3, the rank whose swapped values are re-partitioned (all ranks hold the same)
 
-def _storage(param: nn.Parameter) -> torch.Tensor:
-    """The tensor holding this rank's values of ``param`` (its ZeRO-3 partition when partitioned)."""
-    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+def _gathered(params: list[nn.Parameter], modify: bool = False):
+    """Whole parameters inside the context under ZeRO-3; a no-op otherwise."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=MODIFIER_RANK if modify else None)
 
 
 class EMA:
@@ -33,27 +42,32 @@ class EMA:
         self.update_every = update_every
         self.calls = 0  # update() calls
         self.num_updates = 0  # averaging steps actually taken
-        self.shadow = [_storage(p).detach().float().clone() for p in self.params]
+        with torch.no_grad(), _gathered(self.params):
+            self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> bool:
-        """Call after each optimiser step; averages every ``update_every``-th call. Returns whether it did."""
+        """Call after each optimiser step; averages every ``update_every``-th call. Returns whether it did.
+
+        Under ZeRO-3 every rank must call it (it gathers the parameters).
+        """
         self.calls += 1
         if self.calls % self.update_every:
             return False
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.lerp_(_storage(param).float(), 1.0 - self.decay)
+        with _gathered(self.params):
+            for shadow, param in zip(self.shadow, self.params):
+                shadow.lerp_(param.detach().float(), 1.0 - self.decay)
         self.num_updates += 1
         return True
 
     @torch.no_grad()
     def swap(self) -> None:
-        """Exchanges the live weights and the EMA weights (call again to undo)."""
-        for shadow, param in zip(self.shadow, self.params):
-            live = _storage(param)
-            current = live.detach().float().clone()
-            live.copy_(shadow.to(live.dtype))
-            shadow.copy_(current)
+        """Exchanges the live weights and the EMA weights (call again to undo). Every rank must call it."""
+        with _gathered(self.params, modify=True):
+            for shadow, param in zip(self.shadow, self.params):
+                current = param.detach().float().clone()
+                param.data.copy_(shadow.to(param.dtype))
+                shadow.copy_(current)
 
     @contextmanager
     def applied(self) -> Iterator[None]:

@@ -4,7 +4,7 @@ Run by ``tests/test_distributed.py`` through ``accelerate launch``; each rank wr
 accelerate reports about the process group, the data it saw and the trainable weights after the steps. The
 test compares them with :func:`reference_params`, one process on the union of both ranks' data. The model
 is a tiny MLP and a tiny SD3 transformer with a policy LoRA, in one module (DeepSpeed takes one model per
-accelerator), plus a frozen helper prepared with ``prepare_frozen``.
+accelerator), plus a frozen helper prepared with ``prepare_frozen`` and an EMA of the trainable weights.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ MICRO_BATCH = 2
 STEPS = 2
 LR = 0.5
 MOMENTUM = 0.9  # optimiser state that ZeRO shards; SGD (unlike Adam) shows any error in the gradient's scale
+EMA_DECAY = 0.5
 GRAD_CLIP = 0.5  # small enough that clipping is active (the test checks the reference norms exceed it)
 LORA_RANK, LORA_ALPHA = 4, 8.0
 MLP_IN, MLP_HIDDEN, MLP_OUT = 8, 16, 4
@@ -81,18 +82,24 @@ def make_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
 
 
-def reference_params(world: int) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """One process on the union of the ranks' batches; returns the weights and the pre-clip gradient norms."""
+def reference_params(world: int) -> tuple[dict[str, torch.Tensor], list[float], dict[str, torch.Tensor]]:
+    """One process on the union of the ranks' batches: the weights, the pre-clip gradient norms, the EMA weights."""
+    from rlkit.runtime.ema import EMA
+
     model = Pair()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params)
+    ema = EMA(params, decay=EMA_DECAY)
     norms = []
     for step in range(STEPS):
         model(global_batch(step, MICRO_BATCH * world)).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)))
         opt.step()
         opt.zero_grad()
-    return trainable_state(model), norms
+        ema.update()
+    with ema.applied():
+        ema_state = trainable_state(model)
+    return trainable_state(model), norms, ema_state
 
 
 def main() -> None:
@@ -111,6 +118,7 @@ def main() -> None:
 
     from rlkit.config import LaunchConfig
     from rlkit.runtime.accelerator import build_accelerator, prepare_frozen
+    from rlkit.runtime.ema import EMA
 
     world = 2
     accelerator = build_accelerator(LaunchConfig(num_processes=world, deepspeed=args.stage),
@@ -119,6 +127,8 @@ def main() -> None:
     model = Pair()
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
     model, opt = accelerator.prepare(model, opt)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA([p for p in unwrapped.parameters() if p.requires_grad], decay=EMA_DECAY)
 
     frozen = nn.Linear(MLP_IN, MLP_OUT)
     probe = torch.randn(3, MLP_IN, generator=torch.Generator().manual_seed(SEED))
@@ -136,10 +146,13 @@ def main() -> None:
         norms.append(float(model.get_global_grad_norm()))
         opt.step()
         opt.zero_grad()
+        ema.update()
 
-    unwrapped = accelerator.unwrap_model(model)
-    with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), enabled=args.stage == 3):
+    gather = dict(params=list(unwrapped.parameters()), enabled=args.stage == 3)
+    with deepspeed.zero.GatheredParameters(**gather):
         state = trainable_state(unwrapped)
+    with ema.applied(), deepspeed.zero.GatheredParameters(**gather):
+        ema_state = trainable_state(unwrapped)
     torch.save({
         "process_index": accelerator.process_index,
         "num_processes": accelerator.num_processes,
@@ -147,6 +160,7 @@ def main() -> None:
         "backend": dist.get_backend(),
         "seen_x": torch.stack(seen),
         "params": state,
+        "ema_params": ema_state,
         "grad_norms": norms,
         "frozen_max_diff": float((frozen_got - frozen_want).abs().max()),
         "engine": type(model).__name__,
