@@ -131,7 +131,8 @@ def _reference_model(config: dict, seed: int, randomize_backbone: bool):
         for name, p in model.named_parameters():
             if "lora_" in name or (randomize_backbone and name.startswith("backbone.")) or name.startswith("eta"):
                 fan_in = p.shape[-1] if p.dim() else 1
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / fan_in ** 0.5 + (1.0 if name.startswith("eta") else 0.0))
+                offset = 1.0 if name.startswith("eta") else 0.0
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / fan_in ** 0.5 + offset)
     return model.eval()
 
 
@@ -178,3 +179,16 @@ def test_our_checkpoint_loads_in_the_official_path(io, tmp_path):
     conds = {"encoder_hidden_states": text.encoder_hidden_states, "pooled_projections": text.pooled_projections}
     expected = reference(latents=io["latents"], timesteps=io["timesteps"], **conds)[:, 0]
     torch.testing.assert_close(model(io["latents"], io["timesteps"], text), expected, rtol=0, atol=TOL)
+
+
+def test_release_config_json_gives_the_default_config():
+    """The release's config.json (12 blocks, taps 4/8/12, r 64 / alpha 128, 4 queries, 8 heads) is the default."""
+    release = ref.official_config(12, (4, 8, 12), (4, 8, 12), r=64, alpha=128)
+    parsed = DiNaLRMConfig.from_official(release)
+    default = DiNaLRMConfig()
+    for name in ("num_transformer_layers", "visual_head_idx", "text_head_idx", "lora_r", "lora_alpha", "lora_init",
+                 "num_queries", "num_attn_heads", "head_width", "use_lora", "freeze_backbone", "add_noise"):
+        assert getattr(parsed, name) == getattr(default, name), name
+    assert parsed.excluded_lora_modules == ()
+    again = DiNaLRMConfig.from_official(parsed.to_official())
+    assert again == parsed

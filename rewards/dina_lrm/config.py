@@ -16,6 +16,7 @@ from rlkit.models.lora import SD3_ATTN_TARGETS
 
 LORA_INIT_NAMES = ("gaussian", "default", "random")
 
+RLKIT_ONLY_FIELDS = ("max_sequence_length", "grid_num_train_timesteps", "grid_shift", "feature_divisor")
 # Keys of the official ``model`` section that do not change how a checkpoint scores.
 OFFICIAL_IGNORED_MODEL_KEYS = ("model_type", "use_ema", "ema_decay", "use_t_embed")
 
@@ -31,7 +32,8 @@ class DiNaLRMConfig:
     num_transformer_layers: int = 12  # first N blocks of the base transformer kept as backbone
     visual_head_idx: tuple[int, ...] = (4, 8, 12)  # tapped block outputs, 1-indexed (0 = embedder output)
     text_head_idx: tuple[int, ...] = (4, 8, 12)
-    use_text_features: bool = True  # official flag; text taps still used by the head when non-empty
+    use_text_features: bool = True  # release flag: only decides the LoRA exclusion below; the head reads every
+    # text tap listed
     freeze_backbone: bool = False  # frozen backbone, no LoRA: checkpoint is the head only
     use_lora: bool = True  # False and not frozen: checkpoint is full_model.pt
     lora_r: int = 64
@@ -89,11 +91,6 @@ class DiNaLRMConfig:
             yield "head_width", f"{self.head_width} is not divisible by num_attn_heads={self.num_attn_heads}"
 
     # -- derived ------------------------------------------------------------------------------------------
-    @property
-    def text_taps(self) -> tuple[int, ...]:
-        """Text taps the head reads (the official head gets them whenever the list is non-empty)."""
-        return self.text_head_idx
-
     @property
     def save_mode(self) -> Literal["lora", "full", "head"]:
         """Which files a checkpoint holds, following the release's three save modes."""
@@ -168,7 +165,7 @@ class DiNaLRMConfig:
 
     def to_official(self) -> dict[str, Any]:
         """The ``config.json`` layout of the release (its ``training``/``data``... sections kept from ``extra``)."""
-        ours = {k: v for k, v in asdict(self).items() if k not in ("extra",)}
+        ours = asdict(self)
         model = {
             "model_type": "thurstone",
             "backbone_model_id": self.backbone_model_id,
@@ -187,10 +184,9 @@ class DiNaLRMConfig:
             "reward_head": {"use_proj_in": self.use_proj_in, "width": self.head_width, "out_dim": self.out_dim,
                             "num_queries": self.num_queries, "num_attn_heads": self.num_attn_heads,
                             "dropout": self.dropout},
-            "rlkit": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ours.items()
-                      if k in ("max_sequence_length", "grid_num_train_timesteps", "grid_shift", "feature_divisor")},
+            "rlkit": {k: ours[k] for k in RLKIT_ONLY_FIELDS},  # fields the release does not have
         }
-        out = {k: v for k, v in self.extra.items()}
+        out = dict(self.extra)
         training = dict(out.get("training") or {})
         training["add_noise"] = self.add_noise
         out["training"] = training

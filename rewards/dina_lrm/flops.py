@@ -3,8 +3,8 @@
 Nothing is allocated: the SD3 transformer (the SD3.5-M config by default) and the reward are built on
 ``torch.device("meta")`` and run under ``torch.utils.flop_counter.FlopCounterMode``, which counts matmuls,
 convolutions and attention from their shapes (on meta tensors attention runs as the math kernel, two
-batched matmuls; CPU's fused attention kernel would count as zero). The backward pass is the one ReFL runs through a frozen
-reward: gradients with respect to the input latents only (no weight gradients).
+batched matmuls; CPU's fused attention kernel would count as zero). The backward pass is the one ReFL runs
+through a frozen reward: gradients with respect to the input latents only (no weight gradients).
 
 Usage (a benchmark or a shell)::
 

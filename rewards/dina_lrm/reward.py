@@ -244,7 +244,8 @@ class DiNaLRMReward(Reward):
             return model.score((1 - s) * latents + s * self._noise(batch).to(latents.dtype), u, text)
         levels = self._levels(torch.tensor(self.options.levels, device=latents.device))
         if not self.arch.add_noise:  # the release then scores the clean latents under every level's embedding
-            timesteps = [torch.full((latents.shape[0],), TIMESTEP_SCALE * float(v), device=latents.device) for v in levels]
+            timesteps = [torch.full((latents.shape[0],), TIMESTEP_SCALE * float(v), device=latents.device)
+                         for v in levels]
             return model.forward_ensemble([latents] * len(levels), timesteps, text)
         return model.score_ensemble(latents, self._noise(batch).to(latents.dtype), levels, text)
 
