@@ -1,0 +1,57 @@
+"""Pretraining pieces of the Shapes generator: schedule, rectified-flow loss, CFG sampler."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from rlkit.shapes import pretrain
+
+
+def test_budget_warms_up_then_anneals_to_zero_by_steps():
+    budget = pretrain.Budget(steps=100, max_minutes=60.0, warmup=0.1)
+    factors = [budget.lr_factor(s) for s in (0, 5, 10, 55, 99, 100)]
+    assert factors[0] == pytest.approx(0.01) and factors[1] == pytest.approx(0.5, abs=1e-3)
+    assert factors[2] == pytest.approx(1.0, abs=1e-3) and factors[3] == pytest.approx(0.5, abs=1e-2)
+    assert factors[5] == pytest.approx(0.0, abs=1e-9) and factors[4] < 0.01
+    assert not budget.done(50) and budget.done(99)
+
+
+def test_budget_stops_by_the_clock():
+    budget = pretrain.Budget(steps=10**9, max_minutes=1e-4)
+    time.sleep(0.01)
+    assert budget.done(0) and budget.lr_factor(0) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_rectified_flow_loss_matches_the_definition(tiny_generator):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    text = tiny_generator.encode_prompts(["a red circle at the top", "a blue square at the left", ""])
+    with torch.no_grad():
+        loss = pretrain.rectified_flow_loss(tiny_generator, x0, text, sigmas, noise)
+        s = sigmas.view(-1, 1, 1, 1)
+        v = tiny_generator.velocity((1 - s) * x0 + s * noise, sigmas, text)
+        expected = ((v - (noise - x0)) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() > 0
+
+
+def test_sampler_guidance_per_prompt_equals_scalar_guidance(tiny_generator):
+    prompts = ["a red circle at the top", "a blue square at the left"]
+    per_item = pretrain.sample_latents(tiny_generator, prompts, torch.Generator().manual_seed(1), 3,
+                                       torch.tensor([1.0, 4.0]))
+    ones = pretrain.sample_latents(tiny_generator, prompts, torch.Generator().manual_seed(1), 3, 1.0)
+    fours = pretrain.sample_latents(tiny_generator, prompts, torch.Generator().manual_seed(1), 3, 4.0)
+    assert per_item.shape == (2, 4, 16, 16)
+    assert torch.allclose(per_item[0], ones[0], atol=1e-5) and torch.allclose(per_item[1], fours[1], atol=1e-5)
+    assert not torch.allclose(ones[1], fours[1], atol=1e-3)
+
+
+def test_configs_are_validated():
+    with pytest.raises(ValueError, match="caption_dropout"):
+        pretrain.GeneratorTrainConfig(caption_dropout=1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        pretrain.VAETrainConfig(batch_size=0)
