@@ -52,7 +52,7 @@ def build_accelerator(
     DeepSpeed batch sizes are set (see :func:`set_deepspeed_batch_size`). Extra keyword arguments go to
     ``Accelerator``.
     """
-    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     if grad_accum < 1:
@@ -67,15 +67,7 @@ def build_accelerator(
         if launched_stage is not None and int(launched_stage) != launch.deepspeed:
             raise RuntimeError(f"the recipe says launch.deepspeed={launch.deepspeed} but accelerate was launched "
                                f"with ZeRO stage {launched_stage}; make them agree")
-        plugin = DeepSpeedPlugin(
-            zero_stage=launch.deepspeed,
-            gradient_accumulation_steps=grad_accum,
-            gradient_clipping=grad_clip,
-            zero3_init_flag=False,  # models are built before the plugin exists; ZeRO-3 partitions at prepare
-            zero3_save_16bit_model=launch.deepspeed == 3,
-        )
-        # accelerate turns an unset ("auto") clip into 1.0; DeepSpeed reads 0 as "no clipping"
-        plugin.deepspeed_config["gradient_clipping"] = float(grad_clip) if grad_clip else NO_CLIPPING
+        plugin = make_deepspeed_plugin(launch.deepspeed, grad_clip=grad_clip, grad_accum=grad_accum)
         if not torch.cuda.is_available() and _world_size() > 1:
             handlers.append(InitProcessGroupKwargs(backend=CPU_BACKEND))
     accelerator = Accelerator(
@@ -89,6 +81,24 @@ def build_accelerator(
     if micro_batch is not None:
         set_deepspeed_batch_size(accelerator, micro_batch)
     return accelerator
+
+
+def make_deepspeed_plugin(stage: int, grad_clip: float | None = None, grad_accum: int = 1):
+    """accelerate's ``DeepSpeedPlugin`` for ZeRO ``stage`` (2 or 3), without offload."""
+    from accelerate import DeepSpeedPlugin
+
+    if stage not in (2, 3):
+        raise ValueError(f"launch.deepspeed: ZeRO stage must be 2 or 3, got {stage}")
+    plugin = DeepSpeedPlugin(
+        zero_stage=stage,
+        gradient_accumulation_steps=grad_accum,
+        gradient_clipping=grad_clip,
+        zero3_init_flag=False,  # models are built before the plugin exists; ZeRO-3 partitions at prepare
+        zero3_save_16bit_model=stage == 3,
+    )
+    # accelerate turns an unset ("auto") clip into 1.0; DeepSpeed reads 0 as "no clipping"
+    plugin.deepspeed_config["gradient_clipping"] = float(grad_clip) if grad_clip else NO_CLIPPING
+    return plugin
 
 
 def uses_deepspeed(accelerator) -> bool:
