@@ -44,3 +44,48 @@ def test_state_round_trip_and_validation():
     assert other.state_dict() == {"consecutive_nonfinite": 1, "skipped_total": 1}
     with pytest.raises(ValueError, match="max_consecutive_nonfinite"):
         TrainingGuard(max_consecutive_nonfinite=0, install=False)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_and_resumes_bit_identically(tmp_path):
+    """A run killed with SIGTERM saves a checkpoint and exits 0; resuming reaches the uninterrupted weights."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "tests" / "dist_scripts" / "sigterm_train.py"
+    total, delay_s = 8, 0.3
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(total), str(delay_s)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(next(l for l in out.splitlines() if l.startswith("stopped")).split()[1])
+    assert 2 <= stopped < total and not (tmp_path / "final.pt").exists()
+
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), str(total)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[0] == f"start {stopped}"
+
+    spec = importlib.util.spec_from_file_location("sigterm_train", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator, model, optimizer = module.setup()
+    for step in range(total):
+        module.train_step(accelerator, model, optimizer, step)
+    want = module.weights(accelerator, model)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    got = torch.load(tmp_path / "final.pt")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
