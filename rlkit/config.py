@@ -296,10 +296,20 @@ class RewardModelConfig:
     epochs: int | None = None
     eval_every: int = 0
     eval_levels: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5])
+    eval_limit: int | None = None  # first N held-out pairs (the release evaluates 1000)
+    eval_batch_size: int = 16
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
 
     def check(self) -> Problems:
-        yield from _positive(self, "batch_size", "grad_accum", "max_steps")
+        yield from _positive(self, "batch_size", "grad_accum", "max_steps", "eval_limit", "eval_batch_size")
+        if self.epochs is not None and self.epochs <= 0:
+            yield "epochs", f"must be > 0 or null, got {self.epochs}"
+        scheme_args = {"uniform": (), "logit_normal": ("mean", "std"), "mode": ("scale",), "constant": ("value",),
+                       "beta": ("alpha", "beta")}[self.timestep_sampling]
+        for key in self.timestep_args:
+            if key not in scheme_args:
+                yield f"timestep_args.{key}", (f"does not apply to timestep_sampling {self.timestep_sampling!r} "
+                                               f"(its arguments: {', '.join(scheme_args) or 'none'})")
         for i, u in enumerate(self.eval_levels):
             if not 0 <= u <= 1:
                 yield f"eval_levels.{i}", f"must lie in [0, 1], got {u}"

@@ -13,7 +13,11 @@ Pairs labelled as ties in the data (label 0.5) have no right answer and are left
 Rows: ``reward`` scores the clean pairs with the reward as configured (a stochastic reward gets the same
 generator state for the chosen and the rejected image, so both see the same noise); ``u=<level>`` rows
 (``--levels``, noise-aware latent rewards) noise both latents of a pair with one shared eps,
-``x_u = (1 - u) x0 + u eps``, and ask the reward to score that state at its own ``sigma = u``.
+``x_u = (1 - u) x0 + u eps``, and ask the reward to score that state at its own ``sigma = u``;
+``ensemble(...)`` (``--ensemble``) runs the reward's own noise ensemble over those levels, one eps shared by
+the chosen and the rejected latent. Rewards with scoring modes (DiNa-LRM's ``options.mode``: ``renoise``,
+``state``, ``ensemble``) are switched to ``state`` for the level rows and to ``ensemble`` for the ensemble
+row, and restored afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -184,6 +189,32 @@ def _level_name(u: float) -> str:
     return f"u={u:.2f}"
 
 
+def _ensemble_name(levels: Sequence[float]) -> str:
+    return "ensemble(" + ",".join(f"{u:g}" for u in levels) + ")"
+
+
+@contextmanager
+def reward_mode(reward: Reward, mode: str, **fields: Any) -> Iterator[None]:
+    """Temporarily sets ``reward.options.mode`` (and other option fields) for rewards that have scoring modes
+    (DiNa-LRM); restores them in ``finally``. Rewards without ``options.mode`` are left alone for ``state``
+    (they score what they are given) and refused for anything else."""
+    options = getattr(reward, "options", None)
+    if options is None or not hasattr(options, "mode"):
+        if mode != "state":
+            raise ValueError(f"{type(reward).__name__} has no scoring modes (options.mode); it cannot run {mode!r}")
+        yield
+        return
+    saved = {name: getattr(options, name) for name in ("mode", *fields)}
+    try:
+        options.mode = mode
+        for name, value in fields.items():
+            setattr(options, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(options, name, value)
+
+
 def _chunks(pairs: Sequence[PreferencePair], batch_size: int, image_size: tuple[int, int] | None
             ) -> Iterator[list[tuple[list[int], Tensor, Tensor]]]:
     """Per batch of pairs: groups ``(indices, chosen, rejected)`` of one tensor shape each."""
@@ -231,6 +262,7 @@ def evaluate_pairwise(
     pairs: Sequence[PreferencePair],
     *,
     levels: Sequence[float] = (),
+    ensemble: Sequence[float] = (),
     include_clean: bool = True,
     batch_size: int = 8,
     seed: int = 0,
@@ -245,8 +277,9 @@ def evaluate_pairwise(
     name: str = "",
     data_name: str = "",
 ) -> EvalReport:
-    """Pairwise accuracy of ``reward`` on ``pairs``: a row for the reward as configured (``include_clean``)
-    and one per noise level in ``levels`` (noise-aware latent rewards; chosen and rejected share eps).
+    """Pairwise accuracy of ``reward`` on ``pairs``: a row for the reward as configured (``include_clean``),
+    one per noise level in ``levels`` (noise-aware latent rewards; chosen and rejected share eps) and one for
+    the reward's noise ensemble over ``ensemble`` (rewards with scoring modes).
 
     Data ties (label 0.5) are skipped; every result is reproducible from ``seed``.
     """
@@ -256,21 +289,25 @@ def evaluate_pairwise(
         raise ValueError(f"evaluate_pairwise: batch_size must be > 0, got {batch_size}")
     if not 0 < confidence < 1:
         raise ValueError(f"evaluate_pairwise: confidence must lie in (0, 1), got {confidence}")
-    for u in levels:
+    for u in (*levels, *ensemble):
         if not 0 < u <= 1:
             raise ValueError(f"evaluate_pairwise: noise levels must lie in (0, 1], got {u}")
-    if levels and not (reward.noise_aware and reward.space == "latent"):
+    if (levels or ensemble) and not (reward.noise_aware and reward.space == "latent"):
         raise ValueError(f"evaluate_pairwise: {type(reward).__name__} is not a noise-aware latent reward; "
-                         f"per-level rows (levels={list(levels)}) need one")
-    if not include_clean and not levels:
-        raise ValueError("evaluate_pairwise: nothing to evaluate (include_clean=False and no levels)")
+                         f"per-level rows (levels={list(levels)}, ensemble={list(ensemble)}) need one")
+    if not include_clean and not levels and not ensemble:
+        raise ValueError("evaluate_pairwise: nothing to evaluate (include_clean=False, no levels, no ensemble)")
     kept = [p for p in pairs if not p.is_tie]
     skipped = len(pairs) - len(kept)
     if not kept:
         raise ValueError(f"evaluate_pairwise: no pairs to evaluate ({skipped} label ties skipped)")
-    settings: list[tuple[str, float | None]] = ([(CLEAN_ROW, None)] if include_clean else []) + [
-        (_level_name(u), float(u)) for u in levels]
-    margins = {name_: torch.empty(len(kept)) for name_, _ in settings}
+    # (row name, harness noise level or None, how the reward runs)
+    settings: list[tuple[str, float | None, Callable[[], Any]]] = (
+        ([(CLEAN_ROW, None, nullcontext)] if include_clean else [])
+        + [(_level_name(u), float(u), lambda: reward_mode(reward, "state")) for u in levels]
+        + ([(_ensemble_name(ensemble), None,
+             lambda: reward_mode(reward, "ensemble", levels=tuple(float(u) for u in ensemble)))] if ensemble else []))
+    margins = {name_: torch.empty(len(kept)) for name_, _, _ in settings}
     was_training = reward.training
     reward.eval()
     start_time = time.perf_counter()
@@ -281,22 +318,23 @@ def evaluate_pairwise(
                 chosen, rejected = chosen.to(device), rejected.to(device)
                 prompts = [kept[i].prompt for i in idx]
                 kind = kept[idx[0]].kind
-                for r, (setting, u) in enumerate(settings):
+                for r, (setting, u, mode) in enumerate(settings):
                     batch_seed = seed + ROW_SEED_STRIDE * r + BATCH_SEED_STRIDE * b + g
-                    if u is None:
-                        m = _score_pair_sides(reward, prompts, chosen, rejected, kind, None, decode, batch_seed)
-                    else:
-                        gen = torch.Generator(device=chosen.device).manual_seed(batch_seed)
-                        eps = torch.randn(chosen.shape, generator=gen, device=chosen.device)
-                        sig = torch.full((len(idx),), u, device=chosen.device)
-                        xc, xr = (1 - u) * chosen + u * eps, (1 - u) * rejected + u * eps
-                        m = _score_pair_sides(reward, prompts, xc, xr, kind, sig, decode, batch_seed)
+                    with mode():
+                        if u is None:
+                            m = _score_pair_sides(reward, prompts, chosen, rejected, kind, None, decode, batch_seed)
+                        else:
+                            gen = torch.Generator(device=chosen.device).manual_seed(batch_seed)
+                            eps = torch.randn(chosen.shape, generator=gen, device=chosen.device)
+                            sig = torch.full((len(idx),), u, device=chosen.device)
+                            xc, xr = (1 - u) * chosen + u * eps, (1 - u) * rejected + u * eps
+                            m = _score_pair_sides(reward, prompts, xc, xr, kind, sig, decode, batch_seed)
                     margins[setting][torch.tensor(idx)] = m
             bar.update(sum(len(idx) for idx, _, _ in groups))
     finally:
         bar.close()
         reward.train(was_training)
-    results = [summarize(s, margins[s], tie_tol, ci, confidence, bootstrap_samples, seed) for s, _ in settings]
+    results = [summarize(s, margins[s], tie_tol, ci, confidence, bootstrap_samples, seed) for s, _, _ in settings]
     return EvalReport(reward=name or type(reward).__name__, data=data_name, results=results,
                       skipped_label_ties=skipped, tie_tol=tie_tol, ci=ci, confidence=confidence, seed=seed,
                       seconds=time.perf_counter() - start_time)
@@ -319,6 +357,16 @@ def parse_kv(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _columns(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        role, sep, column = item.partition("=")
+        if not sep:
+            raise ValueError(f"--columns expects role=column, got {item!r}")
+        out[role] = column
+    return out
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -337,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None)
     p.add_argument("--limit", type=int, default=None, help="first N pairs")
     p.add_argument("--levels", type=_floats, default=[], help="noise levels u, e.g. 0.1,0.3,0.5 (latent rewards)")
-    p.add_argument("--no-clean", action="store_true", help="only the per-level rows")
+    p.add_argument("--ensemble", type=_floats, default=[],
+                   help="noise-ensemble levels, e.g. 0.2,0.5,0.7 (rewards with an ensemble mode, DiNa-LRM)")
+    p.add_argument("--no-clean", action="store_true", help="only the per-level / ensemble rows")
     p.add_argument("--generator", default=None,
                    help="SD3 pipeline (folder or hub id) attached to the reward; its VAE decodes latents for "
                         "pixel rewards")
@@ -359,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         reward_args = parse_kv(args.args)
-        options = LoadOptions(format=args.format, columns=dict(parse_kv(args.columns)), split=args.split,
+        options = LoadOptions(format=args.format, columns=_columns(args.columns), split=args.split,
                               image_root=args.image_root, limit=args.limit)
         pairs = load_pairs(args.data, options)
         reward = rewards.build(args.reward, **reward_args).to(args.device)
@@ -372,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             decode = generator.decode
         size = (args.image_size, args.image_size) if args.image_size else None
         report = evaluate_pairwise(
-            reward, pairs, levels=args.levels, include_clean=not args.no_clean, batch_size=args.batch_size,
-            seed=args.seed, tie_tol=args.tie_tol, ci=args.ci, confidence=args.confidence, decode=decode,
+            reward, pairs, levels=args.levels, ensemble=args.ensemble, include_clean=not args.no_clean,
+            batch_size=args.batch_size, seed=args.seed, tie_tol=args.tie_tol, ci=args.ci, confidence=args.confidence, decode=decode,
             image_size=size, device=args.device, progress=not args.no_progress, name=args.reward,
             data_name=str(args.data))
     except (PreferenceDataError, KeyError, ValueError, FileNotFoundError) as exc:

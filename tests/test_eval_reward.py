@@ -144,6 +144,40 @@ def test_noise_levels_are_reproducible_from_the_seed_and_change_with_it():
     assert a.results[0].mean_margin != c.results[0].mean_margin
 
 
+class ModeReward(SumReward):
+    """A reward with DiNa-LRM-style scoring modes: ``renoise`` (adds its own noise at u), ``state``, ``ensemble``."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.options = SimpleNamespace(mode="renoise", u=0.5, levels=(0.2,))
+        self.modes: list[str] = []
+
+    def forward(self, batch):
+        self.modes.append(self.options.mode)
+        x = batch.latents
+        if self.options.mode == "state":
+            return RewardOutput(scores=x.flatten(1).sum(1))
+        levels = [self.options.u] if self.options.mode == "renoise" else list(self.options.levels)
+        noise = torch.randn(x.shape, generator=batch.generator)
+        score = sum(((1 - u) * x + u * noise).flatten(1).pow(3).sum(1) for u in levels)
+        return RewardOutput(scores=score)
+
+
+def test_level_rows_switch_mode_rewards_to_state_and_the_ensemble_row_shares_noise():
+    reward = ModeReward()
+    pairs = [latent_pair(0.3, 0.2, row=i) for i in range(12)]
+    report = evaluate_pairwise(reward, pairs, levels=[0.4], ensemble=[0.2, 0.5, 0.7], batch_size=4, progress=False)
+    assert [r.setting for r in report.results] == ["reward", "u=0.40", "ensemble(0.2,0.5,0.7)"]
+    assert reward.options.mode == "renoise" and reward.options.levels == (0.2,)  # restored
+    assert reward.modes[:6] == ["renoise", "renoise", "state", "state", "ensemble", "ensemble"]
+    # shared noise: the cubic score is monotone in x, so with equal noise the higher latent always wins
+    assert all(r.accuracy == 1.0 for r in report.results)
+    with pytest.raises(ValueError, match="no scoring modes"):
+        evaluate_pairwise(SumReward(), pairs, ensemble=[0.5], progress=False)
+
+
 def test_pixel_reward_on_images_and_on_latents_through_decode():
     def png(value: int) -> bytes:
         buf = io.BytesIO()

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from rlkit.data.buckets import resize_to_bucket
 from rlkit.data.pairs import PreferencePair, image_to_tensor, load_image, load_latent, open_image
+from rlkit.runtime.seeding import make_generator
 
 
 @dataclass
@@ -106,7 +107,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = make_generator(self.seed, "bucket-batches", self.epoch)
         batches: list[list[int]] = []
         for key in sorted(self.buckets, key=repr):
             idx = self.buckets[key]

@@ -269,9 +269,10 @@ def _pairs_from_record(fmt: str, record: dict[str, Any], cols: dict[str, str], f
         shapes = (_shape(record.get(cols["chosen_shape"]), file, row, cols["chosen_shape"]),
                   _shape(record.get(cols["rejected_shape"]), file, row, cols["rejected_shape"]))
         meta = {k: record[k] for k in ("image1_path", "image2_path", "bucket") if k in record}
-        return [PreferencePair(prompt, _get(record, cols["chosen"], file, row), _get(record, cols["rejected"], file, row),
-                               "latent", 1.0 if record.get("label") is None else float(record["label"]), file, row,
-                               (cols["chosen"], cols["rejected"]), shapes, root, meta)]
+        chosen, rejected = _get(record, cols["chosen"], file, row), _get(record, cols["rejected"], file, row)
+        label = 1.0 if record.get("label") is None else float(record["label"])
+        return [PreferencePair(prompt, chosen, rejected, "latent", label, file, row, (cols["chosen"], cols["rejected"]),
+                               shapes, root, meta)]
     return _ranked_pairs(record, prompt, cols, file, row, root, opts)
 
 
@@ -327,8 +328,14 @@ def _cap_per_prompt(pairs: list[PreferencePair], cap: int, seed: int) -> list[Pr
 
 
 def load_pairs(source: str | Path, options: LoadOptions | None = None, **kwargs: Any) -> list[PreferencePair]:
-    """Reads every pair of ``source`` (file, folder or ``hf:`` id). ``kwargs`` are :class:`LoadOptions` fields."""
+    """Reads every pair of ``source`` (file, folder, ``hf:`` id, or ``synthetic:...``, see
+    :mod:`rlkit.data.synthetic`). ``kwargs`` are :class:`LoadOptions` fields."""
     opts = replace(options, **kwargs) if options is not None else LoadOptions(**kwargs)
+    if str(source).startswith("synthetic:"):
+        from rlkit.data.synthetic import SyntheticPreferenceConfig, synthetic_pairs
+
+        pairs = synthetic_pairs(SyntheticPreferenceConfig.parse(str(source)), str(source))
+        return pairs[: opts.limit] if opts.limit is not None else pairs
     pairs: list[PreferencePair] = []
     fmt_by_file: dict[str, tuple[str, dict[str, str]]] = {}
     for file, row, record, folder in iter_rows(source, opts.split):

@@ -1,0 +1,428 @@
+"""DiNa-LRM training (``algorithm: reward_model``) on cached latent preference pairs.
+
+One optimiser step, top to bottom:
+
+1. a *global* batch of pairs from one shape bucket (``BucketBatchSampler``, seeded), each process takes its
+   slice, so the data does not depend on the number of processes;
+2. per pair one noise level ``sigma`` (uniform / logit-normal / mode / constant / beta, snapped to the
+   scheduler's sigma table or continuous) and one ``eps``, drawn for the global batch and shared by the
+   chosen and the rejected latent: ``x = (1 - sigma) x0 + sigma eps``;
+3. both latents scored in one forward, loss from the DiNa-LRM family (noise-calibrated Thurstone fidelity by
+   default), backward under accelerate (DDP or DeepSpeed ZeRO-2/3);
+4. clip (DeepSpeed clips inside its engine), AdamW step, warmup + schedule, EMA of the trainable weights.
+
+Evaluation (pairwise accuracy per noise level on the held-out pairs, :func:`rlkit.eval_reward.evaluate_pairwise`)
+and every saved checkpoint use the EMA weights; checkpoints have the release's layout (``config.json`` +
+``checkpoint/backbone_lora/`` + ``checkpoint/rm_head.pt``) and load with ``rewards.build("dina-lrm",
+pretrained=...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
+from rlkit.config import Recipe, RewardModelConfig, save_resolved
+from rlkit.data import BucketBatchSampler, LoadOptions, PreferencePair, collate_pairs, load_pairs, shape_key
+from rlkit.runtime.seeding import derive_seed, make_generator
+
+SCHEME_DEFAULTS: dict[str, dict[str, float]] = {
+    "uniform": {},
+    "logit_normal": {"mean": 0.0, "std": 1.0},
+    "mode": {"scale": 1.29},
+    "constant": {"value": 0.0},
+    "beta": {"alpha": 1.0, "beta": 1.0},
+}
+TRAINABLE_TO_ARCH = {  # RewardModelConfig.trainable -> DiNaLRMConfig fields (decide the checkpoint layout)
+    "lora_head": {"use_lora": True, "freeze_backbone": False},
+    "head": {"use_lora": False, "freeze_backbone": True},
+    "full": {"use_lora": False, "freeze_backbone": False},
+}
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+TEXT_CACHE_SIZE = 4096  # distinct prompts whose embeddings stay in memory
+
+
+# --------------------------------------------------------------------------------------------------
+# pure pieces
+
+
+def sample_noise_levels(scheme: str, n: int, generator: torch.Generator, args: dict[str, float] | None = None
+                        ) -> Tensor:
+    """``n`` levels in [0, 1] from ``scheme`` (the release's schemes and parameter meanings)."""
+    if scheme not in SCHEME_DEFAULTS:
+        raise ValueError(f"timestep_sampling: unknown scheme {scheme!r}; expected one of {sorted(SCHEME_DEFAULTS)}")
+    extra = set(args or {}) - set(SCHEME_DEFAULTS[scheme])
+    if extra:
+        raise ValueError(f"timestep_args: {sorted(extra)} do not apply to {scheme!r} "
+                         f"(its arguments: {sorted(SCHEME_DEFAULTS[scheme]) or 'none'})")
+    a = {**SCHEME_DEFAULTS[scheme], **(args or {})}
+    if scheme == "uniform":
+        u = torch.rand(n, generator=generator)
+    elif scheme == "logit_normal":
+        u = torch.sigmoid(a["mean"] + a["std"] * torch.randn(n, generator=generator))
+    elif scheme == "mode":  # SD3's mode sampling
+        x = torch.rand(n, generator=generator)
+        u = 1 - x - a["scale"] * (torch.cos(math.pi * x / 2) ** 2 - 1 + x)
+    elif scheme == "constant":
+        u = torch.full((n,), float(a["value"]))
+    else:  # beta: numpy draws it, seeded from the torch generator (torch's Beta takes no generator)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        u = torch.from_numpy(np.random.default_rng(seed).beta(a["alpha"], a["beta"], n)).float()
+    return u.clamp(0.0, 1.0)
+
+
+def pair_loss(name: str, s_pos: Tensor, s_neg: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
+    """Mean preference loss of a batch; ``labels`` (B,) are P(chosen preferred): 1, or 0.5 for a kept tie."""
+    from rewards.dina_lrm.losses import BT_MARGIN, preference_loss, thurstone_calibrated_loss, thurstone_fixed_loss
+
+    if bool((labels == 1).all()):
+        return preference_loss(name, s_pos, s_neg, sigma)
+    if name in ("thurstone_calibrated", "nll_calibrated"):
+        form = "fidelity" if name == "thurstone_calibrated" else "nll"
+        return thurstone_calibrated_loss(s_pos, s_neg, sigma, label=labels, form=form)
+    if name == "thurstone_fixed":
+        return thurstone_fixed_loss(s_pos, s_neg, label=labels)
+    margin = BT_MARGIN if name == "bt_margin" else 0.0
+    return F.binary_cross_entropy_with_logits(s_pos.float() - s_neg.float() - margin, labels.float())
+
+
+class ParamEMA:
+    """Exponential moving average of a list of parameters (float32 shadows), updated every ``update_every``."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, update_every: int = 1):
+        self.params = list(params)
+        self.decay, self.update_every = decay, update_every
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.calls = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.calls += 1
+        if self.calls % self.update_every:
+            return
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The shadows copied into the parameters for the ``with`` body; the raw weights restored after."""
+        raw = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, s in zip(self.params, self.shadow):
+                    p.copy_(s.to(p.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, raw):
+                    p.copy_(r)
+
+
+# --------------------------------------------------------------------------------------------------
+# the reward model as a reward (for evaluation)
+
+
+class _TrainedReward(Reward):
+    """The model under training seen through the reward interface: scores a state at its own sigma."""
+
+    space = "latent"
+    noise_aware = True
+    differentiable = True
+
+    def __init__(self, model, encode_text):
+        super().__init__()
+        self._parts = (model, encode_text)  # a tuple: not registered as a submodule
+
+    def forward(self, batch: RewardInput) -> RewardOutput:
+        model, encode_text = self._parts
+        text = batch.text if batch.text is not None else encode_text(batch.prompts)
+        return RewardOutput(scores=model.score(batch.latents, batch.clean_sigmas().float(), text))
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class RewardModelRun:
+    recipe: Recipe
+    accelerator: Any
+    gen: Any  # SD3Generator (text encoders; its transformer's first blocks are the backbone)
+    model: Any  # DiNaLRM (unwrapped)
+    engine: Any  # what accelerate.prepare returned (DDP / DeepSpeed engine / the model)
+    optimizer: Any
+    scheduler: Any
+    ema: ParamEMA | None
+    params: list[torch.nn.Parameter]
+    train_pairs: list[PreferencePair]
+    eval_pairs: list[PreferencePair]
+    sampler: BucketBatchSampler
+    total_steps: int
+    run_dir: Path
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    text_cache: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def cfg(self) -> RewardModelConfig:
+        return self.recipe.reward_model
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+
+def _load(source: str, cfg: RewardModelConfig, what: str) -> list[PreferencePair]:
+    data = cfg.data
+    pairs = load_pairs(source, LoadOptions(format=data.format, columns=dict(data.columns),
+                                           max_pairs_per_prompt=data.max_pairs_per_prompt))
+    if not pairs:
+        raise ValueError(f"reward_model.data.{what}: {source!r} holds no pairs")
+    odd = next((p for p in pairs if p.kind != "latent"), None)
+    if odd is not None:
+        raise odd.error("reward-model training reads latents; encode the images once with `rlkit cache-latents`", 0)
+    return pairs
+
+
+def _build_model(recipe: Recipe, gen):
+    from rewards.dina_lrm import DiNaLRM, DiNaLRMConfig, load_dina_lrm
+
+    cfg = recipe.reward_model
+    if cfg.init_from:
+        model = load_dina_lrm(cfg.init_from, gen.transformer, share=False)
+        mode = {"lora": "lora_head", "head": "head", "full": "full"}[model.config.save_mode]
+        if mode != cfg.trainable:
+            raise ValueError(f"reward_model.trainable={cfg.trainable!r} but {cfg.init_from} was saved as {mode!r}")
+    else:
+        arch = DiNaLRMConfig.from_dict({**cfg.model, **TRAINABLE_TO_ARCH[cfg.trainable]})
+        model = DiNaLRM.build(arch, gen.transformer, share=False)
+    model.set_trainable(lora=cfg.trainable == "lora_head", head=True, backbone=cfg.trainable == "full")
+    model.config = replace(model.config, extra={
+        **model.config.extra, "rlkit_recipe": recipe.to_dict(),
+        "training": {**dict(model.config.extra.get("training") or {}), "ema_decay": recipe.ema.decay,
+                     "use_ema": recipe.ema.enabled, "t_weighting_scheme": cfg.timestep_sampling,
+                     "learning_rate": recipe.optim.lr, "warmup_steps": recipe.optim.warmup_steps}})
+    return model.train()
+
+
+def setup(recipe: Recipe) -> RewardModelRun:
+    """Accelerator, generator (text encoders + backbone), model, data, optimiser, EMA."""
+    from rlkit.runtime.accelerator import build_accelerator
+    from rlkit.trainers import common
+
+    cfg = recipe.reward_model
+    accelerator = build_accelerator(recipe.launch, grad_clip=recipe.optim.grad_clip, grad_accum=cfg.grad_accum,
+                                    micro_batch=cfg.batch_size)
+    torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
+    gen = common.load_generator(recipe.model, device=accelerator.device)
+    model = _build_model(recipe, gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_pairs = _load(cfg.data.train, cfg, "train")
+    eval_pairs = _load(cfg.data.eval, cfg, "eval")[: cfg.eval_limit] if cfg.data.eval else []
+    world = accelerator.num_processes
+    sampler = BucketBatchSampler([shape_key(p) for p in train_pairs], cfg.batch_size * world,
+                                 seed=derive_seed(recipe.seed, "data"), drop_last=True)
+    if len(sampler) < cfg.grad_accum:
+        raise ValueError(f"reward_model: {len(train_pairs)} pairs give {len(sampler)} global batches of "
+                         f"{cfg.batch_size} x {world} processes; fewer than grad_accum={cfg.grad_accum}")
+    total = cfg.epochs * (len(sampler) // cfg.grad_accum) if cfg.epochs else cfg.max_steps
+    optimizer, scheduler = common.build_optimizer(params, recipe.optim, total)
+    engine, optimizer = accelerator.prepare(model, optimizer)
+    ema = ParamEMA(params, recipe.ema.decay, recipe.ema.update_every) if recipe.ema.enabled else None
+    run_dir = common.run_dir(recipe)
+    if accelerator.is_main_process:
+        save_resolved(recipe, run_dir)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    return RewardModelRun(recipe, accelerator, gen, model, engine, optimizer, scheduler, ema, params, train_pairs,
+                          eval_pairs, sampler, total, run_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# one step
+
+
+def _encode_text(run: RewardModelRun, prompts: list[str]) -> TextConditioning:
+    """Prompt embeddings, cached for the first ``TEXT_CACHE_SIZE`` distinct prompts (a 0.8 M-prompt set must
+    not fill memory, a small one should not re-run the text encoders every step)."""
+    missing = [p for p in dict.fromkeys(prompts) if p not in run.text_cache]
+    if missing:
+        embeds, _, pooled, _ = run.gen.pipeline.encode_prompt(
+            prompt=missing, prompt_2=None, prompt_3=None, device=run.accelerator.device,
+            do_classifier_free_guidance=False, max_sequence_length=run.recipe.model.max_sequence_length)
+        fresh = {p: (embeds[i].detach(), pooled[i].detach()) for i, p in enumerate(missing)}
+        room = TEXT_CACHE_SIZE - len(run.text_cache)
+        run.text_cache.update(list(fresh.items())[:max(0, room)])
+    else:
+        fresh = {}
+    rows = [fresh[p] if p in fresh else run.text_cache[p] for p in prompts]
+    return TextConditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+
+
+def _global_batches(run: RewardModelRun) -> Iterator[tuple[int, list[int]]]:
+    """``(epoch, global batch indices)`` forever, reshuffled per epoch."""
+    epoch = 0
+    while True:
+        run.sampler.set_epoch(epoch)
+        for batch in run.sampler:
+            yield epoch, batch
+        epoch += 1
+
+
+def _micro_step(run: RewardModelRun, global_idx: list[int], micro: int) -> dict[str, float]:
+    cfg = run.cfg
+    device = run.accelerator.device
+    g = make_generator(run.recipe.seed, "pairs", run.step, micro)  # same on every rank: draws for the global batch
+    n_global = len(global_idx)
+    u = sample_noise_levels(cfg.timestep_sampling, n_global, g, cfg.timestep_args)
+    sigma_all = run.model.snap(u.to(device)).cpu() if cfg.snap_to_grid else u
+    mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
+    batch = collate_pairs([run.train_pairs[i] for i in global_idx[mine]])
+    eps = torch.randn((n_global, *batch.chosen.shape[1:]), generator=g)[mine].to(device)
+    sigma = sigma_all[mine].to(device)
+    s = sigma.reshape(-1, 1, 1, 1)
+    noisy = torch.cat([(1 - s) * batch.chosen.to(device) + s * eps, (1 - s) * batch.rejected.to(device) + s * eps])
+    text = _encode_text(run, batch.prompts)
+    text = TextConditioning.cat([text, text])
+    scores = run.engine(noisy, 1000.0 * torch.cat([sigma, sigma]), text)
+    s_pos, s_neg = scores.chunk(2)
+    loss = pair_loss(cfg.loss, s_pos, s_neg, sigma, batch.labels.to(device))
+    run.accelerator.backward(loss)
+    return {"loss": float(loss.detach()), "accuracy": float((s_pos > s_neg).float().mean()),
+            "sigma_mean": float(sigma.mean()), "margin": float((s_pos - s_neg).detach().mean())}
+
+
+def _optimizer_step(run: RewardModelRun) -> dict[str, float]:
+    """Clips (unless DeepSpeed does), steps, schedules, updates EMA; returns the lr this step used."""
+    from rlkit.runtime.accelerator import uses_deepspeed
+
+    stats: dict[str, float] = {"lr": float(run.optimizer.param_groups[0]["lr"])}
+    clip = run.recipe.optim.grad_clip
+    if clip and not uses_deepspeed(run.accelerator):
+        stats["grad_norm"] = float(run.accelerator.clip_grad_norm_(run.params, clip))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
+    return stats
+
+
+def _log(run: RewardModelRun, record: dict[str, Any]) -> None:
+    record = {"step": run.step, **record}
+    run.history.append(record)
+    if run.accelerator.is_main_process:
+        with (run.run_dir / METRICS_FILE).open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation and checkpoints (EMA weights)
+
+
+def ema_weights(run: RewardModelRun):
+    return run.ema.applied() if run.ema is not None else contextlib.nullcontext()
+
+
+def evaluate(run: RewardModelRun, levels: list[float] | None = None, pairs: list[PreferencePair] | None = None,
+             batch_size: int | None = None) -> dict[str, float]:
+    """Held-out pairwise accuracy per noise level (EMA weights; chosen and rejected share eps)."""
+    from rlkit.eval_reward import evaluate_pairwise
+
+    pairs = run.eval_pairs if pairs is None else pairs
+    levels = list(run.cfg.eval_levels if levels is None else levels)
+    if not pairs:
+        return {}
+    reward = _TrainedReward(run.model, lambda prompts: _encode_text(run, prompts))
+    with ema_weights(run):
+        run.model.eval()
+        report = evaluate_pairwise(reward, pairs, levels=levels, include_clean=False,
+                                   batch_size=batch_size or run.cfg.eval_batch_size,
+                                   seed=derive_seed(run.recipe.seed, "eval"), device=run.accelerator.device,
+                                   progress=False)
+        run.model.train()
+    metrics = {}
+    for row in report.results:
+        metrics[f"eval/accuracy_{row.setting}"] = row.accuracy
+        metrics[f"eval/accuracy_ties_half_{row.setting}"] = row.accuracy_ties_half
+    return metrics
+
+
+def save_checkpoint(run: RewardModelRun, folder: Path) -> Path:
+    """The EMA weights in the release's layout (main process only)."""
+    from rewards.dina_lrm import save_dina_lrm
+
+    if run.accelerator.is_main_process:
+        with ema_weights(run):
+            save_dina_lrm(run.model, folder)
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def _periodic_checkpoint(run: RewardModelRun) -> None:
+    ck = run.recipe.checkpoint
+    if not ck.every or run.step % ck.every:
+        return
+    root = run.run_dir / CHECKPOINT_DIR
+    save_checkpoint(run, root / f"step-{run.step:07d}")
+    if run.accelerator.is_main_process:
+        for old in sorted(root.glob("step-*"))[: -ck.keep_last]:
+            shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_loop(run: RewardModelRun) -> None:
+    cfg = run.cfg
+    batches = _global_batches(run)
+    while run.step < run.total_steps:
+        micro_stats = []
+        for micro in range(cfg.grad_accum):
+            epoch, idx = next(batches)
+            with run.accelerator.accumulate(run.engine):
+                micro_stats.append(_micro_step(run, idx, micro))
+        keys = list(micro_stats[0])
+        local = torch.tensor([np.mean([m[k] for m in micro_stats]) for k in keys], device=run.accelerator.device)
+        record = dict(zip(keys, run.accelerator.reduce(local, reduction="mean").tolist()))  # global-batch means
+        record.update(_optimizer_step(run), epoch=epoch)
+        run.step += 1
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total_steps:
+            record.update(evaluate(run))
+        if run.step % run.recipe.logging.every == 0 or any(k.startswith("eval/") for k in record):
+            record["time/elapsed_s"] = time.perf_counter() - run.started
+            _log(run, record)
+        _periodic_checkpoint(run)
+
+
+def finish(run: RewardModelRun) -> dict[str, float]:
+    metrics = evaluate(run)
+    if metrics:
+        _log(run, metrics)
+    save_checkpoint(run, run.run_dir / FINAL_DIR)
+    return {"steps": float(run.step), **metrics}
+
+
+def train(recipe: Recipe) -> dict[str, float]:
+    run = setup(recipe)
+    train_loop(run)
+    return finish(run)

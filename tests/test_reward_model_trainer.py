@@ -1,0 +1,227 @@
+"""DiNa-LRM trainer: noise-level schemes, losses with labels, EMA; a tiny model trained on CPU to >= 95%
+held-out accuracy at low noise with accuracy falling toward chance as the noise approaches 1; EMA weights
+saved in the release layout and loaded back through the registry; 2 processes (ZeRO-2) = 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rlkit.config import load_recipe, recipe_from_dict
+from rlkit.trainers import reward_model as rm
+from rlkit.trainers.common import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "recipes" / "dina_lrm_tiny.yaml"
+TRAIN = "synthetic:pairs=512,seed=0,size=8,signal=1.0"
+HELD_OUT = "synthetic:pairs=128,seed=1,size=8,signal=1.0"
+CURVE_LEVELS = [0.1, 0.5, 0.9, 0.99, 1.0]
+
+
+def tiny_overrides(tiny_dir, out_dir, steps: int) -> list[str]:
+    return [f"model.pretrained={tiny_dir}", f"output_dir={out_dir}", f"reward_model.max_steps={steps}",
+            f"reward_model.data.train={TRAIN}", f"reward_model.data.eval={HELD_OUT}", "reward_model.batch_size=8",
+            "reward_model.eval_every=0", "optim.lr=3e-3", "optim.warmup_steps=5", "logging.every=1"]
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+
+def test_noise_level_schemes_follow_their_distributions_and_are_seeded():
+    def draw(scheme, args=None, n=20000, seed=0):
+        return rm.sample_noise_levels(scheme, n, torch.Generator().manual_seed(seed), args)
+
+    u = draw("uniform")
+    assert 0 <= u.min() and u.max() <= 1 and abs(u.mean() - 0.5) < 0.01
+    assert torch.equal(u, draw("uniform")) and not torch.equal(u, draw("uniform", seed=1))
+    ln = draw("logit_normal", {"mean": 1.0, "std": 0.5})
+    assert abs(torch.logit(ln).mean() - 1.0) < 0.02 and abs(torch.logit(ln).std() - 0.5) < 0.02
+    assert torch.equal(draw("constant", {"value": 0.25}, n=5), torch.full((5,), 0.25))
+    b = draw("beta", {"alpha": 2.0, "beta": 6.0})
+    assert abs(b.mean() - 0.25) < 0.01 and torch.equal(b, draw("beta", {"alpha": 2.0, "beta": 6.0}))
+    mode = draw("mode", {"scale": 0.0})  # scale 0 is the identity map of a uniform draw
+    assert torch.allclose(mode, 1 - draw("uniform"))
+    with pytest.raises(ValueError, match="do not apply to 'uniform'"):
+        draw("uniform", {"mean": 0.0})
+
+
+def test_snapping_to_the_scheduler_grid():
+    from rewards.dina_lrm import sigma_grid, snap_sigmas
+
+    grid = sigma_grid(1000, 3.0)
+    snapped = snap_sigmas(torch.tensor([0.0, 0.4, 0.99999]), grid)
+    assert snapped[0] == grid.min() and snapped[2] == 1.0
+    assert abs(snapped[1] - 0.4) < 1e-3 and bool((grid == snapped[1]).any())
+
+
+def test_pair_loss_hard_labels_equal_the_loss_family_and_ties_are_symmetric():
+    from rewards.dina_lrm.losses import preference_loss
+
+    s_pos, s_neg, sigma = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.5]), torch.tensor([0.1, 0.5, 0.9])
+    ones, ties = torch.ones(3), torch.full((3,), 0.5)
+    for name in ("thurstone_calibrated", "thurstone_fixed", "bt", "bt_margin", "nll_calibrated"):
+        assert torch.allclose(rm.pair_loss(name, s_pos, s_neg, sigma, ones), preference_loss(name, s_pos, s_neg, sigma))
+    for name in ("thurstone_calibrated", "thurstone_fixed", "bt", "nll_calibrated"):
+        swapped = rm.pair_loss(name, s_neg, s_pos, sigma, ties)
+        assert torch.allclose(rm.pair_loss(name, s_pos, s_neg, sigma, ties), swapped)
+        d = torch.zeros(3, requires_grad=True)
+        rm.pair_loss(name, d, torch.zeros(3), sigma, ties).backward()
+        assert torch.allclose(d.grad, torch.zeros(3), atol=1e-6)  # a tie is satisfied by equal scores
+
+
+def test_param_ema_updates_every_k_and_applies_reversibly():
+    p = torch.nn.Parameter(torch.tensor([0.0, 10.0]))
+    ema = rm.ParamEMA([p], decay=0.9, update_every=2)
+    with torch.no_grad():
+        p.copy_(torch.tensor([1.0, 0.0]))
+    ema.update()
+    assert torch.equal(ema.shadow[0], torch.tensor([0.0, 10.0]))  # first call skipped (every 2)
+    ema.update()
+    assert torch.allclose(ema.shadow[0], torch.tensor([0.1, 9.0]))
+    with ema.applied():
+        assert torch.allclose(p.detach(), torch.tensor([0.1, 9.0]))
+    assert torch.equal(p.detach(), torch.tensor([1.0, 0.0]))
+
+
+def test_recipe_rejects_timestep_args_of_another_scheme():
+    from rlkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="timestep_args.alpha"):
+        recipe_from_dict({"algorithm": "reward_model", "reward_model": {
+            "data": {"train": TRAIN}, "timestep_sampling": "logit_normal", "timestep_args": {"alpha": 1.0}}})
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd3_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm_runs")
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, out, steps=40))
+    run = rm.setup(recipe)
+    init = [p.detach().clone() for p in run.params]
+    rm.train_loop(run)
+    curve = rm.evaluate(run, levels=CURVE_LEVELS)
+    final = rm.finish(run)
+    return run, init, curve, final
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_the_signal_and_accuracy_falls_with_noise(trained):
+    run, init, curve, final = trained
+    acc = {u: curve[f"eval/accuracy_u={u:.2f}"] for u in CURVE_LEVELS}
+    half = {u: curve[f"eval/accuracy_ties_half_u={u:.2f}"] for u in CURVE_LEVELS}
+    print("\nheld-out accuracy by eval noise level (EMA weights):")
+    for u in CURVE_LEVELS:
+        print(f"  u={u:.2f}  accuracy={acc[u]:.3f}  ties-as-half={half[u]:.3f}")
+    assert acc[0.1] >= 0.95
+    assert half[0.1] >= half[0.9] + 0.1 and half[0.9] >= half[0.99] - 0.05
+    assert half[0.99] < 0.8 and half[1.0] == 0.5  # at u = 1 both latents are the same noise: a tie
+    assert final["eval/accuracy_u=0.10"] == acc[0.1]  # finish() evaluates the same EMA weights
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(init, run.params)), "every trainable tensor changes"
+
+
+@pytest.mark.slow
+def test_lr_follows_warmup_then_schedule_as_logged(trained):
+    run, *_ = trained
+    lrs = [h["lr"] for h in run.history if "lr" in h]
+    base, warmup = run.recipe.optim.lr, run.recipe.optim.warmup_steps
+    want = [base * lr_factor(k, warmup, run.total_steps, run.recipe.optim.schedule) for k in range(run.total_steps)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+    assert lrs[0] == pytest.approx(base / warmup) and lrs[warmup - 1] == pytest.approx(base)
+    lines = (run.run_dir / rm.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(x)["lr"] for x in lines if '"lr"' in x] == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_ema_differs_from_raw_and_is_what_is_saved(trained):
+    run, *_ = trained
+    head = torch.load(run.run_dir / rm.FINAL_DIR / "checkpoint" / "rm_head.pt", weights_only=True)
+    shadow = {id(p): s for p, s in zip(run.ema.params, run.ema.shadow)}
+    differs = 0
+    for name, p in run.model.reward_head.named_parameters():
+        assert torch.allclose(head[name], shadow[id(p)]), name
+        differs += int(not torch.allclose(head[name], p.detach()))
+    assert differs > 0.5 * len(head)
+    from safetensors.torch import load_file
+
+    lora = load_file(run.run_dir / rm.FINAL_DIR / "checkpoint" / "backbone_lora" / "adapter_model.safetensors")
+    assert lora and (run.run_dir / rm.FINAL_DIR / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_through_the_registry_and_scores_the_same(trained, tiny_sd3_dir):
+    import rewards
+    from rewards.base import RewardInput
+    from rlkit.data import collate_pairs
+
+    run, *_ = trained
+    reward = rewards.build("dina-lrm", pretrained=str(run.run_dir / rm.FINAL_DIR), base_model=str(tiny_sd3_dir),
+                           mode="state")
+    batch = collate_pairs(run.eval_pairs[:6])
+    sigmas = torch.full((6,), 0.3)
+    with torch.no_grad():
+        loaded = reward(RewardInput(prompts=batch.prompts, latents=batch.chosen, sigmas=sigmas)).scores
+        with rm.ema_weights(run):
+            ours = run.model.score(batch.chosen, sigmas, rm._encode_text(run, batch.prompts))
+    assert torch.allclose(loaded, ours, atol=1e-5), (loaded, ours)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_zero2_equal_one_process_on_the_same_global_batch(tiny_sd3_dir, tmp_path):
+    base = yaml.safe_load(TINY_RECIPE.read_text())
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base))
+    common = [o for o in tiny_overrides(tiny_sd3_dir, tmp_path, steps=3) if "batch_size" not in o] + [
+        "reward_model.data.eval=", "optim.warmup_steps=1", "ema.decay=0.5"]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    one = subprocess.run([sys.executable, "-m", "rlkit", str(path), *common, "name=one", "reward_model.batch_size=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "rlkit", "train", str(path), *common, "name=two",
+                          "reward_model.batch_size=2", "launch.num_processes=2", "launch.deepspeed=2",
+                          f"launch.main_process_port={_free_port()}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(name):
+        lines = (tmp_path / name / rm.METRICS_FILE).read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+    l1, l2 = losses("one"), losses("two")
+    assert len(l1) == 3 and l2 == pytest.approx(l1, rel=1e-4)  # logged losses are global-batch means
+    ckpt = Path("checkpoint")
+    h1 = torch.load(tmp_path / "one" / rm.FINAL_DIR / ckpt / "rm_head.pt", weights_only=True)
+    h2 = torch.load(tmp_path / "two" / rm.FINAL_DIR / ckpt / "rm_head.pt", weights_only=True)
+    assert h1.keys() == h2.keys()
+    # Adam normalises each element's update, so float-order differences of the all-reduce (~1e-7) in elements
+    # with near-zero gradients show up at ~1e-4 after 3 steps of lr 3e-3 (each step moves a weight up to 3e-3)
+    tol = dict(atol=5e-4, rtol=0.0)
+    moved = 0
+    for k in h1:
+        assert torch.allclose(h1[k], h2[k], **tol), (k, (h1[k] - h2[k]).abs().max())
+    from safetensors.torch import load_file
+
+    a1 = load_file(tmp_path / "one" / rm.FINAL_DIR / ckpt / "backbone_lora" / "adapter_model.safetensors")
+    a2 = load_file(tmp_path / "two" / rm.FINAL_DIR / ckpt / "backbone_lora" / "adapter_model.safetensors")
+    for k in a1:
+        assert torch.allclose(a1[k], a2[k], **tol), (k, (a1[k] - a2[k]).abs().max())
+        moved += int(a1[k].abs().sum() > 0)
+    assert moved > 0
