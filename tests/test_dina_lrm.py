@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -42,13 +43,14 @@ def batch(latents, seed=0, text=None, sigmas=None) -> RewardInput:
                        generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture()
-def trained_folder(tiny_sd3_dir, tmp_path):
-    """A DiNa-LRM checkpoint (random LoRA and head) on the tiny generator's base model."""
+@pytest.fixture(scope="module")
+def trained_folder(tiny_sd3_dir, tmp_path_factory):
+    """A DiNa-LRM checkpoint (random LoRA and head) on the tiny generator's base model. Read-only: copy it first
+    to change it."""
     reward = DiNaLRMReward(config=tiny_config(), base_model=str(tiny_sd3_dir))
     reward.raw_scores(batch(torch.zeros(2, 4, 8, 8)))  # materialises the backbone
     randomize_head(reward)
-    return reward.save_pretrained(tmp_path / "rm")
+    return reward.save_pretrained(tmp_path_factory.mktemp("dina") / "rm")
 
 
 def policy_generator(tiny_sd3_dir) -> SD3Generator:
@@ -219,8 +221,9 @@ def test_missing_files_are_named(tmp_path, trained_folder, tiny_sd3_dir):
         DiNaLRMReward(pretrained=str(tmp_path))
     with pytest.raises(WeightsNotFoundError, match="nobody/no-such-reward"):
         DiNaLRMReward(pretrained="nobody/no-such-reward")
-    (trained_folder / "checkpoint" / "rm_head.pt").unlink()
-    reward = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir))
+    broken = shutil.copytree(trained_folder, tmp_path / "broken")
+    (broken / "checkpoint" / "rm_head.pt").unlink()
+    reward = DiNaLRMReward(pretrained=str(broken), base_model=str(tiny_sd3_dir))
     with pytest.raises(WeightsNotFoundError, match=r"rm_head\.pt.*huggingface-cli download"):
         reward(batch(torch.zeros(2, 4, 8, 8)))
 

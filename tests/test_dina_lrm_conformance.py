@@ -166,14 +166,29 @@ def test_other_release_layouts_load(case, io, tmp_path):
     torch.testing.assert_close(model.forward_ensemble(xs, ts, text), expected, rtol=0, atol=TOL)
 
 
+OUR_SAVE_MODES = {"lora": dict(use_lora=True, freeze_backbone=False),
+                  "full": dict(use_lora=False, freeze_backbone=False, use_logistic=True),
+                  "head": dict(use_lora=False, freeze_backbone=True)}
+
+
+@pytest.mark.parametrize("mode", sorted(OUR_SAVE_MODES))
 @torch.no_grad()
-def test_our_checkpoint_loads_in_the_official_path(io, tmp_path):
-    """What we save (release layout) is read by the official loader and scores identically."""
+def test_our_checkpoint_loads_in_the_official_path(mode, io, tmp_path):
+    """What we save (release layout, each save mode) is read by the official loader and scores identically;
+    it also loads back into our model unchanged."""
     config = DiNaLRMConfig(num_transformer_layers=3, visual_head_idx=(1, 2, 3), text_head_idx=(2, 3), lora_r=4,
-                           lora_alpha=8, lora_init="random", num_attn_heads=4, num_queries=2)
+                           lora_alpha=8, lora_init="random", num_attn_heads=4, num_queries=2,
+                           **OUR_SAVE_MODES[mode])
     model = DiNaLRM.build(config, base_transformer())
-    ref.randomize_(model.reward_head, torch.Generator().manual_seed(3))
+    assert model.config.save_mode == mode
+    g = torch.Generator().manual_seed(3)
+    ref.randomize_(model.reward_head, g)
+    if mode == "full":
+        ref.randomize_(model.backbone, g, scale=1.0)
     save_dina_lrm(model, tmp_path)
+    ours = load_dina_lrm(tmp_path, base_transformer())
+    assert ours.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ours.state_dict().items())
     reference = reference_from(tmp_path)
     text = text_of(io)
     conds = {"encoder_hidden_states": text.encoder_hidden_states, "pooled_projections": text.pooled_projections}

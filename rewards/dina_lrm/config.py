@@ -16,7 +16,7 @@ from rlkit.models.lora import SD3_ATTN_TARGETS
 
 LORA_INIT_NAMES = ("gaussian", "default", "random")
 
-RLKIT_ONLY_FIELDS = ("max_sequence_length", "grid_num_train_timesteps", "grid_shift", "feature_divisor")
+RLKIT_ONLY_FIELDS = ("max_sequence_length", "grid_num_train_timesteps", "grid_shift", "feature_divisor", "ffn_mult")
 # Keys of the official ``model`` section that do not change how a checkpoint scores.
 OFFICIAL_IGNORED_MODEL_KEYS = ("model_type", "use_ema", "ema_decay", "use_t_embed")
 
@@ -47,6 +47,7 @@ class DiNaLRMConfig:
     dropout: float = 0.0
     use_proj_in: bool = False  # FiLM adapters project the tapped tokens first
     feature_divisor: int = 4  # each FiLM adapter outputs head_width // feature_divisor features
+    ffn_mult: int = 4  # hidden width of the head's FFN = ffn_mult * head_width
     use_logistic: bool = False  # the release's optional logistic output normalisation (off in the release)
     add_noise: bool = True  # training.add_noise of the release: False scores latents without re-noising
     max_sequence_length: int = 128  # T5 tokens when the reward encodes prompts itself
@@ -76,7 +77,7 @@ class DiNaLRMConfig:
             if list(idx) != sorted(set(idx)):
                 yield name, f"taps must be strictly increasing, got {list(idx)}"
         for name in ("lora_r", "num_queries", "num_attn_heads", "out_dim", "grid_num_train_timesteps",
-                     "max_sequence_length", "feature_divisor"):
+                     "max_sequence_length", "feature_divisor", "ffn_mult"):
             if getattr(self, name) <= 0:
                 yield name, f"must be > 0, got {getattr(self, name)}"
         if self.lora_alpha <= 0:

@@ -125,6 +125,7 @@ class DiNaLRM(nn.Module):
             n_visual=len(config.visual_head_idx), n_text=len(config.text_head_idx),
             num_queries=config.num_queries, num_attn_heads=config.num_attn_heads, out_dim=config.out_dim,
             dropout=config.dropout, use_proj_in=config.use_proj_in, feature_divisor=config.feature_divisor,
+            ffn_mult=config.ffn_mult,
         )
         if config.use_logistic:
             self.eta3 = nn.Parameter(torch.tensor(0.0))

@@ -249,6 +249,14 @@ class DiNaLRMReward(Reward):
             return model.forward_ensemble([latents] * len(levels), timesteps, text)
         return model.score_ensemble(latents, self._noise(batch).to(latents.dtype), levels, text)
 
+    def score(self, latents: Tensor, sigmas: Tensor | float, text: TextConditioning) -> Tensor:
+        """Raw scores of ``latents`` as given at noise level ``sigmas`` (see :meth:`DiNaLRM.score`)."""
+        return self._materialize().score(latents, sigmas, text)
+
+    def score_ensemble(self, x0: Tensor, noise: Tensor, levels, text: TextConditioning) -> Tensor:
+        """Raw noise-ensemble scores (see :meth:`DiNaLRM.score_ensemble`); ``levels`` are used as given."""
+        return self._materialize().score_ensemble(x0, noise, levels, text)
+
     def normalize(self, raw: Tensor) -> Tensor:
         if self.options.normalize == "affine":
             return (raw + self.options.shift) / self.options.scale
