@@ -52,6 +52,7 @@ class Evaluator:
     golden: dict[str, Reward]
     proxy: dict[str, Reward]
     batch_size: int = 16
+    resolution: int | None = None
     grid_images: int = 16
     patience: int = 0
     history: list[EvalResult] = field(default_factory=list)
@@ -71,7 +72,7 @@ class Evaluator:
             chunk = slots[start:start + self.batch_size]
             g = torch.Generator(device="cpu").manual_seed(self.seed + start)
             latents.append(sample(gen, chunk, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                                  generator=g, transformer=transformer))
+                                  generator=g, transformer=transformer, resolution=self.resolution))
         return slots, torch.cat(latents)
 
     @torch.no_grad()

@@ -120,17 +120,22 @@ class SD3Generator:
     # -- text ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
-        """SD3 prompt embeddings (CLIP-L + CLIP-G + T5), cached per prompt string."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
+        """SD3 prompt embeddings (CLIP-L + CLIP-G + T5), cached per prompt string.
+
+        Each new prompt is encoded on its own: batched encoders differ in the last bits with the batch's
+        make-up, and a prompt's embedding must not depend on which prompts happened to be encoded with it
+        (a resumed run would otherwise drift from an uninterrupted one).
+        """
+        for p in dict.fromkeys(prompts):
+            if p in self._cache:
+                continue
             if self.pipeline.text_encoder is None:
                 raise ValueError("this generator was loaded without text encoders; cannot encode new prompts")
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=missing, prompt_2=None, prompt_3=None, device=self.device,
+                prompt=[p], prompt_2=None, prompt_3=None, device=self.device,
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             )
-            for i, p in enumerate(missing):
-                self._cache[p] = (embeds[i].detach(), pooled[i].detach())
+            self._cache[p] = (embeds[0].detach(), pooled[0].detach())
         return TextConditioning(
             torch.stack([self._cache[p][0] for p in prompts]),
             torch.stack([self._cache[p][1] for p in prompts]),

@@ -85,12 +85,13 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, total_st
     return optimizer, scheduler
 
 
-def build_evaluator(cfg: EvalConfig, gen: SD3Generator, proxy: dict[str, Reward]) -> Evaluator:
+def build_evaluator(cfg: EvalConfig, gen: SD3Generator, proxy: dict[str, Reward], resolution: int) -> Evaluator:
     prompts = load_prompts(cfg.prompts, cfg.num_prompts)
     return Evaluator(prompts=prompts, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
                      num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                      golden=build_named_rewards(cfg.golden, gen), proxy=proxy, batch_size=cfg.batch_size,
-                     grid_images=cfg.grid_images, patience=cfg.early_stopping_patience)
+                     grid_images=cfg.grid_images, patience=cfg.early_stopping_patience,
+                     resolution=resolution)
 
 
 def run_dir(recipe: Recipe) -> Path:

@@ -409,20 +409,21 @@ def epoch_cost(gen, reward: Reward, cfg: FlowGRPOConfig, prompts: list[str], *, 
                lora: LoRAConfig | None = None, seed: int = 0, epoch: int = 0) -> EpochCost:
     """Times one Flow-GRPO epoch on one process: rollout + rewards + advantages, then every update.
 
-    ``gen`` is an ``SD3Generator``; a policy LoRA (``lora``, default rank 4) is added when its transformer has
-    no trainable parameter. The same code paths as :func:`train` run (without accelerator, evaluation or
-    checkpoints), so the ratios between variants (:func:`cost_variants`) are those of the trainer.
+    ``gen`` is an ``SD3Generator``; unless its transformer already carries the policy adapter
+    (``lora.adapter_name``), it is frozen and a policy LoRA (``lora``, default rank 4) is added. The same code
+    paths as :func:`train` run (without accelerator, evaluation or checkpoints), so the ratios between
+    variants (:func:`cost_variants`) are those of the trainer.
     """
-    from rlkit.models.lora import add_lora
+    from rlkit.models.lora import adapter_names, add_lora
 
     check_reward(reward, cfg)
     model = gen.transformer
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        spec = lora or LoRAConfig(rank=4, alpha=8.0)
+    spec = lora or LoRAConfig(rank=4, alpha=8.0)
+    if spec.adapter_name not in adapter_names(model):
+        model.requires_grad_(False)
         add_lora(model, spec.adapter_name, rank=spec.rank, alpha=spec.alpha, target_modules=list(spec.target_modules),
                  init=spec.init)
-        params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     plan = plan_epoch(cfg, 1)
     run = LocalRun(gen=gen, model=model, reward=reward, prompts=prompts,
                    optimizer=torch.optim.AdamW(params, lr=lr), grad_accum=plan.grad_accum)

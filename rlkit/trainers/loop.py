@@ -20,15 +20,8 @@ import torch
 from torch import Tensor
 
 from rlkit.config import PretrainLossConfig, Recipe, save_resolved
+from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from the parts (stable across processes and Python runs)."""
-    import hashlib
-
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -88,7 +81,7 @@ class PolicyRun:
         recipe_file = save_resolved(recipe, run_dir) if accelerator.is_main_process else run_dir / "recipe.yaml"
         tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
         proxy = {spec.name: reward for spec in recipe.rewards[:1]} if len(recipe.rewards) == 1 else {"mix": reward}
-        evaluator = common.build_evaluator(recipe.eval, gen, proxy)
+        evaluator = common.build_evaluator(recipe.eval, gen, proxy, recipe.model.resolution)
         checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=recipe.checkpoint.keep_last)
         run = cls(recipe=recipe, accelerator=accelerator, gen=gen, model=model, reward=reward, optimizer=optimizer,
                   scheduler=scheduler, ema=ema, tracker=tracker, evaluator=evaluator, checkpoints=checkpoints,
@@ -112,11 +105,11 @@ class PolicyRun:
 
     def step_generator(self, step: int, micro: int) -> torch.Generator:
         """The same on every rank: draws global quantities (prompts, noise, the ReFL step)."""
-        return torch.Generator().manual_seed(derive_seed(self.recipe.seed, "step", step, micro))
+        return make_generator(self.recipe.seed, "step", step, micro)
 
     def rank_generator(self, step: int, micro: int, purpose: str) -> torch.Generator:
         """Different on every rank: for per-sample randomness that is not shared."""
-        return torch.Generator().manual_seed(derive_seed(self.recipe.seed, purpose, step, micro, self.rank))
+        return make_generator(self.recipe.seed, purpose, step, micro, self.rank)
 
     def _rank_slice(self, n: int) -> slice:
         return slice(self.rank * n, (self.rank + 1) * n)
@@ -140,7 +133,7 @@ class PolicyRun:
         from rlkit.models.lora import use_adapter
         from rlkit.rollout import sample
 
-        rng = torch.Generator().manual_seed(derive_seed(self.recipe.seed, "pretrain-pool", self.rank))
+        rng = make_generator(self.recipe.seed, "pretrain-pool", self.rank)
         prompts = [self.prompts[int(i)] for i in torch.randint(0, len(self.prompts), (size,), generator=rng)]
         base = self.gen.transformer
         with use_adapter(base, None):
@@ -184,9 +177,10 @@ class PolicyRun:
         if every and self.step % every == 0 and self.step < self.total_updates:
             self.evaluate()
         ck = self.recipe.checkpoint.every
-        if (ck and self.step % ck == 0) or self.guard.stop_requested:
+        stop = self.guard.should_stop()  # every rank asks at the same point
+        if (ck and self.step % ck == 0) or stop:
             self.save()
-        if self.guard.stop_requested:
+        if stop:
             raise SystemExit(f"stopped by signal after step {self.step}; checkpoint saved in {self.run_dir}")
 
     @property
@@ -240,6 +234,7 @@ class PolicyRun:
         if self.accelerator.is_main_process:
             self.export()
         self.tracker.close()
+        self.guard.close()
         return metrics
 
     def export(self) -> Path:

@@ -61,13 +61,12 @@ def refl_forward(gen: SD3Generator, transformer, reward: Reward, prompts: list[s
 
     ``noise`` is the initial latent (B, C, h, w); ``k`` the first gradient-carrying step.
     """
-    from rlkit.rollout import guided_velocity, rollout_to
+    from rlkit.rollout import guided_velocity, rollout
 
+    ro = rollout(gen, prompts, num_steps=cfg.num_steps, generator=None, latents=noise,
+                 guidance_scale=cfg.guidance_scale, stop_at=k, transformer=transformer)
     sigmas = gen.sigmas(cfg.num_steps).to(noise.device)
-    text = gen.encode_prompts(prompts)
-    uncond = gen.encode_prompts([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
-    with torch.no_grad():
-        x = rollout_to(gen, noise, sigmas, k, text, uncond, cfg.guidance_scale, transformer=transformer)
+    text, uncond, x = ro.text, ro.negative_text, ro.state
     last = min(k + cfg.grad_steps, cfg.num_steps) - 1
     for j in range(k, last + 1):
         sigma, sigma_next = sigmas[j], sigmas[j + 1]

@@ -235,6 +235,7 @@ def setup(recipe: Recipe) -> RewardModelRun:
     torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
     gen = common.load_generator(recipe.model, device=accelerator.device)
     model = _build_model(recipe, gen)
+    gen.transformer = None  # the model holds the embedders and the first N blocks; the rest is freed
     params = [p for p in model.parameters() if p.requires_grad]
     train_pairs = _load(cfg.data.train, cfg, "train")
     eval_pairs = _load(cfg.data.eval, cfg, "eval")[: cfg.eval_limit] if cfg.data.eval else []

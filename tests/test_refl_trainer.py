@@ -1,0 +1,152 @@
+"""ReFL trainer on a tiny SD3 model with a latent reward (CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlkit.config import recipe_from_dict
+from rlkit.trainers.refl import combine_losses, reward_loss
+
+
+def test_reward_losses_by_hand():
+    r = torch.tensor([0.5, 3.0])
+    assert torch.allclose(reward_loss(r, "margin", 2.0, 1.0), torch.tensor([1.5, -1.0]))
+    assert torch.allclose(reward_loss(r, "neg", 2.0, 2.0), torch.tensor([-1.0, -6.0]))
+    assert torch.allclose(reward_loss(r, "relu_margin", 2.0, 1e-3), torch.tensor([1.5e-3, 0.0]))
+    l_r, l_p = torch.tensor(1.0), torch.tensor(4.0)
+    assert combine_losses(l_r, l_p, 0.5).item() == pytest.approx((1 + 0.5 * 4) / 1.5)
+    assert combine_losses(l_r, None, 0.5) is l_r
+
+
+def tiny_recipe(tmp_path: Path, model_dir: Path, **refl) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square at the top\na green triangle on the left\na yellow cross\n")
+    return {
+        "algorithm": "refl",
+        "name": "tiny",
+        "seed": 3,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"pretrained": str(model_dir), "resolution": 32, "max_sequence_length": 16},
+        "lora": {"rank": 4, "alpha": 8},
+        "rewards": [{"name": "latent-direction", "args": {"seed": 1, "scale": 10.0}}],
+        "prompts": {"source": str(prompts)},
+        "optim": {"lr": 5e-3, "weight_decay": 0.0, "grad_clip": 10.0},
+        "refl": {"num_steps": 4, "grad_step_range": [1, 3], "guidance_scale": 1.0, "batch_size": 2,
+                 "max_steps": 2, "loss": "neg", **refl},
+        "eval": {"prompts": str(prompts), "num_prompts": 2, "num_steps": 4, "batch_size": 2, "grid_images": 2},
+        "logging": {"backends": ["jsonl"], "progress": False},
+        "checkpoint": {"every": 1, "keep_last": 3},
+    }
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_update_trains_exactly_the_policy_lora_and_never_decodes(tmp_path, tiny_sd3_dir, monkeypatch):
+    from rlkit.models.sd3 import SD3Generator
+    from rlkit.trainers.loop import PolicyRun
+
+    decodes = []
+    original = SD3Generator.decode
+    monkeypatch.setattr(SD3Generator, "decode", lambda self, z: decodes.append(z.shape) or original(self, z))
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_sd3_dir, max_steps=1))
+    run = PolicyRun.setup(recipe, total_updates=2, micro_batch=2, grad_accum=1)
+    decodes.clear()  # the initial evaluation decodes for its image grid, training must not
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".policy." in n for n in trainable)
+    # the last SD3 block is context_pre_only: its text-stream output is dropped, so the text queries
+    # (add_q_proj) of that block cannot influence anything; every other LoRA weight must move
+    last = run.model.config.num_layers - 1
+    dead = {n for n in trainable if n.startswith(f"transformer_blocks.{last}.attn.add_q_proj.")}
+    assert len(dead) == 2
+    trainable -= dead
+
+    from rlkit.trainers.refl import refl_forward
+
+    # LoRA starts as a no-op (B = 0), so the first update moves only B; the second moves A too
+    for step in range(2):
+        rng = run.step_generator(step, 0)
+        loss, stats = refl_forward(run.gen, run.model, run.reward, run.sample_prompts(rng, 2),
+                                   run.global_noise(rng, 2), recipe.refl, k=2)
+        run.backward(loss.mean())
+        grads = {n: p.grad for n, p in run.model.named_parameters() if p.requires_grad}
+        with_grad = {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+        expected = trainable if step == 1 else {n for n in trainable if "lora_B" in n}
+        assert with_grad == expected
+        run.end_update(stats)
+    assert decodes == [], "a latent reward must not decode through the VAE"
+    changed = {n for n, p in run.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir):
+    from rlkit.trainers import refl
+
+    full = recipe_from_dict(tiny_recipe(tmp_path / "a", tiny_sd3_dir, max_steps=3))
+    refl.train(full)
+    part = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=2))
+    refl.train(part)
+    resumed = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=3))
+    refl.train(resumed)
+    from safetensors.torch import load_file
+
+    a = load_file(full.run_dir / "export" / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed.run_dir / "export" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert any(r.get("resumed_from") == 2.0 for r in read_log(resumed.run_dir))
+
+
+@pytest.mark.slow
+def test_exported_lora_loads_into_diffusers_pipeline_and_matches_policy(tmp_path, tiny_sd3_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    from rlkit.models.sd3 import SD3Generator
+    from rlkit.rollout import sample
+    from rlkit.trainers import refl
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_sd3_dir, max_steps=2))
+    refl.train(recipe)
+    export = recipe.run_dir / "export"
+    assert (export / "recipe.yaml").is_file()
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    base = SD3Generator(pipe, max_sequence_length=16)
+    g = torch.Generator().manual_seed(0)
+    before = sample(base, ["a red circle"], num_steps=4, guidance_scale=1.0, generator=g)
+    pipe.load_lora_weights(export)
+    g = torch.Generator().manual_seed(0)
+    after = sample(base, ["a red circle"], num_steps=4, guidance_scale=1.0, generator=g)
+    assert (after - before).abs().max() > 1e-4, "the LoRA changes the output"
+
+    # the trained policy, rebuilt from the run's final checkpoint, samples the same latents
+    from rlkit.trainers.loop import PolicyRun
+
+    run = PolicyRun.setup(recipe, total_updates=2, micro_batch=2, grad_accum=1)
+    assert run.step == 2
+    g = torch.Generator().manual_seed(0)
+    policy = sample(run.gen, ["a red circle"], num_steps=4, guidance_scale=1.0, generator=g)
+    torch.testing.assert_close(after, policy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_reward_rises_over_30_updates(tmp_path, tiny_sd3_dir, capsys):
+    from rlkit.trainers import refl
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_sd3_dir, max_steps=30), ["checkpoint.every=0",
+                                                                                "eval.every=0"])
+    refl.train(recipe)
+    curve = [r["train/reward"] for r in read_log(recipe.run_dir) if "train/reward" in r]
+    assert len(curve) == 30
+    print("ReFL reward curve:", " ".join(f"{x:.3f}" for x in curve))
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last > first + 0.05, f"reward did not rise: {first:.3f} -> {last:.3f}"
