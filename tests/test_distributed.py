@@ -1,7 +1,7 @@
-"""Two CPU processes under accelerate + DeepSpeed ZeRO-2/3 (gloo) equal one process on the union of their data.
+"""Two CPU processes (gloo) under accelerate DDP and DeepSpeed ZeRO-2/3 equal one process on the union of their data.
 
 Each test launches ``tests/dist_scripts/zero_equivalence.py`` with the shipped launcher file
-``recipes/accelerate/zero{2,3}.yaml`` and checks what every rank wrote.
+``recipes/accelerate/{ddp,zero2,zero3}.yaml`` and checks what every rank wrote.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "zero_equivalence.py"
 WORLD = 2
 LAUNCH_TIMEOUT_S = 300
+LAUNCHERS = {0: "ddp", 2: "zero2", 3: "zero3"}  # ZeRO stage (0 = plain DDP) -> recipes/accelerate/<name>.yaml
+ENGINES = {0: "DistributedDataParallel", 2: "DeepSpeedEngine", 3: "DeepSpeedEngine"}
 PARAM_ATOL = 1e-6
 NORM_RTOL = 1e-5
 
@@ -56,18 +58,18 @@ def _launch(stage: int, out: Path) -> float:
                OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)  # would make accelerate drop DeepSpeed
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml"),
+           "--config_file", str(ROOT / "recipes" / "accelerate" / f"{LAUNCHERS[stage]}.yaml"),
            "--num_processes", str(WORLD), "--main_process_port", str(_free_port()),
            str(SCRIPT), "--out", str(out), "--stage", str(stage)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    print(f"ZeRO-{stage} 2-process run: {elapsed:.1f} s")
+    print(f"{LAUNCHERS[stage]} 2-process run: {elapsed:.1f} s")
     return elapsed
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", list(LAUNCHERS), ids=list(LAUNCHERS.values()))
 def test_zero_two_ranks_equal_one_process_on_union(stage, tmp_path, script, reference):
     _launch(stage, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(WORLD)]
@@ -76,7 +78,7 @@ def test_zero_two_ranks_equal_one_process_on_union(stage, tmp_path, script, refe
     # accelerate sees the real process group (not rank 0 of 1 on every process)
     assert [r["process_index"] for r in ranks] == list(range(WORLD))
     assert all(r["num_processes"] == WORLD and r["dist_world_size"] == WORLD for r in ranks)
-    assert all(r["backend"] == "gloo" and r["engine"] == "DeepSpeedEngine" for r in ranks)
+    assert all(r["backend"] == "gloo" and r["engine"] == ENGINES[stage] for r in ranks)
     assert all(r["frozen_max_diff"] < PARAM_ATOL for r in ranks)  # prepare_frozen keeps the helper's outputs
 
     # ranks saw different halves of each step's global batch, together all of it
@@ -85,7 +87,8 @@ def test_zero_two_ranks_equal_one_process_on_union(stage, tmp_path, script, refe
         union = torch.cat([r["seen_x"][step] for r in ranks])
         torch.testing.assert_close(union, script.global_batch(step, script.MICRO_BATCH * WORLD)["x"])
 
-    # DeepSpeed's global norm is that of the union's mean gradient (averaged, not summed), and clipping is on
+    # the global norm (DeepSpeed's, or DDP's clip_grad_norm_) is that of the union's mean gradient (averaged,
+    # not summed), and clipping is active
     assert all(norm > script.GRAD_CLIP for norm in ref_norms)
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["grad_norms"]), torch.tensor(ref_norms), rtol=NORM_RTOL, atol=0)

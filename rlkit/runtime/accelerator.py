@@ -6,9 +6,11 @@ plugin from it (stage, gradient clipping, accumulation, precision).
 
 Traps handled here:
 
-* DeepSpeed without CUDA: accelerate leaves the process-group backend unset and then reports
-  ``process_index 0 / num_processes 1`` on every rank although DeepSpeed's own (gloo) group has all ranks.
-  Asking for ``gloo`` explicitly when there is no CUDA and ``WORLD_SIZE > 1`` fixes it.
+* Several processes without CUDA: accelerate leaves the process-group backend unset and then reports
+  ``process_index 0 / num_processes 1`` on every rank although the (gloo) group has all ranks; without
+  DeepSpeed it also skips the DDP wrapper, so gradients are never averaged. Asking for ``gloo`` explicitly
+  (and, without DeepSpeed, ``cpu=True`` so that accelerate picks MULTI_CPU) when there is no CUDA and
+  ``WORLD_SIZE > 1`` fixes both; nothing changes with CUDA or one process.
 * ``ACCELERATE_USE_CPU=1`` makes accelerate silently drop DeepSpeed; it is refused with a DeepSpeed recipe.
 * RL loops prepare no DataLoader, so DeepSpeed cannot infer its batch sizes; :func:`set_deepspeed_batch_size`
   writes them into the config before ``prepare``.
@@ -68,8 +70,10 @@ def build_accelerator(
             raise RuntimeError(f"the recipe says launch.deepspeed={launch.deepspeed} but accelerate was launched "
                                f"with ZeRO stage {launched_stage}; make them agree")
         plugin = make_deepspeed_plugin(launch.deepspeed, grad_clip=grad_clip, grad_accum=grad_accum)
-        if not torch.cuda.is_available() and _world_size() > 1:
-            handlers.append(InitProcessGroupKwargs(backend=CPU_BACKEND))
+    if not torch.cuda.is_available() and _world_size() > 1:
+        handlers.append(InitProcessGroupKwargs(backend=CPU_BACKEND))
+        if plugin is None:
+            accelerator_kwargs.setdefault("cpu", True)  # else DistributedType.NO: no DDP wrapper, no gradient sync
     accelerator = Accelerator(
         mixed_precision=launch.mixed_precision,
         gradient_accumulation_steps=grad_accum,

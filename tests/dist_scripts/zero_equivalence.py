@@ -107,7 +107,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--stage", type=int, required=True, help="ZeRO stage; 0 = plain DDP")
     args = parser.parse_args()
 
     import deepspeed.ops
@@ -121,7 +121,7 @@ def main() -> None:
     from rlkit.runtime.ema import EMA
 
     world = 2
-    accelerator = build_accelerator(LaunchConfig(num_processes=world, deepspeed=args.stage),
+    accelerator = build_accelerator(LaunchConfig(num_processes=world, deepspeed=args.stage or None),
                                     grad_clip=GRAD_CLIP, micro_batch=MICRO_BATCH)
     rank = accelerator.process_index
     model = Pair()
@@ -143,7 +143,10 @@ def main() -> None:
         seen.append(local["x"])
         loss = model(local)
         accelerator.backward(loss)  # the DeepSpeed engine averages, clips and steps here
-        norms.append(float(model.get_global_grad_norm()))
+        if args.stage:
+            norms.append(float(model.get_global_grad_norm()))
+        else:
+            norms.append(float(accelerator.clip_grad_norm_(model.parameters(), GRAD_CLIP)))
         opt.step()
         opt.zero_grad()
         ema.update()
@@ -164,6 +167,7 @@ def main() -> None:
         "grad_norms": norms,
         "frozen_max_diff": float((frozen_got - frozen_want).abs().max()),
         "engine": type(model).__name__,
+        "distributed_type": str(accelerator.distributed_type),
     }, Path(args.out) / f"rank{rank}.pt")
     accelerator.wait_for_everyone()
     accelerator.end_training()
