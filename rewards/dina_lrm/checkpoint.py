@@ -74,10 +74,17 @@ def checkpoint_dir(folder: Path) -> Path:
         else folder
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, if a state dict was saved wrapped
+
+
 def _load_pt(path: Path, why: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise _missing(path, why)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
 
 
 def _adapter_config(lora_dir: Path) -> dict:
