@@ -191,6 +191,18 @@ def test_fully_finetuned_generator_refused_or_copied(trained_folder, tiny_sd3_di
     assert block is not gen.transformer.transformer_blocks[0]
 
 
+def test_full_model_checkpoint_copies_the_blocks_without_the_policy_adapter(tiny_sd3_dir, tmp_path):
+    source = DiNaLRMReward(config=tiny_config(use_lora=False), base_model=str(tiny_sd3_dir))
+    x = torch.randn(2, 4, 8, 8)
+    expected = source(batch(x, seed=2)).scores
+    source.save_pretrained(tmp_path / "full")
+    gen = policy_generator(tiny_sd3_dir)
+    reward = DiNaLRMReward(pretrained=str(tmp_path / "full"))
+    reward.attach_generator(gen)  # full_model.pt holds its own backbone: a copy, never the policy's LoRA
+    assert not reward.is_shared and adapter_names(reward.model.backbone) == set()
+    torch.testing.assert_close(reward(batch(x, seed=2)).scores, expected)
+
+
 def test_different_base_model_is_not_shared(trained_folder, tiny_sd3_dir, tmp_path):
     gen = policy_generator(tiny_sd3_dir)
     reward = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tmp_path / "elsewhere"))

@@ -151,7 +151,7 @@ class DiNaLRM(nn.Module):
             raise ValueError("DiNaLRM.build: share and copy_blocks exclude each other")
         backbone = TappedBackbone(transformer, config)
         if copy_blocks:
-            backbone = copy.deepcopy(backbone)
+            backbone = _without_adapters(copy.deepcopy(backbone))
         if not share:
             backbone.requires_grad_(not config.freeze_backbone and not config.use_lora)
         dtype = next(backbone.parameters()).dtype
@@ -282,6 +282,17 @@ class DiNaLRM(nn.Module):
 def _per_item(sigmas: Tensor | float, latents: Tensor) -> Tensor:
     s = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
     return s.expand(latents.shape[0]) if s.dim() == 0 else s.reshape(latents.shape[0])
+
+
+def _without_adapters(module: nn.Module) -> nn.Module:
+    """Replaces every peft LoRA layer in ``module`` by its base layer (a copy must not carry the policy LoRA)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, child, layer.get_base_layer())
+    return module
 
 
 def _active_state(model: nn.Module) -> list[str] | None:
