@@ -104,3 +104,9 @@ def test_zero_two_ranks_equal_one_process_on_union(stage, tmp_path, script, refe
             # the EMA (sharded per rank under ZeRO-3) swapped in equals the single-process EMA
             torch.testing.assert_close(r["ema_params"][name], want_ema[name], rtol=0, atol=PARAM_ATOL, msg=name)
     assert any(not torch.equal(want_ema[n], want[n]) for n in changed)
+
+    # a checkpoint written by both ranks restores the exact weights after a further step moved them
+    for r in ranks:
+        assert r["resumed_step"] == script.STEPS and r["resumed_ema_updates"] == script.STEPS
+        assert any(not torch.equal(r["moved_params"][n], r["params"][n]) for n in changed)
+        assert all(torch.equal(r["restored_params"][n], r["params"][n]) for n in want)

@@ -4,7 +4,8 @@ Run by ``tests/test_distributed.py`` through ``accelerate launch``; each rank wr
 accelerate reports about the process group, the data it saw and the trainable weights after the steps. The
 test compares them with :func:`reference_params`, one process on the union of both ranks' data. The model
 is a tiny MLP and a tiny SD3 transformer with a policy LoRA, in one module (DeepSpeed takes one model per
-accelerator), plus a frozen helper prepared with ``prepare_frozen`` and an EMA of the trainable weights.
+accelerator), plus a frozen helper prepared with ``prepare_frozen``, an EMA of the trainable weights and a
+checkpoint save/restore round trip.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def main() -> None:
 
     from rlkit.config import LaunchConfig
     from rlkit.runtime.accelerator import build_accelerator, prepare_frozen
+    from rlkit.runtime.checkpoint import CheckpointManager
     from rlkit.runtime.ema import EMA
 
     world = 2
@@ -156,6 +158,19 @@ def main() -> None:
         state = trainable_state(unwrapped)
     with ema.applied(), deepspeed.zero.GatheredParameters(**gather):
         ema_state = trainable_state(unwrapped)
+
+    # checkpoint, take one more step, restore: the weights are those of the checkpoint again
+    checkpoints = CheckpointManager(Path(args.out) / "checkpoints", keep_last=1)
+    checkpoints.save(accelerator, STEPS, extra={"ema": ema.state_dict()})
+    local = rank_slice(global_batch(STEPS, MICRO_BATCH * accelerator.num_processes), rank, MICRO_BATCH)
+    accelerator.backward(model(local))
+    opt.step()
+    opt.zero_grad()
+    with deepspeed.zero.GatheredParameters(**gather):
+        moved = trainable_state(unwrapped)
+    resumed = checkpoints.load_latest(accelerator)
+    with deepspeed.zero.GatheredParameters(**gather):
+        restored = trainable_state(unwrapped)
     torch.save({
         "process_index": accelerator.process_index,
         "num_processes": accelerator.num_processes,
@@ -164,6 +179,10 @@ def main() -> None:
         "seen_x": torch.stack(seen),
         "params": state,
         "ema_params": ema_state,
+        "moved_params": moved,
+        "restored_params": restored,
+        "resumed_step": resumed["step"],
+        "resumed_ema_updates": resumed["ema"]["num_updates"],
         "grad_norms": norms,
         "frozen_max_diff": float((frozen_got - frozen_want).abs().max()),
         "engine": type(model).__name__,
