@@ -165,8 +165,11 @@ def use_adapter(model: nn.Module, name: str | Sequence[str] | None) -> Iterator[
         _restore(previous)
 
 
-def _checkpoint_under_captured_adapter(block: nn.Module, *args, **kwargs):
-    """A diffusers ``gradient_checkpointing_func`` that re-runs ``block`` under its forward-time adapters."""
+def checkpoint_under_forward_adapter(block: nn.Module, *args, **kwargs):
+    """Checkpoints ``block(*args)``; the backward-time re-run uses the adapters active at forward time.
+
+    Usable as a diffusers ``gradient_checkpointing_func`` or directly by hand-written block loops.
+    """
     state = _capture(block)
 
     def run(*inner_args, **inner_kwargs):
@@ -188,7 +191,10 @@ def enable_adapter_aware_checkpointing(transformer: nn.Module) -> None:
     """
     if not getattr(transformer, "_supports_gradient_checkpointing", False):
         raise ValueError(f"{type(transformer).__name__} does not support diffusers gradient checkpointing")
-    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_under_captured_adapter)
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_under_forward_adapter)
+
+
+_checkpoint_under_captured_adapter = checkpoint_under_forward_adapter  # former private name, still imported
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
