@@ -55,6 +55,12 @@ def tiny_recipe(tmp_path: Path, model_dir: Path, flow_grpo: dict | None = None, 
     return recipe
 
 
+def inert(transformer, name: str) -> bool:
+    """The last SD3 block discards its context stream (``context_pre_only``): its query projection cannot
+    change the velocity, so its LoRA gets no gradient."""
+    return name.startswith(f"transformer_blocks.{len(transformer.transformer_blocks) - 1}.attn.add_q_proj.")
+
+
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -118,13 +124,15 @@ def test_advantage_mix_and_statistics():
 
 
 # -- rollout cost and window_end ------------------------------------------------------------------------------
-def test_window_end_reward_skips_the_remaining_steps(tiny_generator, tiny_sd3_dir):
+def test_window_end_reward_skips_the_remaining_steps(tiny_sd3_dir, monkeypatch):
     """Transformer calls: Flow-GRPO rolls out and trains every step, Fast trains the window only, Fast with
     ``reward_at: window_end`` also stops the rollout at the window's end."""
     import rewards
     from rlkit.models.sd3 import SD3Generator
 
     torch.set_num_threads(1)
+    decodes = []
+    monkeypatch.setattr(SD3Generator, "decode", lambda self, z: decodes.append(z.shape[0]))
     reward = rewards.build("latent-direction", seed=1)
     cfg = FlowGRPOConfig(num_steps=6, window_size=2, window_start_range=(1, 1), group_size=2, prompts_per_epoch=2,
                          batch_size=2, updates_per_epoch=1, clip_range=1e-2)
@@ -137,6 +145,7 @@ def test_window_end_reward_skips_the_remaining_steps(tiny_generator, tiny_sd3_di
     assert costs["flow_grpo"].rollout_calls == batches * 6 and costs["flow_grpo"].update_calls == batches * 5
     assert costs["fast"].rollout_calls == batches * 6 and costs["fast"].update_calls == batches * 2
     assert costs["fast_window_end"].rollout_calls == batches * 3 and costs["fast_window_end"].update_calls == batches * 2
+    assert decodes == [], "a latent reward never decodes"
     print({k: (round(c.rollout_s, 3), round(c.update_s, 3)) for k, c in costs.items()})
 
     class PixelReward(torch.nn.Module):
@@ -146,7 +155,6 @@ def test_window_end_reward_skips_the_remaining_steps(tiny_generator, tiny_sd3_di
 
     with pytest.raises(ValueError, match="not noise-aware"):
         check_reward(PixelReward(), replace(cfg, reward_at="window_end"))
-    del tiny_generator
 
 
 def test_advantage_mix_normalises_each_reward_and_decodes_once_per_batch(tiny_generator, monkeypatch):
@@ -163,6 +171,7 @@ def test_advantage_mix_normalises_each_reward_and_decodes_once_per_batch(tiny_ge
     original = SD3Generator.decode
     monkeypatch.setattr(SD3Generator, "decode", lambda self, z: decodes.append(z.shape[0]) or original(self, z))
     gen = tiny_generator
+    gen.transformer.requires_grad_(False)
     add_lora(gen.transformer, "policy", 4, 8.0, init="gaussian")
     cfg = FlowGRPOConfig(num_steps=4, window_size=1, window_start_range=(0, 1), group_size=2, prompts_per_epoch=2,
                          batch_size=2, updates_per_epoch=1, std="group", reward_mix="advantage")
@@ -188,6 +197,42 @@ def test_advantage_mix_normalises_each_reward_and_decodes_once_per_batch(tiny_ge
     torch.testing.assert_close(mixed.all_advantages, expected)
 
 
+def test_cfg_training_recomputes_the_rollout_log_probs_exactly(tiny_generator):
+    """Flow-GRPO with CFG (doubled batch) and flow-SDE on every step: the training forward reproduces the
+    rollout's log-probs bit for bit and its gradient reaches the LoRA through both CFG branches."""
+    from rlkit.models.lora import add_lora
+    from rlkit.rollout import step_log_probs
+    from rlkit.trainers.flow_grpo import LocalRun, step_loss
+    import rewards
+
+    torch.set_num_threads(1)
+    gen = tiny_generator
+    gen.transformer.requires_grad_(False)
+    add_lora(gen.transformer, "policy", 4, 8.0, init="random")
+    cfg = FlowGRPOConfig(num_steps=4, sde="sde", noise_level=0.7, window_size=4, window_start_range=(0, 0),
+                         group_size=2, prompts_per_epoch=1, batch_size=2, updates_per_epoch=1, guidance_scale=3.0,
+                         kl_beta=0.5)
+    plan = plan_epoch(cfg, 1)
+    params = [p for p in gen.transformer.parameters() if p.requires_grad]
+    run = LocalRun(gen=gen, model=gen.transformer, reward=rewards.build("latent-direction", seed=1), prompts=PROMPTS,
+                   optimizer=torch.optim.SGD(params, lr=0.0), grad_accum=plan.grad_accum)
+    data = rollout_epoch(run, cfg, plan, 0, 0, 32)
+    ro = data.batches[0]
+    assert ro.negative_text is not None and trained_positions(cfg, 0) == [0, 1, 2]
+    from rlkit.trainers.flow_grpo import _reference_context
+
+    for j in trained_positions(cfg, 0):
+        out = step_log_probs(gen, ro, j, transformer=gen.transformer)
+        assert torch.equal(out.log_prob, ro.log_probs[:, j])
+        loss, stats = step_loss(gen, gen.transformer, ro, j, data.advantages[0], data.keep[0], data.informative, cfg,
+                                _reference_context(run))
+        assert stats["ratio_dev_max"] == 0.0 and stats["kl"] > 0  # a random LoRA moves the policy off the base
+        loss.backward()
+    missing = [n for n, p in gen.transformer.named_parameters()
+               if p.requires_grad and not inert(gen.transformer, n) and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing, missing
+
+
 # -- the trainer on one process -------------------------------------------------------------------------------
 def test_on_policy_ratio_is_one_and_kl_is_zero_then_positive(tmp_path, tiny_sd3_dir):
     """One batch per update: the recomputed log-probs equal the rollout's bit for bit (ratio exactly 1, the
@@ -203,6 +248,7 @@ def test_on_policy_ratio_is_one_and_kl_is_zero_then_positive(tmp_path, tiny_sd3_
     plan = plan_epoch(cfg, 1)
     assert plan.batches_per_rank == 1 and plan.grad_accum == 2
     run = PolicyRun.setup(recipe, total_updates=2, micro_batch=cfg.batch_size, grad_accum=plan.grad_accum)
+    initial = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     kls = []
     for epoch in range(2):
         data = rollout_epoch(run, cfg, plan, epoch, recipe.seed, 32)
@@ -217,10 +263,11 @@ def test_on_policy_ratio_is_one_and_kl_is_zero_then_positive(tmp_path, tiny_sd3_
         # ratio 1: the clipped surrogate is -mean(A), the unclipped one
         assert stats["policy_loss"] == pytest.approx(-adv.mean().item(), abs=1e-7)
         kls.append(stats["kl"])
-        before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
         run.end_update(stats)
-        assert all(not torch.equal(p, before[n]) for n, p in run.model.named_parameters() if p.requires_grad)
     assert kls[0] == 0.0 and kls[1] > 0.0, kls
+    unchanged = [n for n, p in run.model.named_parameters()
+                 if p.requires_grad and not inert(run.model, n) and torch.equal(p, initial[n])]
+    assert not unchanged, unchanged  # lora_B moves in the first update, lora_A (B was 0) in the second
 
 
 @pytest.mark.slow
@@ -230,7 +277,8 @@ def test_reward_rises_over_cpu_epochs(tmp_path, tiny_sd3_dir):
     torch.set_num_threads(1)
     epochs = 12
     recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_sd3_dir, {"max_epochs": epochs, "prompts_per_epoch": 4,
-                                                                   "batch_size": 8, "updates_per_epoch": 2}))
+                                                                   "batch_size": 8, "updates_per_epoch": 2},
+                                          optim={"lr": 3e-2, "weight_decay": 0.0, "grad_clip": 10.0}))
     flow_grpo.train(recipe)
     log = [r for r in read_log(recipe.run_dir) if "train/reward/mean" in r]
     curve = [r["train/reward/mean"] for r in log[::2]]  # two updates per epoch log the same rollout
@@ -289,7 +337,12 @@ def test_groups_spanning_ranks_get_the_advantages_of_one_process(tmp_path, tiny_
     gen = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
     from rlkit.models.lora import add_lora
 
+    gen.transformer.requires_grad_(False)
     add_lora(gen.transformer, "policy", 4, 8.0, init="gaussian")
+    with torch.no_grad():  # the distributed run's initial LoRA (lora_A is random, lora_B zero)
+        for name, param in gen.transformer.named_parameters():
+            if name in dist["before"]:
+                param.copy_(dist["before"][name])
     run = LocalRun(gen=gen, model=gen.transformer, reward=build_reward(recipe.rewards, gen), prompts=PROMPTS,
                    optimizer=torch.optim.SGD([p for p in gen.transformer.parameters() if p.requires_grad], lr=0.0),
                    grad_accum=plan.grad_accum)
@@ -297,4 +350,12 @@ def test_groups_spanning_ranks_get_the_advantages_of_one_process(tmp_path, tiny_
     torch.testing.assert_close(dist["rewards"], single.all_rewards, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dist["advantages"], single.all_advantages, rtol=1e-4, atol=1e-4)
     assert single.all_advantages.abs().sum() > 0
-    assert dist["steps"] == 1 and dist["kl"] == 0.0 and dist["lora_changed"]
+    assert dist["steps"] == 1 and dist["kl"] == 0.0
+    assert all(inert(gen.transformer, n) for n in dist["unchanged_lora_B"])
+    # the same update on one process (AdamW as the recipe says): ZeRO-2's rank average equals the mean over batches
+    params = dict((n, p) for n, p in gen.transformer.named_parameters() if p.requires_grad)
+    run.optimizer = torch.optim.AdamW(params.values(), lr=recipe.optim.lr, weight_decay=0.0)
+    run.end_update(train_update(run, cfg, plan, single, 0, 0, recipe.seed))
+    for name, value in dist["after"].items():
+        if "lora_B" in name:
+            torch.testing.assert_close(value, params[name].detach(), rtol=1e-4, atol=1e-6)

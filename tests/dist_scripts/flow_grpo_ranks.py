@@ -29,10 +29,13 @@ def main(recipe_path: str, out_path: str) -> None:
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     stats = train_update(run, cfg, plan, data, 0, 0, recipe.seed)
     run.end_update(stats)
-    changed = all(not torch.equal(p.detach(), before[n]) for n, p in module.named_parameters() if p.requires_grad)
+    # the first update from a gaussian-init LoRA (B = 0) moves every lora_B (lora_A has no gradient yet)
+    unchanged = [n for n, p in module.named_parameters() if n in before and "lora_B" in n
+                 and torch.equal(p.detach(), before[n])]
     if run.accelerator.is_main_process:
         torch.save({"rewards": data.all_rewards.cpu(), "advantages": data.all_advantages.cpu(), "steps": run.step,
-                    "kl": stats["kl"], "lora_changed": changed}, out_path)
+                    "kl": stats["kl"], "unchanged_lora_B": unchanged, "before": before,
+                    "after": {n: p.detach().cpu().clone() for n, p in module.named_parameters() if n in before}}, out_path)
     run.accelerator.wait_for_everyone()
 
 
