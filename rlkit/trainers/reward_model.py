@@ -20,7 +20,6 @@ pretrained=...)``.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -52,7 +51,6 @@ TRAINABLE_TO_ARCH = {  # RewardModelConfig.trainable -> DiNaLRMConfig fields (de
 }
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
 TEXT_CACHE_SIZE = 4096  # distinct prompts whose embeddings stay in memory
 
 
@@ -100,38 +98,6 @@ def pair_loss(name: str, s_pos: Tensor, s_neg: Tensor, sigma: Tensor, labels: Te
     return F.binary_cross_entropy_with_logits(s_pos.float() - s_neg.float() - margin, labels.float())
 
 
-class ParamEMA:
-    """Exponential moving average of a list of parameters (float32 shadows), updated every ``update_every``."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float, update_every: int = 1):
-        self.params = list(params)
-        self.decay, self.update_every = decay, update_every
-        self.shadow = [p.detach().float().clone() for p in self.params]
-        self.calls = 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.calls += 1
-        if self.calls % self.update_every:
-            return
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - self.decay)
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """The shadows copied into the parameters for the ``with`` body; the raw weights restored after."""
-        raw = [p.detach().clone() for p in self.params]
-        try:
-            with torch.no_grad():
-                for p, s in zip(self.params, self.shadow):
-                    p.copy_(s.to(p.dtype))
-            yield
-        finally:
-            with torch.no_grad():
-                for p, r in zip(self.params, raw):
-                    p.copy_(r)
-
-
 # --------------------------------------------------------------------------------------------------
 # the reward model as a reward (for evaluation)
 
@@ -166,7 +132,8 @@ class RewardModelRun:
     engine: Any  # what accelerate.prepare returned (DDP / DeepSpeed engine / the model)
     optimizer: Any
     scheduler: Any
-    ema: ParamEMA | None
+    ema: Any  # rlkit.runtime.ema.EMA or None
+    tracker: Any  # rlkit.runtime.tracking.Tracker
     params: list[torch.nn.Parameter]
     train_pairs: list[PreferencePair]
     eval_pairs: list[PreferencePair]
@@ -227,6 +194,8 @@ def _build_model(recipe: Recipe, gen):
 def setup(recipe: Recipe) -> RewardModelRun:
     """Accelerator, generator (text encoders + backbone), model, data, optimiser, EMA."""
     from rlkit.runtime.accelerator import build_accelerator
+    from rlkit.runtime.ema import EMA
+    from rlkit.runtime.tracking import Tracker
     from rlkit.trainers import common
 
     cfg = recipe.reward_model
@@ -248,13 +217,13 @@ def setup(recipe: Recipe) -> RewardModelRun:
     total = cfg.epochs * (len(sampler) // cfg.grad_accum) if cfg.epochs else cfg.max_steps
     optimizer, scheduler = common.build_optimizer(params, recipe.optim, total)
     engine, optimizer = accelerator.prepare(model, optimizer)
-    ema = ParamEMA(params, recipe.ema.decay, recipe.ema.update_every) if recipe.ema.enabled else None
+    ema = EMA(params, recipe.ema.decay, recipe.ema.update_every) if recipe.ema.enabled else None
     run_dir = common.run_dir(recipe)
     if accelerator.is_main_process:
         save_resolved(recipe, run_dir)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    return RewardModelRun(recipe, accelerator, gen, model, engine, optimizer, scheduler, ema, params, train_pairs,
-                          eval_pairs, sampler, total, run_dir)
+    tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
+    return RewardModelRun(recipe, accelerator, gen, model, engine, optimizer, scheduler, ema, tracker, params,
+                          train_pairs, eval_pairs, sampler, total, run_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,11 +297,8 @@ def _optimizer_step(run: RewardModelRun) -> dict[str, float]:
 
 
 def _log(run: RewardModelRun, record: dict[str, Any]) -> None:
-    record = {"step": run.step, **record}
-    run.history.append(record)
-    if run.accelerator.is_main_process:
-        with (run.run_dir / METRICS_FILE).open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    run.history.append({"step": run.step, **record})
+    run.tracker.log(record, step=run.step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,6 +386,7 @@ def finish(run: RewardModelRun) -> dict[str, float]:
     if metrics:
         _log(run, metrics)
     save_checkpoint(run, run.run_dir / FINAL_DIR)
+    run.tracker.close()
     return {"steps": float(run.step), **metrics}
 
 
