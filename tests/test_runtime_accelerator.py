@@ -95,3 +95,17 @@ def test_generators_per_purpose_and_rank_and_state_round_trip():
     assert torch.equal(a, torch.rand(2))
     seed_everything(11, rank=0)
     assert not torch.equal(a, torch.rand(2))
+
+
+@pytest.mark.parametrize("name, kind, stage", [("ddp", "MULTI_GPU", None), ("zero2", "DEEPSPEED", 2),
+                                               ("zero3", "DEEPSPEED", 3)])
+def test_launcher_files_load_in_accelerate(name, kind, stage):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / f"{name}.yaml"
+    assert path.read_text().startswith("# Launcher file")
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == kind and config.num_processes == -1  # the count is a launch argument
+    assert (config.deepspeed_config or {}).get("zero_stage") == stage
