@@ -46,6 +46,9 @@ def test_deepspeed_refuses_accelerate_use_cpu_and_stage_mismatch(monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(RuntimeError, match="launch.deepspeed=2"):
         build_accelerator(LaunchConfig(deepspeed=2))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RuntimeError, match="launch.deepspeed=null"):
+        build_accelerator(LaunchConfig())
 
 
 def test_deepspeed_plugin_settings():

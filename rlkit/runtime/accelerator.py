@@ -29,6 +29,7 @@ from rlkit.config import LaunchConfig
 
 CPU_BACKEND = "gloo"
 LAUNCHER_STAGE_ENV = "ACCELERATE_DEEPSPEED_ZERO_STAGE"  # set by `accelerate launch --zero_stage`
+LAUNCHER_DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"  # set by `accelerate launch --use_deepspeed`
 NO_CLIPPING = 0.0
 FROZEN_MICRO_BATCH = 1  # DeepSpeed insists on batch sizes even for an engine that never steps
 TRUE_VALUES = ("1", "true", "yes")
@@ -70,6 +71,9 @@ def build_accelerator(
             raise RuntimeError(f"the recipe says launch.deepspeed={launch.deepspeed} but accelerate was launched "
                                f"with ZeRO stage {launched_stage}; make them agree")
         plugin = make_deepspeed_plugin(launch.deepspeed, grad_clip=grad_clip, grad_accum=grad_accum)
+    elif os.environ.get(LAUNCHER_DEEPSPEED_ENV, "").lower() in TRUE_VALUES:
+        raise RuntimeError("accelerate was launched with DeepSpeed but the recipe says launch.deepspeed=null; "
+                           "set launch.deepspeed to the ZeRO stage or launch without --use_deepspeed")
     if not torch.cuda.is_available() and _world_size() > 1:
         handlers.append(InitProcessGroupKwargs(backend=CPU_BACKEND))
         if plugin is None:
