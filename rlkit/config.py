@@ -273,7 +273,7 @@ class FlowGRPOConfig:
 class PreferenceDataConfig:
     train: str = ""
     eval: str | None = None
-    format: Literal["auto", "hpdv3", "generic", "ranked"] = "auto"
+    format: Literal["auto", "hpdv3", "latents", "generic", "ranked"] = "auto"  # see rlkit.data.pairs
     columns: dict[str, str] = field(default_factory=dict)  # generic column mapping
     max_pairs_per_prompt: int | None = None
 

@@ -5,6 +5,7 @@ saved in the release layout and loaded back through the registry; 2 processes (Z
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -183,6 +184,32 @@ def test_frozen_backbone_and_full_training_save_their_release_layouts(trainable,
     with rm.ema_weights(run):
         for (name, a), b in zip(run.model.reward_head.state_dict().items(), loaded.reward_head.state_dict().values()):
             assert torch.allclose(a, b), name
+
+
+@pytest.mark.slow
+def test_trains_from_cached_latents_without_the_vae(tiny_sd3_dir, tiny_generator, tmp_path):
+    from PIL import Image
+
+    from rlkit.cache_latents import cache_latents
+    from rlkit.data import BucketConfig
+
+    records = []
+    for i in range(8):
+        for side, value in (("a", 200), ("b", 40)):
+            Image.new("RGB", (16, 16), (value, 255 - value, (37 * i) % 255)).save(tmp_path / f"{i}{side}.png")
+        records.append({"prompt": "a red circle", "path1": f"{i}a.png", "path2": f"{i}b.png"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cached = tmp_path / "latents.parquet"
+    cache_latents(tmp_path / "pairs.jsonl", tiny_generator, cached, BucketConfig(sizes=[(16, 16)], min_pixels=0),
+                  progress=False)
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, tmp_path, steps=2) + [
+        f"reward_model.data.train={cached}", f"reward_model.data.eval={cached}", "reward_model.batch_size=4"])
+    run = rm.setup(recipe)
+    run.gen.pipeline.vae = None  # training and evaluation must not need it
+    rm.train_loop(run)
+    metrics = rm.finish(run)
+    assert run.step == 2 and all(math.isfinite(h["loss"]) for h in run.history if "loss" in h)
+    assert 0.0 <= metrics["eval/accuracy_u=0.10"] <= 1.0
 
 
 @pytest.mark.slow
