@@ -15,6 +15,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -22,6 +23,27 @@ from torch import Tensor
 from rlkit.config import PretrainLossConfig, Recipe, save_resolved
 from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
+
+
+@contextlib.contextmanager
+def full_weights_loading(accelerator) -> Iterator[None]:
+    """Loads models whole even under ZeRO-3.
+
+    With a ZeRO-3 accelerator alive, transformers/diffusers ``from_pretrained`` build models inside
+    ``deepspeed.zero.Init`` and partition them. Only the policy is handed to ``prepare`` (which partitions
+    it); frozen parts (text encoders, VAE) would stay partitioned with nothing to gather them.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or int(plugin.zero_stage) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 @dataclass
@@ -72,16 +94,18 @@ class PolicyRun:
         accelerator = build_accelerator(recipe.launch, grad_accum=grad_accum, micro_batch=micro_batch,
                                         grad_clip=recipe.optim.grad_clip)
         torch.manual_seed(derive_seed(recipe.seed, "init"))
-        gen = common.load_generator(recipe.model, device=accelerator.device)
-        params = common.prepare_policy(gen, recipe.lora, recipe.model.gradient_checkpointing)
-        reward = common.build_reward(recipe.rewards, gen)
+        with full_weights_loading(accelerator):
+            gen = common.load_generator(recipe.model, device=accelerator.device)
+            params = common.prepare_policy(gen, recipe.lora, recipe.model.gradient_checkpointing)
+            reward = common.build_reward(recipe.rewards, gen)
         optimizer, scheduler = common.build_optimizer(params, recipe.optim, total_updates)
         model, optimizer = accelerator.prepare(gen.transformer, optimizer)
         ema = EMA(params, decay=recipe.ema.decay, update_every=recipe.ema.update_every) if recipe.ema.enabled else None
         recipe_file = save_resolved(recipe, run_dir) if accelerator.is_main_process else run_dir / "recipe.yaml"
         tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
         proxy = {spec.name: reward for spec in recipe.rewards[:1]} if len(recipe.rewards) == 1 else {"mix": reward}
-        evaluator = common.build_evaluator(recipe.eval, gen, proxy, recipe.model.resolution)
+        with full_weights_loading(accelerator):
+            evaluator = common.build_evaluator(recipe.eval, gen, proxy, recipe.model.resolution)
         checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=recipe.checkpoint.keep_last)
         run = cls(recipe=recipe, accelerator=accelerator, gen=gen, model=model, reward=reward, optimizer=optimizer,
                   scheduler=scheduler, ema=ema, tracker=tracker, evaluator=evaluator, checkpoints=checkpoints,
@@ -185,7 +209,7 @@ class PolicyRun:
 
     @property
     def _deepspeed(self) -> bool:
-        return getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
+        return self._zero_stage is not None
 
     @property
     def finished(self) -> bool:
@@ -231,18 +255,35 @@ class PolicyRun:
         metrics = self.evaluate() if self.evaluator.history[-1].step != self.step else self.last_metrics
         self.save()
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.export()
+        self.export()
         self.tracker.close()
         self.guard.close()
         return metrics
 
-    def export(self) -> Path:
+    def _gathered(self):
+        """Under ZeRO-3 every rank must join to gather the partitioned trainable weights."""
+        if self._zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    @property
+    def _zero_stage(self) -> int | None:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return None if plugin is None else int(plugin.zero_stage)
+
+    def export(self) -> Path | None:
+        """The policy (EMA weights when enabled) for diffusers; called on every rank, written by the main one."""
         from rlkit.export import export_full_transformer, export_policy_lora
 
         model = self.accelerator.unwrap_model(self.model)
         recipe_file = self.run_dir / "recipe.yaml"
-        with self._ema_weights():
+        out = self.run_dir / "export"
+        with self._ema_weights(), self._gathered():
+            if not self.accelerator.is_main_process:
+                return None
             if self.recipe.lora.enabled:
-                return export_policy_lora(model, self.recipe.lora.adapter_name, self.run_dir / "export", recipe_file)
-            return export_full_transformer(model, self.run_dir / "export", recipe_file)
+                return export_policy_lora(model, self.recipe.lora.adapter_name, out, recipe_file)
+            return export_full_transformer(model, out, recipe_file)
