@@ -37,9 +37,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from rewards.base import MemoDecode, Reward, RewardInput
+from rewards.base import Reward, RewardInput
 from rlkit.config import FlowGRPOConfig, LoRAConfig, Recipe
 from rlkit.grpo import clipped_policy_loss, group_advantages, informative_mask, kl_to_reference, mixed_advantages
+from rlkit.models.decode import decode_if_needed
 from rlkit.rollout import Rollout, draw_window, rollout, step_log_probs
 from rlkit.runtime.seeding import derive_seed
 
@@ -155,7 +156,7 @@ def score_rollout(gen, reward: Reward, ro: Rollout, cfg: FlowGRPOConfig, generat
     else:
         latents, sigmas = ro.window_end_latents, ro.window_end_sigma
     out = reward(RewardInput(prompts=ro.prompts, latents=latents, sigmas=sigmas, text=ro.text,
-                             decode=MemoDecode(gen.decode), generator=generator))
+                             decode=decode_if_needed(gen, [reward]), generator=generator))
     scores = {MIXED_REWARD: out.scores.detach().float()}
     scores.update(_component_scores(reward, out))
     extras = {k: v.detach().float() for k, v in out.extras.items() if v.ndim == 1 and v.shape[0] == ro.batch_size}

@@ -35,7 +35,8 @@ def main(recipe_path: str, out_path: str) -> None:
     if run.accelerator.is_main_process:
         torch.save({"rewards": data.all_rewards.cpu(), "advantages": data.all_advantages.cpu(), "steps": run.step,
                     "kl": stats["kl"], "unchanged_lora_B": unchanged, "before": before,
-                    "after": {n: p.detach().cpu().clone() for n, p in module.named_parameters() if n in before}}, out_path)
+                    "after": {n: p.detach().cpu().clone() for n, p in module.named_parameters() if n in before}},
+                   out_path)
     run.accelerator.wait_for_everyone()
 
 
