@@ -181,6 +181,8 @@ class GoldenJudgeReward(Reward):
         scores = reading.all_correct if self.mode == "all" else reading.fraction
         extras = {f"{a}_correct": reading.correct[a].float() for a in ATTRIBUTES}
         extras.update(fraction=reading.fraction, all_correct=reading.all_correct)
+        # realism guards reported beside the score (compare with real pictures' values)
+        extras.update(foreground_area=foreground_area(images), high_frequency=high_frequency_energy(images))
         device = images.device
         return RewardOutput(scores=scores.to(device), extras={k: v.to(device) for k, v in extras.items()})
 
