@@ -60,7 +60,7 @@ class LoRAConfig:
     enabled: bool = True
     rank: int = 32
     alpha: float = 64.0
-    init: Literal["gaussian", "default", "zeros"] = "gaussian"
+    init: Literal["gaussian", "default", "random"] = "gaussian"  # random: A and B random (tests)
     target_modules: list[str] = field(default_factory=lambda: list(SD3_ATTN_TARGETS))
     adapter_name: str = "policy"
 
