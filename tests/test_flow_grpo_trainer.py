@@ -299,6 +299,28 @@ def test_reward_rises_over_cpu_epochs(tmp_path, tiny_sd3_dir):
     assert (recipe.run_dir / "export").is_dir()
 
 
+@pytest.mark.slow
+def test_resume_at_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path, tiny_sd3_dir):
+    from safetensors.torch import load_file
+
+    from rlkit.trainers import flow_grpo
+
+    torch.set_num_threads(1)
+    (tmp_path / "a").mkdir()
+    full = recipe_from_dict(tiny_recipe(tmp_path / "a", tiny_sd3_dir, {"max_epochs": 2, "kl_beta": 0.1}))
+    flow_grpo.train(full)
+    (tmp_path / "b").mkdir()
+    flow_grpo.train(recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, {"max_epochs": 1, "kl_beta": 0.1})))
+    resumed = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, {"max_epochs": 2, "kl_beta": 0.1}))
+    flow_grpo.train(resumed)
+    assert any(r.get("resumed_from") == 1.0 for r in read_log(resumed.run_dir))
+    a = load_file(full.run_dir / "export" / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed.run_dir / "export" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 # -- recipes --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", RECIPES)
 def test_shipped_recipes_load_and_split_over_processes(name):
