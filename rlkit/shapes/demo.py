@@ -1,0 +1,198 @@
+"""``rlkit demo``: the Shapes proving ground end to end on a CPU.
+
+Runs the shipped recipes ``recipes/refl_shapes.yaml`` and ``recipes/flow_grpo_shapes.yaml`` (ReFL and
+Flow-GRPO-Fast with the shipped DiNa-LRM as the reward) through the same trainer code the SD3.5 recipes
+use, evaluates held-out prompts with the analytic golden judge before and after, and writes a report
+folder: curves (proxy, golden and realism guards against steps and wall time) as PNG, before/after image
+grids for the same seeds, and ``summary.md`` with the numbers.
+
+``--quick`` is the shortened run CI uses (minutes); ``--seeds 0 1 2`` repeats each run for mean and spread;
+``--pixel-reward`` adds the same runs with the pixel-space CLIP reward (decodes through the VAE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+GOLDEN = "eval/golden/shapes-golden"
+GUARDS = ("foreground_area", "high_frequency")
+GUARD_TOLERANCE = 0.20  # a run whose guard leaves [0.8, 1.2] of real pictures is reward hacking
+QUICK = {
+    "refl": ["refl.max_steps=12", "refl.batch_size=4", "eval.every=6", "eval.num_prompts=24",
+             "eval.images_per_prompt=1", "eval.batch_size=24", "eval.grid_images=12"],
+    "flow_grpo": ["flow_grpo.max_epochs=6", "flow_grpo.prompts_per_epoch=4", "flow_grpo.batch_size=16",
+                  "eval.every=3", "eval.num_prompts=24", "eval.images_per_prompt=1", "eval.batch_size=24",
+                  "eval.grid_images=12"],
+}
+PIXEL_REWARD = ["rewards.0.name=shapes-clip", "rewards.0.args={}"]
+
+
+@dataclass
+class RunSummary:
+    label: str
+    algorithm: str
+    seed: int
+    run_dir: Path
+    golden: list[tuple[int, float, float]] = field(default_factory=list)  # (step, wall s, score)
+    proxy: list[tuple[int, float, float]] = field(default_factory=list)
+    guards: dict[str, float] = field(default_factory=dict)  # final ratio to real pictures
+    wall_s: float = 0.0
+
+    @property
+    def gain(self) -> float:
+        return self.golden[-1][2] - self.golden[0][2]
+
+    @property
+    def hacked(self) -> bool:
+        return any(abs(r - 1) > GUARD_TOLERANCE for r in self.guards.values())
+
+
+def real_guard_values(num: int = 256, seed: int = 99) -> dict[str, float]:
+    """Foreground area and high-frequency energy of real held-out pictures (the guards' reference)."""
+    import numpy as np
+
+    from rlkit.shapes import world
+    from rlkit.shapes.judges import foreground_area, high_frequency_energy
+
+    scenes = world.heldout_scenes()
+    rng = np.random.default_rng(seed)
+    picks = [scenes[i] for i in rng.integers(0, len(scenes), num)]
+    images = world.draw_batch(picks, seed=seed)
+    return {"foreground_area": float(foreground_area(images).mean()),
+            "high_frequency": float(high_frequency_energy(images).mean())}
+
+
+def run_one(algorithm: str, label: str, seed: int, out: Path, extra: list[str], quick: bool) -> RunSummary:
+    from rlkit.config import load_recipe
+    from rlkit.runtime.tracking import read_metrics
+    from rlkit.trainers import run
+
+    overrides = [f"seed={seed}", f"name={label}_s{seed}", f"output_dir={out / 'runs'}", "checkpoint.resume=false",
+                 *(QUICK[algorithm] if quick else []), *extra]
+    recipe = load_recipe(RECIPES / f"{algorithm}_shapes.yaml", overrides)
+    if recipe.run_dir.exists():
+        shutil.rmtree(recipe.run_dir)
+    start = time.perf_counter()
+    run(recipe)
+    summary = RunSummary(label, algorithm, seed, recipe.run_dir, wall_s=time.perf_counter() - start)
+    for record in read_metrics(recipe.run_dir):
+        if GOLDEN in record:
+            wall = record.get("time/elapsed_s", 0.0)
+            summary.golden.append((record["step"], wall, record[GOLDEN]))
+            proxy = [v for k, v in record.items() if k.startswith("eval/proxy/") and k.count("/") == 2]
+            if proxy:
+                summary.proxy.append((record["step"], wall, proxy[0]))
+            summary.guards = {g: record[f"{GOLDEN}/{g}"] for g in GUARDS if f"{GOLDEN}/{g}" in record}
+    return summary
+
+
+def plot_curves(runs: list[RunSummary], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for r in runs:
+        steps, walls, golden = zip(*r.golden)
+        axes[0, 0].plot(steps, golden, marker="o", label=f"{r.label} s{r.seed}")
+        axes[0, 1].plot(walls, golden, marker="o", label=f"{r.label} s{r.seed}")
+        if r.proxy:
+            ps, _, pv = zip(*r.proxy)
+            axes[1, 0].plot(ps, pv, marker=".", label=f"{r.label} s{r.seed}")
+    axes[0, 0].set(title="golden judge (held-out prompts)", xlabel="update", ylabel="all attributes correct")
+    axes[0, 1].set(title="golden judge vs wall time", xlabel="seconds", ylabel="all attributes correct")
+    axes[1, 0].set(title="proxy reward (held-out prompts)", xlabel="update", ylabel="reward")
+    labels = [f"{r.label} s{r.seed}" for r in runs]
+    for i, guard in enumerate(GUARDS):
+        axes[1, 1].bar([x + 0.4 * i for x in range(len(runs))], [r.guards.get(guard, float("nan")) for r in runs],
+                       width=0.4, label=guard)
+    axes[1, 1].axhspan(1 - GUARD_TOLERANCE, 1 + GUARD_TOLERANCE, color="green", alpha=0.1)
+    axes[1, 1].set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=7)
+    axes[1, 1].set(title="realism guards / real pictures (final)")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> Path:
+    for r in runs:
+        r.guards = {g: v / real[g] for g, v in r.guards.items()}
+    plot_curves(runs, out / "curves.png")
+    for r in runs:
+        samples = sorted((r.run_dir / "samples").glob("step_*.png"))
+        if samples:
+            shutil.copy(samples[0], out / f"{r.label}_s{r.seed}_before.png")
+            shutil.copy(samples[-1], out / f"{r.label}_s{r.seed}_after.png")
+    lines = ["# rlkit demo: the Shapes proving ground", "",
+             "Golden judge: fraction of held-out samples with colour, shape and position all correct "
+             "(analytic, not learned). Guards: foreground area and high-frequency energy of the samples "
+             f"over those of real pictures; outside 1 ± {GUARD_TOLERANCE} is reported as reward hacking.", "",
+             "| run | seed | golden before | golden after | gain | proxy before | proxy after | fg area | high freq | "
+             "wall s | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        proxy = (f"{r.proxy[0][2]:.3f} | {r.proxy[-1][2]:.3f}" if r.proxy else "- | -")
+        verdict = "reward hacking" if r.hacked else ("gain" if r.gain > 0 else "no gain")
+        lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | {r.gain:+.3f} | "
+                     f"{proxy} | {r.guards.get('foreground_area', float('nan')):.2f} | "
+                     f"{r.guards.get('high_frequency', float('nan')):.2f} | {r.wall_s:.0f} | {verdict} |")
+    by_label: dict[str, list[float]] = {}
+    for r in runs:
+        by_label.setdefault(r.label, []).append(r.gain)
+    lines += ["", "| run | mean gain | spread (std) | seeds |", "|---|---|---|---|"]
+    for label, gains in by_label.items():
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        lines.append(f"| {label} | {statistics.mean(gains):+.3f} | {spread:.3f} | {len(gains)} |")
+    lines += ["", "![curves](curves.png)", ""]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    (out / "summary.json").write_text(json.dumps([
+        {"label": r.label, "algorithm": r.algorithm, "seed": r.seed, "golden": r.golden, "proxy": r.proxy,
+         "guards": r.guards, "wall_s": r.wall_s, "gain": r.gain, "hacked": r.hacked} for r in runs], indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlkit demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shortened runs (CI)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--algorithms", nargs="+", default=["refl", "flow_grpo"], choices=["refl", "flow_grpo"])
+    parser.add_argument("--pixel-reward", action="store_true", help="also train with the pixel CLIP reward")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    args = parser.parse_args(argv)
+
+    from rlkit.shapes.judges import ASSETS_DIR
+
+    missing = [name for name in ("generator", "dina_lrm") if not (ASSETS_DIR / name).is_dir()]
+    if missing:
+        print(f"rlkit demo: the shipped Shapes checkpoints {missing} are missing from {ASSETS_DIR}; "
+              "rebuild them with `rlkit shapes build`")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = [("dina-lrm", [])] + ([("pixel-clip", PIXEL_REWARD)] if args.pixel_reward else [])
+    print(f"rlkit demo: {', '.join(args.algorithms)} with {', '.join(v for v, _ in variants)} on the Shapes "
+          f"generator, seeds {args.seeds}{' (quick)' if args.quick else ''}; report in {args.out}", flush=True)
+    runs = []
+    for algorithm in args.algorithms:
+        for reward_label, extra in variants:
+            for seed in args.seeds:
+                label = f"{algorithm}+{reward_label}"
+                print(f"== {label}, seed {seed}", flush=True)
+                r = run_one(algorithm, label, seed, args.out, extra, args.quick)
+                print(f"   golden {r.golden[0][2]:.3f} -> {r.golden[-1][2]:.3f} ({r.gain:+.3f}) in {r.wall_s:.0f} s",
+                      flush=True)
+                runs.append(r)
+    summary = write_report(runs, real_guard_values(), args.out)
+    print(summary.read_text())
+    print(f"report: {summary} (curves.png, before/after grids beside it)")
+    return 0
