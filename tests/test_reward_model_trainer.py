@@ -213,6 +213,19 @@ def test_trains_from_cached_latents_without_the_vae(tiny_sd3_dir, tiny_generator
 
 
 @pytest.mark.slow
+def test_bf16_backbone_trains_fp32_weights_under_autocast(tiny_sd3_dir, tmp_path):
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, tmp_path, steps=3) + [
+        "model.dtype=bf16", "launch.mixed_precision=bf16", "reward_model.data.eval="])
+    run = rm.setup(recipe)
+    assert next(run.model.tapped_backbone.transformer_blocks.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in run.params)
+    before = [p.detach().clone() for p in run.params]
+    rm.train_loop(run)
+    assert all(math.isfinite(h["loss"]) for h in run.history)
+    assert sum(not torch.equal(b, p.detach()) for b, p in zip(before, run.params)) == len(before)
+
+
+@pytest.mark.slow
 def test_lr_follows_warmup_then_schedule_as_logged(trained):
     run, *_ = trained
     lrs = [h["lr"] for h in run.history if "lr" in h]

@@ -193,7 +193,7 @@ def _build_model(recipe: Recipe, gen):
 
 def setup(recipe: Recipe) -> RewardModelRun:
     """Accelerator, generator (text encoders + backbone), model, data, optimiser, EMA."""
-    from rlkit.runtime.accelerator import build_accelerator
+    from rlkit.runtime.accelerator import build_accelerator, uses_deepspeed
     from rlkit.runtime.ema import EMA
     from rlkit.runtime.tracking import Tracker
     from rlkit.trainers import common
@@ -206,6 +206,11 @@ def setup(recipe: Recipe) -> RewardModelRun:
     model = _build_model(recipe, gen)
     gen.transformer = None  # the model holds the embedders and the first N blocks; the rest is freed
     params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.launch.mixed_precision != "no" and not uses_deepspeed(accelerator):
+        # fp32 master weights for what AdamW updates; autocast runs the bf16/fp16 backbone with them
+        # (DeepSpeed keeps its own fp32 copy instead)
+        for p in params:
+            p.data = p.data.float()
     train_pairs = _load(cfg.data.train, cfg, "train")
     eval_pairs = _load(cfg.data.eval, cfg, "eval")[: cfg.eval_limit] if cfg.data.eval else []
     world = accelerator.num_processes
