@@ -280,6 +280,45 @@ def test_on_policy_ratio_is_one_and_kl_is_zero_then_positive(tmp_path, tiny_sd3_
     assert not unchanged, unchanged  # lora_B moves in the first update, lora_A (B was 0) in the second
 
 
+def test_dina_lrm_sharing_the_policy_blocks_at_window_end(tmp_path, tiny_sd3_dir):
+    """The release's set-up on the tiny model: DiNa-LRM is a second adapter on the policy's own blocks and scores
+    the window-end state at its own sigma (``mode: state``); the reward's adapter switch leaves the policy intact
+    (ratio exactly 1, KL 0 to the LoRA-disabled model before the first update) and only the policy LoRA trains."""
+    from rewards.dina_lrm import DiNaLRMConfig
+    from rewards.dina_lrm.reward import DiNaLRMReward
+    from rewards.base import RewardInput
+    from rlkit.trainers.loop import PolicyRun
+
+    torch.set_num_threads(1)
+    rm = DiNaLRMReward(config=DiNaLRMConfig(num_transformer_layers=3, visual_head_idx=(1, 2, 3), text_head_idx=(2, 3),
+                                            lora_r=4, lora_alpha=8, lora_init="random", num_attn_heads=4,
+                                            num_queries=2, max_sequence_length=16), base_model=str(tiny_sd3_dir))
+    rm.raw_scores(RewardInput(prompts=PROMPTS[:1], latents=torch.zeros(1, 4, 8, 8),
+                              generator=torch.Generator().manual_seed(0)))  # materialises the backbone
+    with torch.no_grad():  # the head's zero-initialised layers random, so the score varies with the latents
+        for p in rm.model.reward_head.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    folder = rm.save_pretrained(tmp_path / "rm")
+    spec = tiny_recipe(tmp_path, tiny_sd3_dir, {"prompts_per_epoch": 1, "kl_beta": 0.1, "reward_at": "window_end"},
+                       rewards=[{"name": "dina-lrm", "args": {"pretrained": str(folder), "mode": "state",
+                                                              "share_backbone": "always"}}])
+    recipe = recipe_from_dict(spec)
+    cfg = recipe.flow_grpo
+    plan = plan_epoch(cfg, 1)
+    run = PolicyRun.setup(recipe, total_updates=1, micro_batch=cfg.batch_size, grad_accum=plan.grad_accum)
+    assert run.reward.is_shared
+    rm_weights = {n: p.detach().clone() for n, p in run.model.named_parameters() if ".rm_lora." in n}
+    assert rm_weights and not any(p.requires_grad for n, p in run.model.named_parameters() if ".rm_lora." in n)
+    data = rollout_epoch(run, cfg, plan, 0, recipe.seed, 32)
+    assert data.batches[0].stopped_at == data.batches[0].step_indices[0, -1] + 1  # the rollout stopped at the window end
+    assert data.all_rewards.std() > 0
+    stats = train_update(run, cfg, plan, data, 0, 0, recipe.seed)
+    assert stats["ratio_dev_max"] == 0.0 and stats["kl"] == 0.0
+    run.end_update(stats)
+    moved = {n for n, p in run.model.named_parameters() if ".policy." in n and "lora_B" in n and p.abs().sum() > 0}
+    assert moved and all(torch.equal(p, rm_weights[n]) for n, p in run.model.named_parameters() if n in rm_weights)
+
+
 @pytest.mark.slow
 def test_reward_rises_over_cpu_epochs(tmp_path, tiny_sd3_dir):
     from rlkit.trainers import flow_grpo
