@@ -49,6 +49,9 @@ class ModelConfig:
     max_sequence_length: int = 77
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        self.pretrained = confload.resolve_package_path(self.pretrained)  # defaults resolve like YAML values
+
     def check(self) -> Problems:
         yield from _positive(self, "resolution", "max_sequence_length")
 
