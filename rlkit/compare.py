@@ -1,0 +1,322 @@
+"""``rlkit compare RUN_DIR ...``: one table and one plot for a set of runs (a sweep folder expands to its runs).
+
+Per run: the proxy reward's gain and every golden reward's gain on the held-out prompts (last evaluation
+minus the first, which is the untrained model), wall time, peak memory, the reward calls of training, and
+the reward-hacking flag. The plot shows proxy and golden curves against steps and against wall time,
+runs grouped by what varied between their recipes (mean line, shaded min-max over seeds).
+
+Reward hacking is flagged when, after a golden reward's best evaluation, the proxy kept rising while that
+golden reward fell: ``proxy(last) > proxy(at golden best) + tol`` and ``golden(last) < golden(best) - tol``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlkit.runtime.tracking import read_metrics
+
+METRICS_FILE = "metrics.jsonl"
+DONE_FILE = "DONE.json"  # written by rlkit.sweep when a run finished
+PROXY_PREFIX = "eval/proxy/"
+GOLDEN_PREFIX = "eval/golden/"
+ELAPSED_KEY = "time/elapsed_s"
+TRAIN_ELAPSED_KEY = "train/time/elapsed_s"
+UPDATE_TIME_KEY = "train/time/update_s"
+PEAK_MEMORY_KEYS = ("memory/peak_bytes", "train/memory/peak_bytes")  # if a trainer logs it
+IGNORED_RECIPE_KEYS = ("name", "output_dir", "seed")  # never "what varied" (seeds are the spread)
+DEFAULT_HACK_TOLERANCE = 0.0
+BYTES_PER_MIB = 2**20
+
+
+@dataclass
+class Curve:
+    steps: list[int]
+    values: list[float]
+    elapsed: list[float]
+
+    @property
+    def gain(self) -> float:
+        return self.values[-1] - self.values[0] if self.values else float("nan")
+
+
+@dataclass
+class RunSummary:
+    name: str
+    path: Path
+    group: str
+    seed: int | None
+    proxy: dict[str, Curve]
+    golden: dict[str, Curve]
+    wall_s: float | None
+    peak_memory_bytes: int | None
+    reward_images: int | None
+    update_s: float | None
+    hacking: list[str] = field(default_factory=list)  # golden names that fell while the proxy rose
+
+    @property
+    def proxy_curve(self) -> Curve | None:
+        """The training reward's curve (the first proxy; a run's proxies are its training rewards)."""
+        return next(iter(self.proxy.values()), None)
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"run": self.name, "group": self.group, "seed": self.seed,
+                               "proxy": ",".join(self.proxy), "proxy_gain": self.proxy_curve.gain
+                               if self.proxy_curve else None}
+        for name, c in self.golden.items():
+            out[f"golden_gain/{name}"] = c.gain
+        out["wall_s"] = self.wall_s
+        out["peak_mem_mib"] = None if self.peak_memory_bytes is None else self.peak_memory_bytes / BYTES_PER_MIB
+        out["reward_images"] = self.reward_images
+        out["update_s"] = self.update_s
+        out["hacking"] = ",".join(self.hacking) if self.hacking else ""
+        return out
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / METRICS_FILE).is_file()
+
+
+def expand_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Run folders as given; a folder without metrics (a sweep folder) stands for its run sub-folders."""
+    out = []
+    for p in map(Path, paths):
+        if _is_run_dir(p):
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c))
+    return out
+
+
+def curves(rows: list[dict], prefix: str) -> dict[str, Curve]:
+    """Evaluation curves of every ``<prefix><name>`` key (sub-keys such as ``/raw`` are left out)."""
+    out: dict[str, Curve] = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith(prefix) or "/" in key[len(prefix):] or not isinstance(value, (int, float)):
+                continue
+            c = out.setdefault(key[len(prefix):], Curve([], [], []))
+            if c.steps and c.steps[-1] == row["step"]:  # a resumed run may evaluate the same step twice
+                c.values[-1], c.elapsed[-1] = float(value), float(row.get(ELAPSED_KEY, c.elapsed[-1]))
+                continue
+            c.steps.append(int(row["step"]))
+            c.values.append(float(value))
+            c.elapsed.append(float(row.get(ELAPSED_KEY, float("nan"))))
+    return out
+
+
+def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = DEFAULT_HACK_TOLERANCE) -> list[str]:
+    """Golden rewards that fell from their best while the proxy kept rising after that point."""
+    if proxy is None or len(proxy.values) < 2:
+        return []
+    at_step = dict(zip(proxy.steps, proxy.values))
+    out = []
+    for name, g in golden.items():
+        if len(g.values) < 2:
+            continue
+        best = max(range(len(g.values)), key=g.values.__getitem__)
+        base = at_step.get(g.steps[best])
+        if base is None:
+            continue
+        if proxy.values[-1] > base + tol and g.values[-1] < g.values[best] - tol:
+            out.append(name)
+    return out
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        out[f"{prefix}.len"] = len(data)
+        return out
+    return {prefix: json.dumps(data) if isinstance(data, (list, dict)) else data}
+
+
+def varied_keys(recipes: list[dict]) -> list[str]:
+    """Recipe keys whose values differ between runs (name, output folder and seed left out)."""
+    flat = [_flatten(r) for r in recipes]
+    keys = sorted(set().union(*flat)) if flat else []
+    return [k for k in keys if k not in IGNORED_RECIPE_KEYS and len({repr(f.get(k)) for f in flat}) > 1]
+
+
+def _reward_images(recipe: dict, steps: int) -> int | None:
+    """Images the training reward scored: the trainer's batch per update times updates times processes."""
+    procs = int(recipe.get("launch", {}).get("num_processes", 1) or 1)
+    algo = recipe.get("algorithm")
+    if algo == "refl":
+        return steps * int(recipe.get("refl", {}).get("batch_size", 1)) * procs
+    if algo == "flow_grpo":
+        g = recipe.get("flow_grpo", {})
+        per = int(g.get("prompts_per_epoch", 0) or 0) * int(g.get("group_size", 0) or 0)
+        epochs = steps // max(int(g.get("updates_per_epoch", 1) or 1), 1)
+        return epochs * per if per else None
+    return None
+
+
+def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list[RunSummary]:
+    recipes = []
+    for d in run_dirs:
+        path = d / "recipe.yaml"
+        recipes.append(yaml.safe_load(path.read_text()) if path.is_file() else {})
+    varied = varied_keys(recipes)
+    out = []
+    for d, recipe in zip(run_dirs, recipes):
+        rows = read_metrics(d)
+        done = json.loads((d / DONE_FILE).read_text()) if (d / DONE_FILE).is_file() else {}
+        flat = _flatten(recipe)
+        labels = {k: v for k, v in done.get("labels", {}).items() if k != "seed"}
+        group = ", ".join(labels.values()) if labels else ", ".join(f"{k}={flat.get(k)}" for k in varied) or "all"
+        proxy, golden = curves(rows, PROXY_PREFIX), curves(rows, GOLDEN_PREFIX)
+        train_steps = [int(r["step"]) for r in rows if any(k.startswith("train/") for k in r)]
+        elapsed = [r[k] for r in rows for k in (ELAPSED_KEY, TRAIN_ELAPSED_KEY) if k in r]
+        peak = done.get("peak_rss_bytes")
+        for r in rows:
+            for k in PEAK_MEMORY_KEYS:
+                if k in r:
+                    peak = max(peak or 0, int(r[k]))
+        updates = [r[UPDATE_TIME_KEY] for r in rows if UPDATE_TIME_KEY in r]
+        first_proxy = next(iter(proxy.values()), None)
+        out.append(RunSummary(
+            name=d.name, path=d, group=group, seed=recipe.get("seed"), proxy=proxy, golden=golden,
+            wall_s=done.get("wall_s", max(elapsed) if elapsed else None), peak_memory_bytes=peak,
+            reward_images=_reward_images(recipe, max(train_steps) if train_steps else 0),
+            update_s=sum(updates) / len(updates) if updates else None,
+            hacking=hacked_goldens(first_proxy, golden, tol)))
+    return out
+
+
+def _fmt(value: Any, signed: bool = False) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:+.4g}" if signed else f"{value:.4g}"
+    return str(value)
+
+
+def write_table(summaries: list[RunSummary], out_dir: Path) -> tuple[Path, Path]:
+    rows = [s.row() for s in summaries]
+    columns: list[str] = []
+    for r in rows:
+        columns += [c for c in r if c not in columns]
+    csv_path, md_path = out_dir / "compare.csv", out_dir / "compare.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [_fmt(r.get(c), signed="gain" in c) for c in columns]
+        if r.get("hacking"):
+            cells[columns.index("hacking")] = f"**HACKING** ({r['hacking']})"
+        elif "hacking" in columns:
+            cells[columns.index("hacking")] = "no"
+        lines.append("| " + " | ".join(cells) + " |")
+    hacked = [s.name for s in summaries if s.hacking]
+    lines += ["", "Gains: last held-out evaluation minus the first (the untrained policy). wall_s and peak_mem_mib "
+              "come from the sweep's DONE marker (peak RSS sampled while the run ran) or the metrics; "
+              "reward_images = images the training reward scored.",
+              f"Reward hacking (proxy rose after a golden reward's best while it fell): "
+              f"{', '.join(hacked) if hacked else 'none'}."]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+def _group_mean(curves_: list[Curve], x: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean, min and max over runs at each step they share; x is the step or the mean elapsed time."""
+    by_step: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for c in curves_:
+        for s, v, t in zip(c.steps, c.values, c.elapsed):
+            by_step[s].append((v, t))
+    steps = sorted(s for s, vs in by_step.items() if len(vs) == len(curves_))
+    xs, mean, lo, hi = [], [], [], []
+    for s in steps:
+        vs = [v for v, _ in by_step[s]]
+        xs.append(float(s) if x == "step" else sum(t for _, t in by_step[s]) / len(vs))
+        mean.append(sum(vs) / len(vs))
+        lo.append(min(vs))
+        hi.append(max(vs))
+    return xs, mean, lo, hi
+
+
+def write_plot(summaries: list[RunSummary], out_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("proxy", "training reward")] if any(s.proxy for s in summaries) else []
+    metrics += [("golden", n) for n in dict.fromkeys(n for s in summaries for n in s.golden)]
+    groups: dict[str, list[RunSummary]] = defaultdict(list)
+    for s in summaries:
+        groups[s.group].append(s)
+    fig, axes = plt.subplots(max(len(metrics), 1), 2, figsize=(11, 3.2 * max(len(metrics), 1)), squeeze=False)
+    for row, (kind, name) in enumerate(metrics):
+        for col, x in enumerate(("step", "wall")):
+            ax = axes[row][col]
+            for group, runs in groups.items():
+                if kind == "proxy":
+                    cs = [r.proxy_curve for r in runs if r.proxy_curve is not None]
+                else:
+                    cs = [r.golden[name] for r in runs if name in r.golden]
+                if not cs:
+                    continue
+                xs, mean, lo, hi = _group_mean(cs, x)
+                hacked = any(r.hacking for r in runs)
+                line, = ax.plot(xs, mean, marker="o", label=f"{group} (n={len(cs)})" + (" HACKING" if hacked else ""))
+                if len(cs) > 1:
+                    ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+            ax.set_title(f"{kind}: {name}")
+            ax.set_xlabel("step" if x == "step" else "wall time (s)")
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, tol: float = DEFAULT_HACK_TOLERANCE) -> dict[str, Path]:
+    """Writes ``compare.md``, ``compare.csv``, ``compare.json`` and ``curves.png`` into ``out_dir``."""
+    dirs = expand_run_dirs(list(run_dirs))
+    if not dirs:
+        raise ValueError(f"no run folders (with {METRICS_FILE}) among {[str(d) for d in run_dirs]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(dirs, tol)
+    md, csv_path = write_table(summaries, out_dir)
+    js = out_dir / "compare.json"
+    js.write_text(json.dumps([s.row() for s in summaries], indent=1, default=str))
+    return {"markdown": md, "csv": csv_path, "json": js, "plot": write_plot(summaries, out_dir / "curves.png")}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlkit compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders, or sweep folders holding run folders")
+    parser.add_argument("--out", default=None, help="report folder (default: <first folder>/report)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_HACK_TOLERANCE,
+                        help="reward changes below this do not count as rising or falling")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
+    try:
+        paths = write_report(args.runs, out, args.tolerance)
+    except ValueError as exc:
+        print(f"rlkit compare: {exc}")
+        return 2
+    print(paths["markdown"].read_text())
+    print("\n".join(str(p) for p in paths.values()))
+    return 0

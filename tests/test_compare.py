@@ -1,0 +1,79 @@
+"""rlkit compare on constructed metrics files: gains, grouping, the reward-hacking flag, table + plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlkit.compare import Curve, hacked_goldens, main, summarize, varied_keys, write_report
+
+
+def make_run(root: Path, name: str, reward: str, seed: int, proxy: list[float], golden: list[float]) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    recipe = {"algorithm": "refl", "name": name, "seed": seed, "output_dir": str(root),
+              "rewards": [{"name": reward, "weight": 1.0, "args": {}}], "refl": {"batch_size": 4},
+              "launch": {"num_processes": 2}}
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    rows = []
+    for i, (p, g) in enumerate(zip(proxy, golden)):
+        step = 10 * i
+        if step:
+            rows.append({"step": step, "train/loss": -p, "train/time/update_s": 0.5,
+                         "train/time/elapsed_s": 2.0 * step - 1})
+        rows.append({"step": step, f"eval/proxy/{reward}": p, f"eval/proxy/{reward}/raw": 100 * p,
+                     "eval/golden/judge": g, "time/elapsed_s": 2.0 * step})
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+def test_hacking_flag_by_hand():
+    steps = [0, 10, 20, 30]
+    proxy = Curve(steps, [0.0, 1.0, 2.0, 3.0], [0.0] * 4)
+    falls = Curve(steps, [0.0, 0.5, 0.3, 0.1], [0.0] * 4)  # best at step 10, then falls
+    rises = Curve(steps, [0.0, 0.2, 0.4, 0.6], [0.0] * 4)
+    assert hacked_goldens(proxy, {"a": falls, "b": rises}) == ["a"]
+    # the same golden fall with a flat proxy after the golden peak is not hacking, just a bad run
+    flat = Curve(steps, [0.0, 1.0, 1.0, 1.0], [0.0] * 4)
+    assert hacked_goldens(flat, {"a": falls}) == []
+    # a tolerance larger than the fall silences it
+    assert hacked_goldens(proxy, {"a": falls}, tol=0.5) == []
+
+
+def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
+    root = tmp_path / "sweep"
+    make_run(root, "dina_s0", "dina", 0, [0.0, 0.5, 1.0], [0.0, 0.2, 0.4])
+    make_run(root, "dina_s1", "dina", 1, [0.1, 0.4, 0.9], [0.1, 0.2, 0.5])
+    make_run(root, "pix_s0", "pix", 0, [0.0, 1.0, 3.0], [0.0, 0.3, -0.2])  # proxy up, golden down: hacked
+    recipes = [yaml.safe_load((root / n / "recipe.yaml").read_text()) for n in ("dina_s0", "pix_s0")]
+    assert varied_keys(recipes) == ["rewards.0.name"]
+
+    summaries = {s.name: s for s in summarize(sorted(root.iterdir()))}
+    assert summaries["pix_s0"].hacking == ["judge"]
+    assert summaries["dina_s0"].hacking == [] and summaries["dina_s1"].hacking == []
+    assert summaries["dina_s0"].group == summaries["dina_s1"].group == "rewards.0.name=dina"
+    assert summaries["dina_s1"].golden["judge"].gain == pytest.approx(0.4)
+    assert summaries["pix_s0"].proxy_curve.gain == pytest.approx(3.0)
+    assert set(summaries["pix_s0"].proxy) == {"pix"}  # the /raw sub-key is not a separate reward
+    assert summaries["dina_s0"].reward_images == 20 * 4 * 2  # steps x batch x processes
+    assert summaries["dina_s0"].wall_s == pytest.approx(40.0)
+
+    paths = write_report([root], tmp_path / "report")  # a sweep folder expands to its runs
+    table = list(csv.DictReader(paths["csv"].open()))
+    assert [r["run"] for r in table] == ["dina_s0", "dina_s1", "pix_s0"]
+    assert [r["hacking"] for r in table] == ["", "", "judge"]
+    assert float(table[2]["golden_gain/judge"]) == pytest.approx(-0.2)
+    assert [r["proxy"] for r in table] == ["dina", "dina", "pix"] and float(table[2]["proxy_gain"]) == 3.0
+    md = paths["markdown"].read_text()
+    assert "**HACKING** (judge)" in md and "| no |" in md and "Reward hacking" in md and ": pix_s0." in md
+    png = paths["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_cli_errors_without_runs(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no run folders" in capsys.readouterr().out
