@@ -37,7 +37,7 @@ REPORT_NAME = "build_report.json"
 
 @dataclass
 class EvalConfig:
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 2
     num_train_prompts: int = 54  # a random subset of training prompts, as many as held-out ones
     num_real: int = 512  # real pictures per split for the judge, the guards and CLIP
     num_steps: int = 20
@@ -59,6 +59,7 @@ def stage_configs(fast: bool) -> dict:
         "pretrain": PretrainConfig(
             vae=VAETrainConfig(steps=20, max_minutes=1.0),
             generator=GeneratorTrainConfig(steps=20, num_images=256, max_minutes=1.0),
+            decoder=VAETrainConfig(steps=10, max_minutes=1.0),
         ),
         "clip": ClipTrainConfig(steps=20, batch_size=64, max_minutes=1.0),
         "evaluate": EvalConfig(samples_per_prompt=1, num_train_prompts=8, num_real=64, num_steps=4),
@@ -137,6 +138,8 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
         old = json.loads(previous.read_text())
         report["seconds"].update(old.get("seconds", {}))
         report["stats"].update(old.get("stats", {}))
+        if "notes" in old:
+            report["notes"] = old["notes"]
     start_all = time.monotonic()
 
     def timed(name: str, fn: Callable[[], dict]) -> None:

@@ -34,7 +34,7 @@ MAX_AREA = 200.0  # pixels: a larger blob is no shape (the largest drawn square 
 MIN_SHAPE_IOU = 0.55  # the best template must fit at least this well to name a shape
 FOREGROUND_TOLERANCE = 0.15  # RGB distance from the border colour that makes a pixel foreground
 ATTRIBUTES = ("color", "shape", "position")
-SHAPE_FIT_WEIGHT = 0.2  # share of the graded template fit in what annotators value
+SHAPE_FIT_WEIGHT = 0.4  # share of the graded template fit in what annotators value
 
 
 @dataclass
@@ -200,7 +200,7 @@ def annotator_utility(images: Tensor, prompts: list[str]) -> Tensor:
 
 @dataclass
 class AnnotatorConfig:
-    noise_std: float = 0.15  # std of each annotator's perception of an image's utility
+    noise_std: float = 0.05  # std of each annotator's perception of an image's utility
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,100 @@
+"""The shipped Shapes checkpoints load through the same from_pretrained paths as real models and work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import rewards
+from rewards.base import RewardInput
+from rlkit.shapes import world
+from rlkit.shapes.judges import ASSETS_DIR
+
+
+@pytest.fixture(scope="module")
+def generator():
+    from rlkit.shapes.pretrain import load_generator
+
+    return load_generator()
+
+
+def test_shipped_generator_loads_and_samples_a_batch(generator):
+    from rlkit.shapes.pretrain import sample_images
+
+    assert generator.transformer.config.patch_size == 2 and generator.latent_shape(32) == (4, 16, 16)
+    assert 0.5e6 < sum(p.numel() for p in generator.transformer.parameters()) < 0.8e6
+    prompts = world.heldout_prompts()[:4]
+    a = sample_images(generator, prompts, seed=0, num_steps=6)
+    b = sample_images(generator, prompts, seed=0, num_steps=6)
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1 and a.std() > 0.05
+    # the diffusers pipeline itself also generates from the shipped folder
+    out = generator.pipeline(prompt=prompts[:2], height=32, width=32, num_inference_steps=4,
+                             max_sequence_length=generator.max_sequence_length, output_type="pt",
+                             generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (2, 3, 32, 32)
+
+
+def test_shipped_vae_reconstructs_what_the_golden_judge_reads(generator):
+    from rlkit.shapes.judges import read_scenes
+
+    scenes = world.sample_scenes(48, np.random.default_rng(9))
+    images = world.draw_batch(scenes, seed=9)
+    with torch.no_grad():
+        recon = generator.decode(generator.encode(images))
+    assert (recon - images).pow(2).mean() < 0.005
+    reading = read_scenes(recon, [s.caption for s in scenes])
+    # colour and position survive the tiny VAE; shapes are its known weakness (see build_report.json)
+    assert reading.correct["color"].float().mean() >= 0.9
+    assert reading.correct["position"].float().mean() >= 0.9
+
+
+def test_shipped_clip_reward_matches_real_captions():
+    reward = rewards.build("shapes-clip")
+    scenes = world.sample_scenes(64, np.random.default_rng(4), "heldout")
+    images = world.draw_batch(scenes, seed=4)
+    right = reward(RewardInput(prompts=[s.caption for s in scenes], images=images)).scores
+    colors = list(world.COLORS)
+    wrong_color = [world.caption(colors[(colors.index(s.color) + 1) % len(colors)], s.shape, s.position)
+                   for s in scenes]
+    wrong = reward(RewardInput(prompts=wrong_color, images=images)).scores
+    assert (right > wrong).float().mean() >= 0.9
+
+
+def test_shipped_preferences_hold_latents_and_labels(generator):
+    from rlkit.shapes.preferences import load_preferences
+
+    pairs = load_preferences()
+    assert len(pairs) >= 256
+    assert set(pairs.column_names) >= {"prompt", "latents_a", "latents_b", "label", "label_repeat"}
+    row = pairs.with_format("torch")[0]
+    assert tuple(row["latents_a"].shape) == generator.latent_shape(32)
+    labels = np.asarray(pairs["label"])
+    assert set(np.unique(labels)) <= {0.0, 1.0} and 0.2 < labels.mean() < 0.8
+    assert not set(pairs["prompt"]) & set(world.heldout_prompts())
+
+
+def test_build_report_records_stages_and_numbers():
+    report = json.loads((ASSETS_DIR / "build_report.json").read_text())
+    assert set(report["seconds"]) >= {"generator", "clip", "evaluate", "preferences", "total"}
+    metrics = report["stats"]["evaluate"]
+    assert metrics["golden_real_heldout"]["all"] >= 0.97
+    generated = metrics["golden_generated_heldout"]
+    assert generated["color"] >= 0.8 and generated["position"] >= 0.8  # the base model follows those
+    assert generated["all"] <= 0.7 and 0.3 <= generated["fraction"] <= 0.8  # and leaves room for alignment
+    assert report["sizes_mb"]["total"] < 20
+
+
+@pytest.mark.slow
+def test_build_all_fast_writes_every_asset(tmp_path):
+    from rlkit.shapes.build import build_all
+
+    report = build_all(tmp_path, fast=True, num_threads=None, log=lambda _: None)
+    for name in ("generator/model_index.json", "clip/config.json", "clip/model.safetensors",
+                 "preferences/train.parquet", "build_report.json"):
+        assert (tmp_path / name).is_file(), name
+    assert report["stats"]["preferences"]["pairs"] == 16
+    assert all(report["seconds"][s] > 0 for s in ("generator", "clip", "evaluate", "preferences"))
