@@ -200,7 +200,7 @@ def annotator_utility(images: Tensor, prompts: list[str]) -> Tensor:
 
 @dataclass
 class AnnotatorConfig:
-    noise_std: float = 0.05  # std of each annotator's perception of an image's utility
+    noise_std: float = 0.02  # std of each annotator's perception of an image's utility
     seed: int = 0
 
     def __post_init__(self) -> None:
