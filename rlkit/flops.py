@@ -10,8 +10,10 @@ import resource
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 RSS_POLL_S = 0.02  # sampling period of the peak-RSS watcher
@@ -73,3 +75,66 @@ class PeakRSS:
         if self._thread is not None:
             self._thread.join()
         self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+
+
+class SavedActivations:
+    """``with SavedActivations(exclude=params) as s: out = f(x)`` -> ``s.bytes``: what autograd keeps for the
+    backward pass (each tensor's storage counted once, views by their base; parameters and ``exclude``
+    (weights, buffers) are not activations). Works on meta tensors, so it sizes full models without allocating them."""
+
+    def __init__(self, exclude=()):
+        self._excluded = {id(t) for t in exclude}
+        self._seen: dict[int, torch.Tensor] = {}
+        self._ctx = None
+
+    def _pack(self, t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        weight = isinstance(base, torch.nn.Parameter) or id(base) in self._excluded or id(t) in self._excluded
+        if not weight:
+            self._seen.setdefault(id(base), base)
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._seen.values())
+
+    def __enter__(self) -> "SavedActivations":
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+
+@dataclass
+class PassCost:
+    """One differentiable call: forward FLOPs, backward FLOPs (gradients w.r.t. ``inputs`` only, as through a
+    frozen reward or a LoRA-tuned generator's input path) and the activation bytes kept for that backward."""
+
+    forward_flops: int
+    backward_flops: int
+    activation_bytes: int
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a model output (a tensor, a tuple, or a transformers ``ModelOutput``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "pooler_output") and out.pooler_output is not None:
+        return out.pooler_output
+    if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
+        return out.last_hidden_state
+    if hasattr(out, "sample"):
+        return out.sample
+    return first_tensor(out[0])
+
+
+def pass_cost(fn: Callable[[], Any], inputs: list[torch.Tensor], modules: tuple = ()) -> PassCost:
+    """Forward + input-gradient backward of ``fn`` counted with ``FlopCounterMode``; activations sized on the
+    way (weights of ``modules`` excluded)."""
+    weights = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
+    with SavedActivations(exclude=weights) as saved:
+        out, fwd = count_flops(lambda: first_tensor(fn()))
+    _, bwd = count_flops(lambda: torch.autograd.grad(out.float().sum(), inputs, allow_unused=True))
+    return PassCost(fwd, bwd, saved.bytes)
