@@ -57,13 +57,13 @@ def stage_configs(fast: bool) -> dict:
                 "preferences": PreferenceConfig()}
     return {
         "pretrain": PretrainConfig(
-            vae=VAETrainConfig(steps=20, max_minutes=1.0),
-            generator=GeneratorTrainConfig(steps=20, num_images=256, max_minutes=1.0),
-            decoder=VAETrainConfig(steps=10, max_minutes=1.0),
+            vae=VAETrainConfig(steps=10, batch_size=16, max_minutes=1.0),
+            generator=GeneratorTrainConfig(steps=10, batch_size=16, num_images=64, max_minutes=1.0),
+            decoder=VAETrainConfig(steps=5, batch_size=16, max_minutes=1.0),
         ),
-        "clip": ClipTrainConfig(steps=20, batch_size=64, max_minutes=1.0),
-        "evaluate": EvalConfig(samples_per_prompt=1, num_train_prompts=8, num_real=64, num_steps=4),
-        "preferences": PreferenceConfig(num_pairs=16, num_steps=4, batch_size=16),
+        "clip": ClipTrainConfig(steps=10, batch_size=32, max_minutes=1.0),
+        "evaluate": EvalConfig(samples_per_prompt=1, num_train_prompts=4, num_real=32, num_steps=3),
+        "preferences": PreferenceConfig(num_pairs=8, num_steps=3, batch_size=8),
     }
 
 
