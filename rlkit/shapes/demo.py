@@ -25,11 +25,11 @@ GOLDEN = "eval/golden/shapes-golden"
 GUARDS = ("foreground_area", "high_frequency")
 GUARD_TOLERANCE = 0.20  # a run whose guard leaves [0.8, 1.2] of real pictures is reward hacking
 QUICK = {
-    "refl": ["refl.max_steps=12", "refl.batch_size=4", "eval.every=6", "eval.num_prompts=24",
-             "eval.images_per_prompt=1", "eval.batch_size=24", "eval.grid_images=12"],
-    "flow_grpo": ["flow_grpo.max_epochs=6", "flow_grpo.prompts_per_epoch=4", "flow_grpo.batch_size=16",
-                  "eval.every=3", "eval.num_prompts=24", "eval.images_per_prompt=1", "eval.batch_size=24",
-                  "eval.grid_images=12"],
+    "refl": ["refl.max_steps=8", "refl.batch_size=4", "eval.every=4", "eval.num_prompts=18",
+             "eval.images_per_prompt=1", "eval.batch_size=18", "eval.grid_images=9"],
+    "flow_grpo": ["flow_grpo.max_epochs=4", "flow_grpo.prompts_per_epoch=4", "flow_grpo.batch_size=16",
+                  "eval.every=2", "eval.num_prompts=18", "eval.images_per_prompt=1", "eval.batch_size=18",
+                  "eval.grid_images=9"],
 }
 PIXEL_REWARD = ["rewards.0.name=shapes-clip", "rewards.0.args={}"]
 
