@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 1
     head = argv[0]
+    if head == "shapes":
+        if argv[1:2] != ["build"]:
+            print("usage: rlkit shapes build [OUT_DIR] [--fast] [--evaluate] [--stages ...]", file=sys.stderr)
+            return 2
+        argv = argv[1:]
     if head in SUBCOMMANDS:
         try:
             module = importlib.import_module(SUBCOMMANDS[head])

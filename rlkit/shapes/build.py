@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -112,7 +112,33 @@ def evaluate(out_dir: str | Path, config: EvalConfig, log: Callable[[str], None]
     return metrics
 
 
-STAGES = ("generator", "clip", "evaluate", "preferences")
+STAGES = ("generator", "clip", "evaluate", "preferences", "dina_lrm")
+EVAL_PAIRS_SEED = 7  # held-out preference pairs: other samples, other annotator draws
+EVAL_PAIRS = 256
+DINA_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dina_lrm_shapes.yaml"
+
+
+def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print) -> dict:
+    """Trains the Shapes DiNa-LRM with ``recipes/dina_lrm_shapes.yaml`` on ``out_dir``'s generator and pairs."""
+    import shutil
+
+    from rlkit.config import load_recipe
+    from rlkit.trainers import run
+
+    work = out_dir / "_dina_lrm_run"
+    overrides = [f"model.pretrained={out_dir / 'generator'}", f"output_dir={work}", "checkpoint.resume=false",
+                 f"reward_model.data.train={out_dir / 'preferences' / 'train.parquet'}",
+                 f"reward_model.data.eval={out_dir / 'preferences' / 'eval.parquet'}"]
+    if fast:
+        overrides += ["reward_model.max_steps=4", "reward_model.eval_every=0", "reward_model.eval_limit=16"]
+    recipe = load_recipe(DINA_RECIPE, overrides)
+    metrics = run(recipe)
+    target = out_dir / "dina_lrm"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(recipe.run_dir / "final", target)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"DiNa-LRM: {metrics}")
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
 
 
 def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = 1,
@@ -158,12 +184,18 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
         return {}
 
     def stage_preferences() -> dict:
-        dataset, stats = build_preferences(load_generator(out_dir / "generator"), configs["preferences"])
+        generator = load_generator(out_dir / "generator")
+        dataset, stats = build_preferences(generator, configs["preferences"])
         save_preferences(dataset, out_dir / "preferences" / "train.parquet")
-        return stats
+        held_out = replace(configs["preferences"], seed=EVAL_PAIRS_SEED,
+                           num_pairs=min(EVAL_PAIRS, configs["preferences"].num_pairs))
+        eval_set, eval_stats = build_preferences(generator, held_out)
+        save_preferences(eval_set, out_dir / "preferences" / "eval.parquet")
+        return {**stats, **{f"eval_{k}": v for k, v in eval_stats.items()}}
 
     runs = {"generator": stage_generator, "clip": stage_clip, "preferences": stage_preferences,
-            "evaluate": lambda: evaluate(out_dir, configs["evaluate"], log)}
+            "evaluate": lambda: evaluate(out_dir, configs["evaluate"], log),
+            "dina_lrm": lambda: train_dina_lrm(out_dir, fast, log)}
     for name in STAGES:
         if name in stages:
             timed(name, runs[name])
