@@ -2,7 +2,7 @@
 
 1. Per reward call at SD3.5-Medium shapes (models built on the meta device: no weights, no compute): parameters,
    forward FLOPs, backward FLOPs (gradient w.r.t. the reward's input only: a frozen reward in ReFL), and the
-   activation memory autograd keeps for that backward (bf16). Rewards: DiNa-LRM (one noise level, and the
+   activation memory autograd keeps for that backward (bf16; attention sized as a fused kernel keeps it). Rewards: DiNa-LRM (one noise level, and the
    K = 3 noise ensemble), VAE decode + PickScore (CLIP ViT-H/14) and VAE decode + HPSv3 (Qwen2-VL-7B).
    Attention is counted (on meta tensors it runs as two batched matmuls; CPU's fused kernel would count 0).
 2. Per ReFL step and per Flow-GRPO / -Fast epoch image at SD3.5-M shapes, with each reward, DiNa-LRM sharing the
@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +106,21 @@ def generator_cost(transformer, resolution: int, text_tokens: int, dtype: torch.
                          pass_cost(call, [latents], (transformer,)))
 
 
-def dina_costs(transformer, resolution: int, dtype: torch.dtype) -> list[RewardCallCost]:
-    """DiNa-LRM (release config: 12 blocks, taps 4/8/12) at one noise level and as the K = 3 ensemble."""
+def dina_model(transformer, dtype: torch.dtype):
+    """DiNa-LRM in its release config (12 blocks, taps 4/8/12) on ``transformer``'s blocks, frozen."""
     from rewards.dina_lrm.config import DiNaLRMConfig
-    from rewards.dina_lrm.flops import CLIP_TOKENS
     from rewards.dina_lrm.model import DiNaLRM
 
-    config = DiNaLRMConfig()
-    model = DiNaLRM.build(config, transformer).to(dtype)
+    model = DiNaLRM.build(DiNaLRMConfig(), transformer).to(dtype)
     model.set_trainable(lora=False, head=False)
+    return model
+
+
+def dina_costs(model, transformer, resolution: int, dtype: torch.dtype) -> list[RewardCallCost]:
+    """DiNa-LRM at one noise level and as the K = 3 noise ensemble."""
+    from rewards.dina_lrm.flops import CLIP_TOKENS
+
+    config = model.config
     lora = sum(p.numel() for p in model.lora_parameters())
     head = sum(p.numel() for p in model.head_parameters())
     backbone = sum(p.numel() for p in model.tapped_backbone.parameters()) - lora
@@ -207,17 +213,19 @@ def hpsv3_cost(resolution: int, dtype: torch.dtype) -> tuple[int, PassCost, str]
 
 def reward_call_costs(resolutions: tuple[int, ...], dtype: torch.dtype = torch.bfloat16
                       ) -> tuple[list[RewardCallCost], dict[int, GeneratorCost]]:
+    from rewards.dina_lrm.flops import CLIP_TOKENS
     from rlkit.config import load_recipe
 
     recipe = load_recipe(_recipe_path(REFL_RECIPE))
-    from rewards.dina_lrm.flops import CLIP_TOKENS
-
     transformer = _meta_transformer(dtype)
+    # the generator is measured before DiNa-LRM puts its adapter on the same blocks
+    gens = {res: generator_cost(transformer, res, CLIP_TOKENS + recipe.model.max_sequence_length, dtype)
+            for res in resolutions}
+    dina = dina_model(transformer, dtype)
     pick_params, pick = pickscore_cost(dtype)
-    rows, gens = [], {}
+    rows = []
     for res in resolutions:
-        gens[res] = generator_cost(transformer, res, CLIP_TOKENS + recipe.model.max_sequence_length, dtype)
-        rows += dina_costs(transformer, res, dtype)
+        rows += dina_costs(dina, transformer, res, dtype)
         dec_params, dec = decode_cost(res, dtype)
         rows.append(RewardCallCost("decode+pickscore", res, dec_params + pick_params, dec_params + pick_params,
                                    dec.forward_flops + pick.forward_flops, dec.backward_flops + pick.backward_flops,
@@ -235,9 +243,9 @@ def _recipe_path(name: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. per ReFL step / Flow-GRPO epoch image, from per-call costs x call counts
-COST_MODEL = """Cost model (per image, bf16 weights, no gradient checkpointing, attention as the math kernel (its probabilities
-are kept; flash attention keeps less), text encoders left out: they are the same
-for every reward and their outputs are cached):
+COST_MODEL = """Cost model (per image, bf16 weights, no gradient checkpointing; attention FLOPs are its two matmuls, its
+activations what a fused (flash) kernel keeps: q, k, v, output, log-sum-exp; text encoders left out: the same
+for every reward, and cached):
   ReFL step  = k no-grad sampling calls x CFG branches (k = mean of grad_step_range)
              + grad_steps transformer calls with gradient x CFG branches (forward + backward)
              + reward forward + backward (input gradient only; the reward is frozen)
@@ -317,8 +325,10 @@ def figure4(plans: list[PlanCost], resolution: int) -> dict[str, float]:
     """HPSv3 -> DiNa-LRM (shared backbone) relative changes of a ReFL step, next to the paper's."""
     pick = {(p.reward, p.backbone): p for p in plans if p.plan == "refl_step" and p.resolution == resolution}
     hps, dina = pick[("decode+hpsv3", "-")], pick[("dina-lrm", "shared")]
-    return {"peak_memory": dina.peak_bytes / hps.peak_bytes - 1, "reward_flops": dina.reward_flops / hps.reward_flops - 1,
-            "update_flops": dina.update_flops / hps.update_flops - 1, "step_flops": dina.total_flops / hps.total_flops - 1}
+    return {"peak_memory": dina.peak_bytes / hps.peak_bytes - 1,
+            "reward_flops": dina.reward_flops / hps.reward_flops - 1,
+            "update_flops": dina.update_flops / hps.update_flops - 1,
+            "step_flops": dina.total_flops / hps.total_flops - 1}
 
 
 # ---------------------------------------------------------------------------------------------------------------

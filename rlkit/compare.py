@@ -289,7 +289,8 @@ def write_plot(summaries: list[RunSummary], out_path: Path) -> Path:
     return out_path
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path, tol: float = DEFAULT_HACK_TOLERANCE) -> dict[str, Path]:
+def write_report(run_dirs: list[str | Path], out_dir: str | Path,
+                 tol: float = DEFAULT_HACK_TOLERANCE) -> dict[str, Path]:
     """Writes ``compare.md``, ``compare.csv``, ``compare.json`` and ``curves.png`` into ``out_dir``."""
     dirs = expand_run_dirs(list(run_dirs))
     if not dirs:

@@ -77,33 +77,74 @@ class PeakRSS:
         self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
 
 
+class _AttentionScope(torch.overrides.TorchFunctionMode):
+    """Marks the calls of ``F.scaled_dot_product_attention`` (however a model imported it) with their (Lq, Lk)."""
+
+    def __init__(self, owner: "SavedActivations"):
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k = args[0], args[1]
+        for t in args[:3]:  # a fused kernel keeps q, k and v
+            self.owner._keep(t)
+        self.owner._attention = (q.shape[-2], k.shape[-2])
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.owner._attention = None
+        # a fused kernel keeps its output and one log-sum-exp per query row (fp32)
+        self.owner._extra += out.numel() * out.element_size() + q.numel() // q.shape[-1] * 4
+        return out
+
+
 class SavedActivations:
     """``with SavedActivations(exclude=params) as s: out = f(x)`` -> ``s.bytes``: what autograd keeps for the
     backward pass (each tensor's storage counted once, views by their base; parameters and ``exclude``
-    (weights, buffers) are not activations). Works on meta tensors, so it sizes full models without allocating them."""
+    (weights, buffers) are not activations). Works on meta tensors, so it sizes full models without allocating
+    them. ``attention="flash"`` sizes attention as a fused kernel keeps it (inputs, output, log-sum-exp) instead
+    of what the math kernel that meta tensors run keeps (the Lq x Lk probabilities as well)."""
 
-    def __init__(self, exclude=()):
+    def __init__(self, exclude=(), attention: str = "math"):
+        if attention not in ("math", "flash"):
+            raise ValueError(f"attention must be 'math' or 'flash', got {attention!r}")
         self._excluded = {id(t) for t in exclude}
         self._seen: dict[int, torch.Tensor] = {}
+        self._flash = attention == "flash"
+        self._attention: tuple[int, int] | None = None
+        self._extra = 0
         self._ctx = None
+        self._mode = None
 
-    def _pack(self, t: torch.Tensor):
+    def _keep(self, t: torch.Tensor) -> None:
         base = t._base if t._base is not None else t
         weight = isinstance(base, torch.nn.Parameter) or id(base) in self._excluded or id(t) in self._excluded
         if not weight:
             self._seen.setdefault(id(base), base)
+
+    def _pack(self, t: torch.Tensor):
+        if self._attention is None:  # inside attention: the math kernel's internals, sized by _AttentionScope
+            self._keep(t)
         return t
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._seen.values())
+        return sum(t.numel() * t.element_size() for t in self._seen.values()) + self._extra
 
     def __enter__(self) -> "SavedActivations":
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._ctx.__enter__()
+        if self._flash:
+            self._mode = _AttentionScope(self)
+            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
         self._ctx.__exit__(*exc)
 
 
@@ -130,11 +171,12 @@ def first_tensor(out: Any) -> torch.Tensor:
     return first_tensor(out[0])
 
 
-def pass_cost(fn: Callable[[], Any], inputs: list[torch.Tensor], modules: tuple = ()) -> PassCost:
+def pass_cost(fn: Callable[[], Any], inputs: list[torch.Tensor], modules: tuple = (),
+              attention: str = "flash") -> PassCost:
     """Forward + input-gradient backward of ``fn`` counted with ``FlopCounterMode``; activations sized on the
-    way (weights of ``modules`` excluded)."""
+    way (weights of ``modules`` excluded; attention as :class:`SavedActivations` ``attention`` says)."""
     weights = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
-    with SavedActivations(exclude=weights) as saved:
+    with SavedActivations(exclude=weights, attention=attention) as saved:
         out, fwd = count_flops(lambda: first_tensor(fn()))
     _, bwd = count_flops(lambda: torch.autograd.grad(out.float().sum(), inputs, allow_unused=True))
     return PassCost(fwd, bwd, saved.bytes)

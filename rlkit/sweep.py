@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Iterator
 
 from rlkit import confload
+from rlkit.compare import DONE_FILE
 from rlkit.config import ConfigError, Recipe, load_recipe
 
-DONE_FILE = "DONE.json"
 RUN_NAME_SEP = "__"
 Problems = Iterator[tuple[str, str]]
 

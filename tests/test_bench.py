@@ -62,6 +62,21 @@ def test_saved_activations_by_hand():
     del y
 
 
+def test_flash_attention_activations_by_hand():
+    with torch.device("meta"):
+        block = AttentionBlock().requires_grad_(False)
+        x = torch.empty(B, L, D, requires_grad=True)
+    flash = pass_cost(lambda: block(x), [x], (block,), attention="flash")
+    math = pass_cost(lambda: block(x), [x], (block,), attention="math")
+    # the qkv output (q, k, v are views of it) and the attention output, fp32, plus one fp32 log-sum-exp per
+    # query row and head; the frozen projections keep nothing (autograd saves a matmul input only when the other
+    # operand needs a gradient)
+    assert flash.activation_bytes == 4 * 4 * B * L * D + 4 * B * H * L
+    # the math kernel (what meta tensors run) keeps q, k, v and the L x L probabilities instead
+    assert math.activation_bytes == 4 * 3 * B * L * D + 4 * B * H * L * L
+    assert (flash.forward_flops, flash.backward_flops) == (math.forward_flops, math.backward_flops)
+
+
 @pytest.fixture(scope="module")
 def bench_512():
     from rlkit.bench import run_bench
