@@ -150,3 +150,35 @@ def test_reward_rises_over_30_updates(tmp_path, tiny_sd3_dir, capsys):
     print("ReFL reward curve:", " ".join(f"{x:.3f}" for x in curve))
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last > first + 0.05, f"reward did not rise: {first:.3f} -> {last:.3f}"
+
+
+def test_pretrain_regulariser_ema_and_early_stopping(tmp_path, tiny_sd3_dir):
+    """lambda > 0 adds the flow-matching loss on base samples; EMA weights are what gets exported;
+    a golden reward that falls for `patience` evaluations stops the run early."""
+    from safetensors.torch import load_file
+
+    from rlkit.trainers import refl
+    from rlkit.trainers.loop import PolicyRun
+
+    data = tiny_recipe(tmp_path, tiny_sd3_dir, max_steps=6, pretrain={"weight": 1.0, "source": "base_samples"})
+    data["ema"] = {"enabled": True, "decay": 0.5, "update_every": 1}
+    # golden = the negated proxy: it falls while the proxy rises, the signal early stopping watches for
+    data["eval"].update(every=1, golden=[{"name": "latent-direction", "args": {"seed": 1, "scale": -1.0}}],
+                        early_stopping_patience=2)
+    recipe = recipe_from_dict(data)
+    refl.train(recipe)
+    log = read_log(recipe.run_dir)
+    train = [r for r in log if "train/loss" in r]
+    assert all("train/loss_pretrain" in r and r["train/loss_pretrain"] > 0 for r in train)
+    assert any(r.get("eval/early_stopped") == 1.0 for r in log)
+    assert len(train) < 6, "early stopping ended the run before max_steps"
+
+    exported = load_file(recipe.run_dir / "export" / "pytorch_lora_weights.safetensors")
+    run = PolicyRun.setup(recipe, total_updates=6, micro_batch=2, grad_accum=1)  # resumes the final checkpoint
+    raw = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    with run.ema.applied():
+        ema = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(raw[n], ema[n]) for n in raw), "EMA differs from the raw weights"
+    key = next(k for k in exported if "lora_B" in k)
+    name = next(n for n in ema if "lora_B" in n and n.split(".lora_B")[0] in key.replace("transformer.", ""))
+    torch.testing.assert_close(exported[key], ema[name])
