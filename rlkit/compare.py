@@ -166,6 +166,15 @@ def _reward_images(recipe: dict, steps: int) -> int | None:
     return None
 
 
+def _read_done(run_dir: Path) -> dict:
+    """The sweep's DONE marker; a cluster script's empty one (``touch``) carries no numbers."""
+    try:
+        done = json.loads((run_dir / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return done if isinstance(done, dict) else {}
+
+
 def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list[RunSummary]:
     recipes = []
     for d in run_dirs:
@@ -175,7 +184,7 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
     out = []
     for d, recipe in zip(run_dirs, recipes):
         rows = read_metrics(d)
-        done = json.loads((d / DONE_FILE).read_text()) if (d / DONE_FILE).is_file() else {}
+        done = _read_done(d)
         flat = _flatten(recipe)
         labels = {k: v for k, v in done.get("labels", {}).items() if k != "seed"}
         group = ", ".join(labels.values()) if labels else ", ".join(f"{k}={flat.get(k)}" for k in varied) or "all"

@@ -49,6 +49,8 @@ def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
     make_run(root, "dina_s0", "dina", 0, [0.0, 0.5, 1.0], [0.0, 0.2, 0.4])
     make_run(root, "dina_s1", "dina", 1, [0.1, 0.4, 0.9], [0.1, 0.2, 0.5])
     make_run(root, "pix_s0", "pix", 0, [0.0, 1.0, 3.0], [0.0, 0.3, -0.2])  # proxy up, golden down: hacked
+    (root / "dina_s1" / "DONE.json").write_text("")  # what the cluster scripts' `touch` leaves
+    (root / "dina_s0" / "DONE.json").write_text(json.dumps({"wall_s": 41.5, "peak_rss_bytes": 3 * 2**20}))
     recipes = [yaml.safe_load((root / n / "recipe.yaml").read_text()) for n in ("dina_s0", "pix_s0")]
     assert varied_keys(recipes) == ["rewards.0.name"]
 
@@ -60,7 +62,8 @@ def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
     assert summaries["pix_s0"].proxy_curve.gain == pytest.approx(3.0)
     assert set(summaries["pix_s0"].proxy) == {"pix"}  # the /raw sub-key is not a separate reward
     assert summaries["dina_s0"].reward_images == 20 * 4 * 2  # steps x batch x processes
-    assert summaries["dina_s0"].wall_s == pytest.approx(40.0)
+    assert summaries["dina_s0"].wall_s == pytest.approx(41.5) and summaries["dina_s0"].peak_memory_bytes == 3 * 2**20
+    assert summaries["dina_s1"].wall_s == pytest.approx(40.0)  # from the metrics' elapsed time
 
     paths = write_report([root], tmp_path / "report")  # a sweep folder expands to its runs
     table = list(csv.DictReader(paths["csv"].open()))
