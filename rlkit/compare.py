@@ -34,6 +34,7 @@ PEAK_MEMORY_KEYS = ("memory/peak_bytes", "train/memory/peak_bytes")  # if a trai
 IGNORED_RECIPE_KEYS = ("name", "output_dir", "seed")  # never "what varied" (seeds are the spread)
 DEFAULT_HACK_TOLERANCE = 0.0
 BYTES_PER_MIB = 2**20
+SEM_SUFFIX = "_sem"  # the evaluator's standard error of a golden mean, shown next to the gain
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RunSummary:
     reward_images: int | None
     update_s: float | None
     hacking: list[str] = field(default_factory=list)  # golden names that fell while the proxy rose
+    golden_sem: dict[str, float] = field(default_factory=dict)  # standard error at the last evaluation
 
     @property
     def proxy_curve(self) -> Curve | None:
@@ -72,6 +74,8 @@ class RunSummary:
                                if self.proxy_curve else None}
         for name, c in self.golden.items():
             out[f"golden_gain/{name}"] = c.gain
+            if name in self.golden_sem:
+                out[f"golden_sem/{name}"] = self.golden_sem[name]
         out["wall_s"] = self.wall_s
         out["peak_mem_mib"] = None if self.peak_memory_bytes is None else self.peak_memory_bytes / BYTES_PER_MIB
         out["reward_images"] = self.reward_images
@@ -100,9 +104,11 @@ def curves(rows: list[dict], prefix: str) -> dict[str, Curve]:
     out: dict[str, Curve] = {}
     for row in rows:
         for key, value in row.items():
-            if not key.startswith(prefix) or "/" in key[len(prefix):] or not isinstance(value, (int, float)):
+            name = key[len(prefix):]
+            if (not key.startswith(prefix) or "/" in name or name.endswith(SEM_SUFFIX)
+                    or not isinstance(value, (int, float))):
                 continue
-            c = out.setdefault(key[len(prefix):], Curve([], [], []))
+            c = out.setdefault(name, Curve([], [], []))
             if c.steps and c.steps[-1] == row["step"]:  # a resumed run may evaluate the same step twice
                 c.values[-1], c.elapsed[-1] = float(value), float(row.get(ELAPSED_KEY, c.elapsed[-1]))
                 continue
@@ -203,7 +209,9 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
             wall_s=done.get("wall_s", max(elapsed) if elapsed else None), peak_memory_bytes=peak,
             reward_images=_reward_images(recipe, max(train_steps) if train_steps else 0),
             update_s=sum(updates) / len(updates) if updates else None,
-            hacking=hacked_goldens(first_proxy, golden, tol)))
+            hacking=hacked_goldens(first_proxy, golden, tol),
+            golden_sem={n: r[f"{GOLDEN_PREFIX}{n}{SEM_SUFFIX}"] for r in rows for n in golden
+                        if f"{GOLDEN_PREFIX}{n}{SEM_SUFFIX}" in r}))
     return out
 
 

@@ -26,7 +26,7 @@ def make_run(root: Path, name: str, reward: str, seed: int, proxy: list[float], 
             rows.append({"step": step, "train/loss": -p, "train/time/update_s": 0.5,
                          "train/time/elapsed_s": 2.0 * step - 1})
         rows.append({"step": step, f"eval/proxy/{reward}": p, f"eval/proxy/{reward}/raw": 100 * p,
-                     "eval/golden/judge": g, "time/elapsed_s": 2.0 * step})
+                     "eval/golden/judge": g, "eval/golden/judge_sem": 0.01 * (i + 1), "time/elapsed_s": 2.0 * step})
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return d
 
@@ -61,6 +61,8 @@ def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
     assert summaries["dina_s1"].golden["judge"].gain == pytest.approx(0.4)
     assert summaries["pix_s0"].proxy_curve.gain == pytest.approx(3.0)
     assert set(summaries["pix_s0"].proxy) == {"pix"}  # the /raw sub-key is not a separate reward
+    assert set(summaries["pix_s0"].golden) == {"judge"}  # nor is the standard error
+    assert summaries["pix_s0"].golden_sem == {"judge": pytest.approx(0.03)}  # the last evaluation's
     assert summaries["dina_s0"].reward_images == 20 * 4 * 2  # steps x batch x processes
     assert summaries["dina_s0"].wall_s == pytest.approx(41.5) and summaries["dina_s0"].peak_memory_bytes == 3 * 2**20
     assert summaries["dina_s1"].wall_s == pytest.approx(40.0)  # from the metrics' elapsed time
