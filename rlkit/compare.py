@@ -6,7 +6,8 @@ the reward-hacking flag. The plot shows proxy and golden curves against steps an
 runs grouped by what varied between their recipes (mean line, shaded min-max over seeds).
 
 Reward hacking is flagged when, after a golden reward's best evaluation, the proxy kept rising while that
-golden reward fell: ``proxy(last) > proxy(at golden best) + tol`` and ``golden(last) < golden(best) - tol``.
+golden reward fell: ``proxy(last) > proxy(at golden best) + tol`` and ``golden(last) < golden(best) - tol'``
+with ``tol' = max(tol, the golden reward's standard error at the last evaluation)`` when it was logged.
 """
 
 from __future__ import annotations
@@ -118,8 +119,10 @@ def curves(rows: list[dict], prefix: str) -> dict[str, Curve]:
     return out
 
 
-def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = DEFAULT_HACK_TOLERANCE) -> list[str]:
-    """Golden rewards that fell from their best while the proxy kept rising after that point."""
+def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = DEFAULT_HACK_TOLERANCE,
+                   sem: dict[str, float] | None = None) -> list[str]:
+    """Golden rewards that fell from their best while the proxy kept rising after that point. A golden fall
+    must also exceed that reward's standard error (``sem``, when the evaluator logged it) to count."""
     if proxy is None or len(proxy.values) < 2:
         return []
     at_step = dict(zip(proxy.steps, proxy.values))
@@ -131,7 +134,8 @@ def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = D
         base = at_step.get(g.steps[best])
         if base is None:
             continue
-        if proxy.values[-1] > base + tol and g.values[-1] < g.values[best] - tol:
+        fall_tol = max(tol, (sem or {}).get(name, 0.0))
+        if proxy.values[-1] > base + tol and g.values[-1] < g.values[best] - fall_tol:
             out.append(name)
     return out
 
@@ -204,14 +208,14 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
                     peak = max(peak or 0, int(r[k]))
         updates = [r[UPDATE_TIME_KEY] for r in rows if UPDATE_TIME_KEY in r]
         first_proxy = next(iter(proxy.values()), None)
+        sems = {n: r[f"{GOLDEN_PREFIX}{n}{SEM_SUFFIX}"] for r in rows for n in golden
+                if f"{GOLDEN_PREFIX}{n}{SEM_SUFFIX}" in r}
         out.append(RunSummary(
             name=d.name, path=d, group=group, seed=recipe.get("seed"), proxy=proxy, golden=golden,
             wall_s=done.get("wall_s", max(elapsed) if elapsed else None), peak_memory_bytes=peak,
             reward_images=_reward_images(recipe, max(train_steps) if train_steps else 0),
             update_s=sum(updates) / len(updates) if updates else None,
-            hacking=hacked_goldens(first_proxy, golden, tol),
-            golden_sem={n: r[f"{GOLDEN_PREFIX}{n}{SEM_SUFFIX}"] for r in rows for n in golden
-                        if f"{GOLDEN_PREFIX}{n}{SEM_SUFFIX}" in r}))
+            hacking=hacked_goldens(first_proxy, golden, tol, sems), golden_sem=sems))
     return out
 
 

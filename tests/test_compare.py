@@ -40,8 +40,10 @@ def test_hacking_flag_by_hand():
     # the same golden fall with a flat proxy after the golden peak is not hacking, just a bad run
     flat = Curve(steps, [0.0, 1.0, 1.0, 1.0], [0.0] * 4)
     assert hacked_goldens(flat, {"a": falls}) == []
-    # a tolerance larger than the fall silences it
+    # a tolerance larger than the fall silences it, and so does a standard error larger than the fall
     assert hacked_goldens(proxy, {"a": falls}, tol=0.5) == []
+    assert hacked_goldens(proxy, {"a": falls}, sem={"a": 0.5}) == []
+    assert hacked_goldens(proxy, {"a": falls}, sem={"a": 0.3}) == ["a"]
 
 
 def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
