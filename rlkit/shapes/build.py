@@ -130,7 +130,8 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
                  f"reward_model.data.train={out_dir / 'preferences' / 'train.parquet'}",
                  f"reward_model.data.eval={out_dir / 'preferences' / 'eval.parquet'}"]
     if fast:
-        overrides += ["reward_model.max_steps=4", "reward_model.eval_every=0", "reward_model.eval_limit=16"]
+        overrides += ["reward_model.max_steps=4", "reward_model.batch_size=4", "reward_model.eval_every=0",
+                      "reward_model.eval_limit=16"]
     recipe = load_recipe(DINA_RECIPE, overrides)
     metrics = run(recipe)
     target = out_dir / "dina_lrm"
