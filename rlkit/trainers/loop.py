@@ -80,6 +80,7 @@ class PolicyRun:
     started: float = field(default_factory=time.perf_counter)
     last_metrics: dict = field(default_factory=dict)
     stopped_early: bool = False
+    _skip: bool = False  # the current update saw a non-finite loss
 
     # -- set-up --------------------------------------------------------------------------------------
     @classmethod
@@ -101,7 +102,8 @@ class PolicyRun:
         optimizer, scheduler = common.build_optimizer(params, recipe.optim, total_updates)
         model, optimizer = accelerator.prepare(gen.transformer, optimizer)
         ema = EMA(params, decay=recipe.ema.decay, update_every=recipe.ema.update_every) if recipe.ema.enabled else None
-        recipe_file = save_resolved(recipe, run_dir) if accelerator.is_main_process else run_dir / "recipe.yaml"
+        if accelerator.is_main_process:
+            save_resolved(recipe, run_dir)
         tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
         proxy = {spec.name: reward for spec in recipe.rewards[:1]} if len(recipe.rewards) == 1 else {"mix": reward}
         with full_weights_loading(accelerator):
@@ -111,7 +113,6 @@ class PolicyRun:
                   scheduler=scheduler, ema=ema, tracker=tracker, evaluator=evaluator, checkpoints=checkpoints,
                   guard=TrainingGuard(), prompts=common.load_prompts(recipe.prompts.source, recipe.prompts.limit),
                   total_updates=total_updates, micro_batch=micro_batch, run_dir=run_dir)
-        del recipe_file
         if recipe.checkpoint.resume:
             run._resume()
         if run.step == 0:
@@ -178,8 +179,7 @@ class PolicyRun:
 
     def end_update(self, stats: dict[str, float]) -> None:
         """Clips, steps the optimiser and schedule, updates EMA, logs, evaluates and checkpoints."""
-        skipped = getattr(self, "_skip", False)
-        self._skip = False
+        skipped, self._skip = self._skip, False
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
             stats["skipped"] = 1.0
