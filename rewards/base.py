@@ -92,6 +92,12 @@ class RewardInput:
     def batch_size(self) -> int:
         return len(self.prompts)
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where the batch's tensors live (the latents', else the images'): rewards return their scores there."""
+        x = self.latents if self.latents is not None else self.images
+        return None if x is None else x.device
+
     def clean_sigmas(self) -> Tensor:
         """``sigmas`` or zeros when the latents are clean."""
         if self.latents is None:
@@ -123,6 +129,17 @@ class Reward(nn.Module):
     space: ClassVar[Literal["latent", "pixel"]]
     noise_aware: ClassVar[bool] = False
     differentiable: ClassVar[bool] = True
+    pinned_device: str | torch.device | None = None  # a device its args named (set by ``rewards.build``)
+
+    def place(self, device: torch.device | str) -> "Reward":
+        """Puts the reward where the trainer computes, ``device``, unless its args named a device of its own
+        (:attr:`pinned_device`): then it stays there and returns its scores on the input's device.
+
+        Rewards whose weights belong to someone else (a backbone shared with the policy) override this.
+        """
+        if self.pinned_device is None:
+            self.to(device)
+        return self
 
     def forward(self, batch: RewardInput) -> RewardOutput:  # pragma: no cover - abstract
         raise NotImplementedError

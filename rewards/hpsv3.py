@@ -329,7 +329,8 @@ class HPSv3Reward(Reward):
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def mu_sigma(self, images: Tensor, prompts: list[str]) -> Tensor:
-        """``(B, 2)`` raw ``(mu, sigma)``, in micro-batches; keeps a graph only when grad is on and asked for."""
+        """``(B, 2)`` raw ``(mu, sigma)`` on ``images``' device, in micro-batches; keeps a graph only when grad is
+        on and asked for."""
         track = torch.is_grad_enabled() and images.requires_grad
         device = self.model.rm_head[0].weight.device  # where the model is now
         ip = self.image_processor
@@ -344,7 +345,7 @@ class HPSv3Reward(Reward):
                     tok["input_ids"].to(device), tok["attention_mask"].to(device), pixel_values, grid.to(device),
                     self.reward_token_id, self.image_token_id,
                 ))
-        return torch.cat(outs)
+            return torch.cat(outs).to(images.device)
 
     def forward(self, batch: RewardInput) -> RewardOutput:
         images = reward_pixels(batch, self._decode)

@@ -132,7 +132,7 @@ class PickScoreReward(Reward):
         return emb / emb.norm(dim=-1, keepdim=True)
 
     def raw_scores(self, images: Tensor, prompts: list[str]) -> Tensor:
-        """``(B,)`` PickScore; a graph is kept only when grad is on and ``images`` require it."""
+        """``(B,)`` PickScore on ``images``' device; a graph is kept only when grad is on and ``images`` require it."""
         text = self.text_embeddings(prompts)
         track = torch.is_grad_enabled() and images.requires_grad
         scale = self.model.logit_scale.exp().float()
@@ -142,7 +142,7 @@ class PickScoreReward(Reward):
                 chunk = images[start : start + self.config.micro_batch_size]
                 image_emb = self.image_embeddings(self.preprocess(chunk))
                 outs.append(scale * (image_emb * text[start : start + chunk.shape[0]]).sum(dim=-1))
-        return torch.cat(outs)
+            return torch.cat(outs).to(images.device)
 
     def forward(self, batch: RewardInput) -> RewardOutput:
         raw = self.raw_scores(reward_pixels(batch, self._decode), batch.prompts)

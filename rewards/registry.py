@@ -72,8 +72,13 @@ class Registry:
         return target
 
     def build(self, name: str, **kwargs: Any):
+        """An instance of reward ``name``; one whose args name a ``device`` is pinned there
+        (:meth:`rewards.base.Reward.place` leaves it on that device)."""
         cls = self.resolve(name)
-        return cls(**kwargs)
+        reward = cls(**kwargs)
+        if kwargs.get("device") is not None and hasattr(reward, "place"):
+            reward.pinned_device = kwargs["device"]
+        return reward
 
 
 REGISTRY = Registry(_BUILTIN)

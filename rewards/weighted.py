@@ -182,6 +182,13 @@ class WeightedReward(Reward):
         for reward in self.components:
             reward.attach_generator(generator)
 
+    def place(self, device: torch.device | str) -> "WeightedReward":
+        """Each component places itself (a pinned one stays on its device); the statistics go to ``device``."""
+        for reward in self.components:
+            reward.place(device)
+        self.normalizers.to(device)
+        return self
+
     def _shared_decode(self, batch: RewardInput) -> RewardInput:
         """The batch with one memoised decoder for all pixel components (unchanged when none is needed)."""
         if self.space == "latent" or batch.images is not None or batch.latents is None:
@@ -197,7 +204,7 @@ class WeightedReward(Reward):
         extras: dict[str, Tensor] = {}
         for key, reward, normalizer, weight in zip(self.keys, self.components, self.normalizers, self.weights):
             out = reward(batch)
-            score = out.scores.float()
+            score = out.scores.float().to(batch.device)  # components may compute on devices of their own
             normed = normalizer(score)
             extras[f"{key}/score"] = score.detach()
             extras[f"{key}/normalized"] = normed.detach()

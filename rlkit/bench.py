@@ -404,7 +404,7 @@ def measure_refl(device: str, repeats: int, folder: Path) -> list[Measured]:
             rng = torch.Generator().manual_seed(seed)
             noise = torch.randn(len(prompts), c, s, s, generator=rng).to(device)
             loss, _ = refl_forward(gen, gen.transformer, reward, prompts, noise, cfg, k=1,
-                                   reward_rng=torch.Generator(device).manual_seed(seed))
+                                   reward_rng=torch.Generator().manual_seed(seed))
             loss.mean().backward()
 
         step(0)  # warm-up: caches, lazy weights, allocator

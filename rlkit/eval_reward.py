@@ -247,10 +247,11 @@ def _input(reward: Reward, prompts: list[str], x: Tensor, kind: str, sigmas: Ten
 
 def _score_pair_sides(reward: Reward, prompts: list[str], chosen: Tensor, rejected: Tensor, kind: str,
                       sigmas: Tensor | None, decode: Callable[[Tensor], Tensor] | None, seed: int) -> Tensor:
-    """``score(chosen) - score(rejected)`` with the same generator state for both calls."""
+    """``score(chosen) - score(rejected)`` with the same generator state for both calls (a CPU generator, so
+    draws do not depend on the data's device)."""
     scores = []
     for x in (chosen, rejected):
-        gen = torch.Generator(device=x.device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
         out = reward(_input(reward, prompts, x, kind, sigmas, decode, gen))
         scores.append(out.scores.detach().float().flatten().cpu())
     return scores[0] - scores[1]
@@ -324,8 +325,8 @@ def evaluate_pairwise(
                         if u is None:
                             m = _score_pair_sides(reward, prompts, chosen, rejected, kind, None, decode, batch_seed)
                         else:
-                            gen = torch.Generator(device=chosen.device).manual_seed(batch_seed)
-                            eps = torch.randn(chosen.shape, generator=gen, device=chosen.device)
+                            gen = torch.Generator().manual_seed(batch_seed)  # on CPU: same eps on any device
+                            eps = torch.randn(chosen.shape, generator=gen).to(chosen.device)
                             sig = torch.full((len(idx),), u, device=chosen.device)
                             xc, xr = (1 - u) * chosen + u * eps, (1 - u) * rejected + u * eps
                             m = _score_pair_sides(reward, prompts, xc, xr, kind, sig, decode, batch_seed)
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         options = LoadOptions(format=args.format, columns=_columns(args.columns), split=args.split,
                               image_root=args.image_root, limit=args.limit)
         pairs = load_pairs(args.data, options)
-        reward = rewards.build(args.reward, **reward_args).to(args.device)
+        reward = rewards.build(args.reward, **reward_args).place(args.device)  # unless its args name a device
         decode = None
         if args.generator:
             from rlkit.models.sd3 import SD3Generator

@@ -28,3 +28,29 @@ def tiny_generator(tiny_sd3_dir):
 
     torch.manual_seed(0)
     return SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+
+
+@pytest.fixture()
+def placed_reward(monkeypatch):
+    """Registers reward ``test-placed`` for this test and returns its class: a latent reward with one weight
+    (``value``, its score) that records every device it is moved to (``moves``)."""
+    import rewards
+    from rewards.base import Reward, RewardOutput
+
+    class Placed(Reward):
+        space = "latent"
+
+        def __init__(self, value: float = 1.0, device: str | None = None):
+            super().__init__()
+            self.value = torch.nn.Parameter(torch.tensor(float(value), device=device), requires_grad=False)
+            self.moves: list[torch.device] = []
+
+        def to(self, *args, **kwargs):
+            self.moves.append(torch.device(args[0] if args else kwargs["device"]))
+            return super().to(*args, **kwargs)
+
+        def forward(self, batch):
+            return RewardOutput(scores=self.value.expand(batch.batch_size))  # computed where the weight is
+
+    monkeypatch.setitem(rewards.REGISTRY._targets, "test-placed", Placed)
+    return Placed

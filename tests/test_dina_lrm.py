@@ -228,6 +228,43 @@ def test_fresh_model_for_reward_training(tiny_sd3_dir):
     assert reward.set_trainable("none") == []
 
 
+def test_to_before_materialisation_is_where_and_how_the_own_backbone_loads(trained_folder, tiny_sd3_dir):
+    """The reward loads its backbone at first use; a ``.to()`` before that moves an empty module, so it must be
+    remembered (else the backbone loads on the options' device while the trainer's data is elsewhere)."""
+    reward = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir)).to(torch.float64)
+    assert reward.model is None
+    x = torch.randn(2, 4, 8, 8)
+    scores = reward(batch(x)).scores
+    # (peft keeps the LoRA weights in float32, as it does for an options dtype)
+    assert {p.dtype for n, p in reward.model.named_parameters() if ".lora_" not in n} == {torch.float64}
+    assert scores.dtype == torch.float32 and scores.device == x.device
+
+
+def test_placement_is_remembered_unless_args_pin_a_device_or_the_policy_owns_the_blocks(
+        trained_folder, tiny_sd3_dir, monkeypatch):
+    gen = policy_generator(tiny_sd3_dir)
+    shared = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir))
+    shared.attach_generator(gen)
+    shared.place("meta")  # a device the policy is not on: the shared reward stays with the policy
+    assert shared.is_shared and shared.device == torch.device("cpu")
+    assert all(t.device.type == "cpu" for t in [*shared.parameters(), *shared.buffers()])
+
+    loads = []
+
+    def record(source, **kwargs):
+        loads.append(kwargs["device"])
+        raise RuntimeError("load recorded")
+
+    monkeypatch.setattr(SD3Generator, "from_pretrained", record)
+    for args, expected in (({}, "meta"), ({"device": "cpu"}, "cpu")):
+        reward = rewards.build("dina-lrm", pretrained=str(trained_folder), base_model=str(tiny_sd3_dir), **args)
+        reward.place("meta")  # what the trainers do with the accelerator's device
+        assert reward.device == torch.device(expected)
+        with pytest.raises(RuntimeError, match="load recorded"):
+            reward(batch(torch.zeros(2, 4, 8, 8)))
+    assert loads == [torch.device("meta"), torch.device("cpu")]
+
+
 def test_missing_files_are_named(tmp_path, trained_folder, tiny_sd3_dir):
     with pytest.raises(WeightsNotFoundError, match="config.json"):
         DiNaLRMReward(pretrained=str(tmp_path))

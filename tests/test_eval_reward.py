@@ -14,6 +14,7 @@ from rewards.base import Reward, RewardInput, RewardOutput
 from rlkit.data import PreferencePair
 from rlkit.eval_reward import (
     CLEAN_ROW,
+    ROW_SEED_STRIDE,
     bootstrap_interval,
     evaluate_pairwise,
     main,
@@ -142,6 +143,29 @@ def test_noise_levels_are_reproducible_from_the_seed_and_change_with_it():
     c = evaluate_pairwise(Nonlinear(), pairs, levels=[0.8], include_clean=False, seed=2, progress=False)
     assert a.results[0].mean_margin == b.results[0].mean_margin
     assert a.results[0].mean_margin != c.results[0].mean_margin
+
+
+def test_noise_draws_do_not_depend_on_the_data_device():
+    """eps and the reward's generator come from CPU generators seeded per batch, so a seed gives the same draws
+    whatever device holds the data: eps equals a CPU reference draw, and with the data on ``meta`` (a device
+    without values, standing in for a GPU) the reward still gets CPU generators in the same states."""
+
+    class Recording(SumReward):
+        def forward(self, batch):
+            self.calls.append(batch)
+            return RewardOutput(scores=torch.zeros(batch.batch_size))  # on CPU: meta data have no values
+
+    pairs = [latent_pair(0.0, 0.0, row=i) for i in range(6)]
+    runs = {}
+    for device in ("cpu", "meta"):
+        runs[device] = Recording()
+        evaluate_pairwise(runs[device], pairs, levels=[0.3], batch_size=4, seed=5, progress=False, device=device)
+    reference = torch.randn((4, *SHAPE), generator=torch.Generator().manual_seed(5 + ROW_SEED_STRIDE))
+    torch.testing.assert_close(runs["cpu"].calls[2].latents, 0.3 * reference)  # row 1 (u=0.30), batch 0, chosen
+    assert runs["meta"].calls[2].latents.device.type == "meta"
+    for cpu_call, meta_call in zip(runs["cpu"].calls, runs["meta"].calls, strict=True):
+        assert cpu_call.generator.device.type == meta_call.generator.device.type == "cpu"
+        assert torch.equal(cpu_call.generator.get_state(), meta_call.generator.get_state())
 
 
 class ModeReward(SumReward):

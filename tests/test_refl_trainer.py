@@ -86,6 +86,23 @@ def test_one_update_trains_exactly_the_policy_lora_and_never_decodes(tmp_path, t
     assert changed == trainable
 
 
+def test_setup_places_every_reward_on_the_accelerator_device_unless_its_args_name_one(tmp_path, tiny_sd3_dir,
+                                                                                      placed_reward):
+    """The training reward (here a mixture) and the golden rewards go where the policy computes; a reward
+    whose args name a device stays there. (The Flow-GRPO trainer shares this set-up.)"""
+    from rlkit.trainers.loop import PolicyRun
+
+    data = tiny_recipe(tmp_path, tiny_sd3_dir, max_steps=1)
+    data["rewards"] = [{"name": "test-placed", "weight": 0.5},
+                       {"name": "test-placed", "weight": 0.5, "args": {"device": "cpu"}}]
+    data["eval"]["golden"] = [{"name": "test-placed", "args": {"value": 2.0}}]
+    run = PolicyRun.setup(recipe_from_dict(data), total_updates=1, micro_batch=2, grad_accum=1)
+    device = torch.device(run.accelerator.device)
+    free, pinned = run.reward.components
+    assert free.moves == [device] and pinned.moves == []
+    assert run.evaluator.golden["test-placed"].moves == [device]
+
+
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir):
     from rlkit.trainers import refl

@@ -113,6 +113,23 @@ def test_latent_only_mixture_never_decodes(tiny_generator):
     torch.testing.assert_close(out.extras["latent-direction#1/raw"], b)
 
 
+def test_placement_leaves_a_pinned_component_and_mixes_scores_on_the_batch_device(placed_reward):
+    """``place`` (what trainers call with the accelerator's device) moves each component and the statistics,
+    except a component whose args named a device; its scores are moved to the batch's device before mixing.
+    ``meta`` stands in for a GPU: mixing it with CPU scores fails."""
+    mix = rewards.build("weighted", components=[
+        {"name": "test-placed", "args": {"value": 1.0}},
+        {"name": "test-placed", "weight": 2.0, "args": {"value": 3.0, "device": "cpu"}, "normalize": "affine"}])
+    free, pinned = mix.components
+    assert (free.pinned_device, pinned.pinned_device) == (None, "cpu")
+    assert mix.place("meta") is mix
+    assert free.moves == [torch.device("meta")] and pinned.moves == []
+    assert free.value.device.type == "meta" and pinned.value.device.type == "cpu"
+    assert {b.device.type for b in mix.normalizers.buffers()} == {"meta"}
+    out = mix(RewardInput(prompts=PROMPTS, latents=torch.zeros(4, 4, 2, 2, device="meta")))
+    assert out.scores.device.type == "meta" and out.scores.shape == (4,)
+
+
 def test_running_zscore_cumulative_equals_pooled_statistics():
     norm = ScoreNormalizer(NormalizeSpec(kind="zscore", eps=1e-6))
     g = torch.Generator().manual_seed(0)

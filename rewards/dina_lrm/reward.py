@@ -139,6 +139,31 @@ class DiNaLRMReward(Reward):
         self.max_sequence_length = self.options.max_sequence_length or self.arch.max_sequence_length
         self.model: DiNaLRM | None = None
         self._text_encoder: Any = None  # an SD3Generator used only for its text encoders
+        # where (and in which dtype) an own backbone materialises: the options', or what `.to()` asked for
+        # before there was a model to move
+        self._load_device = torch.device(self.options.device)
+        self._load_dtype: torch.dtype | str = self.options.dtype
+
+    # -- placement -------------------------------------------------------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> "DiNaLRMReward":
+        """``nn.Module.to``; before the model exists (it materialises at first use) the device and dtype are
+        remembered, so the backbone the reward loads itself is built there."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if self.model is None:
+            self._load_device = torch.device(device) if device is not None else self._load_device
+            self._load_dtype = dtype if dtype is not None else self._load_dtype
+        return super().to(*args, **kwargs)
+
+    def place(self, device: torch.device | str) -> "DiNaLRMReward":
+        """A reward sharing the policy's blocks stays with the policy; otherwise as :meth:`Reward.place`."""
+        if self.is_shared:
+            return self
+        return super().place(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the reward computes: its model's device, or where the model will materialise."""
+        return self.model.grid.device if self.model is not None else self._load_device
 
     # -- backbone --------------------------------------------------------------------------------------
     def _build_on(self, transformer: torch.nn.Module, share: bool, copy_blocks: bool) -> None:
@@ -193,8 +218,7 @@ class DiNaLRMReward(Reward):
                              "attach_generator(generator) before scoring")
         from rlkit.models.sd3 import SD3Generator
 
-        generator = SD3Generator.from_pretrained(self.base_model, dtype=self.options.dtype,
-                                                 device=self.options.device,
+        generator = SD3Generator.from_pretrained(self.base_model, dtype=self._load_dtype, device=self._load_device,
                                                  max_sequence_length=self.max_sequence_length,
                                                  revision=self.options.revision)
         self._build_on(generator.transformer, share=False, copy_blocks=False)
@@ -219,19 +243,22 @@ class DiNaLRMReward(Reward):
     def _levels(self, values: Tensor) -> Tensor:
         return self._materialize().snap(values) if self.options.snap_levels else values
 
-    def _noise(self, batch: RewardInput) -> Tensor:
+    def _noise(self, batch: RewardInput, latents: Tensor) -> Tensor:
         g = batch.generator
         if g is None:
             raise ValueError(f"dina-lrm mode {self.options.mode!r} draws noise: RewardInput.generator is required")
-        noise = torch.randn(batch.latents.shape, generator=g, device=g.device, dtype=torch.float32)
-        return noise.to(batch.latents.device)
+        noise = torch.randn(latents.shape, generator=g, device=g.device, dtype=torch.float32)
+        return noise.to(latents.device)
 
     def raw_scores(self, batch: RewardInput) -> Tensor:
-        """Unnormalised scores (B,) float32."""
+        """Unnormalised scores (B,) float32, on the device of ``batch.latents``."""
         model = self._materialize()
         if batch.latents is None:
             raise ValueError("dina-lrm reads latents: RewardInput.latents is required")
-        latents = batch.latents
+        return self._raw_scores(model, batch, batch.latents.to(self.device)).to(batch.latents.device)
+
+    def _raw_scores(self, model: DiNaLRM, batch: RewardInput, latents: Tensor) -> Tensor:
+        """:meth:`raw_scores` with ``latents`` on the model's device."""
         text = batch.text if batch.text is not None else self.encode_prompts(batch.prompts)
         mode = self.options.mode
         if mode == "state":
@@ -241,13 +268,13 @@ class DiNaLRMReward(Reward):
             if not self.arch.add_noise:
                 return model.score(latents, u, text)
             s = u.reshape(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
-            return model.score((1 - s) * latents + s * self._noise(batch).to(latents.dtype), u, text)
+            return model.score((1 - s) * latents + s * self._noise(batch, latents).to(latents.dtype), u, text)
         levels = self._levels(torch.tensor(self.options.levels, device=latents.device))
         if not self.arch.add_noise:  # the release then scores the clean latents under every level's embedding
             timesteps = [torch.full((latents.shape[0],), TIMESTEP_SCALE * float(v), device=latents.device)
                          for v in levels]
             return model.forward_ensemble([latents] * len(levels), timesteps, text)
-        return model.score_ensemble(latents, self._noise(batch).to(latents.dtype), levels, text)
+        return model.score_ensemble(latents, self._noise(batch, latents).to(latents.dtype), levels, text)
 
     def score(self, latents: Tensor, sigmas: Tensor | float, text: TextConditioning) -> Tensor:
         """Raw scores of ``latents`` as given at noise level ``sigmas`` (see :meth:`DiNaLRM.score`)."""

@@ -81,8 +81,8 @@ def build_preferences(generator: SD3Generator, config: PreferenceConfig) -> tupl
             if len(rows["prompt"]) == config.num_pairs:
                 break
             rows["prompt"].append(prompts[i])
-            rows["latents_a"].append(za[i].half().numpy())
-            rows["latents_b"].append(zb[i].half().numpy())
+            rows["latents_a"].append(za[i].half().cpu().numpy())
+            rows["latents_b"].append(zb[i].half().cpu().numpy())
             rows["label"].append(float(label[i]))
             rows["label_repeat"].append(float(repeat[i]))
             rows["guidance"].append(float(guidance[i]))

@@ -42,24 +42,33 @@ def prepare_policy(gen: SD3Generator, lora: LoRAConfig, gradient_checkpointing: 
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
-def build_reward(specs: list[RewardSpec], gen: SD3Generator | None = None) -> Reward:
-    """One reward from the recipe's list: the reward itself, or a ``weighted`` mixture of several."""
+def _ready(reward: Reward, gen: SD3Generator | None, device: torch.device | str | None) -> Reward:
+    """Attaches the generator, then puts the reward on the training ``device`` (:meth:`Reward.place`: a
+    reward whose args name a device, or one sharing the policy's blocks, stays where it is)."""
+    if gen is not None:
+        reward.attach_generator(gen)
+    if device is not None:
+        reward.place(device)
+    return reward
+
+
+def build_reward(specs: list[RewardSpec], gen: SD3Generator | None = None,
+                 device: torch.device | str | None = None) -> Reward:
+    """One reward from the recipe's list: the reward itself, or a ``weighted`` mixture of several, placed on
+    ``device`` (the accelerator's) when given."""
     if len(specs) == 1 and specs[0].weight == 1.0:
         reward = reward_registry.build(specs[0].name, **specs[0].args)
     else:
         reward = reward_registry.build("weighted", components=[
             {"name": s.name, "weight": s.weight, "args": dict(s.args)} for s in specs])
-    if gen is not None:
-        reward.attach_generator(gen)
-    return reward
+    return _ready(reward, gen, device)
 
 
-def build_named_rewards(specs: list[RewardSpec], gen: SD3Generator | None = None) -> dict[str, Reward]:
+def build_named_rewards(specs: list[RewardSpec], gen: SD3Generator | None = None,
+                        device: torch.device | str | None = None) -> dict[str, Reward]:
     out: dict[str, Reward] = {}
     for spec in specs:
-        reward = reward_registry.build(spec.name, **spec.args)
-        if gen is not None:
-            reward.attach_generator(gen)
+        reward = _ready(reward_registry.build(spec.name, **spec.args), gen, device)
         reward.requires_grad_(False)
         out[spec.name if spec.name not in out else f"{spec.name}_{len(out)}"] = reward
     return out
@@ -85,11 +94,13 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, total_st
     return optimizer, scheduler
 
 
-def build_evaluator(cfg: EvalConfig, gen: SD3Generator, proxy: dict[str, Reward], resolution: int) -> Evaluator:
+def build_evaluator(cfg: EvalConfig, gen: SD3Generator, proxy: dict[str, Reward], resolution: int,
+                    device: torch.device | str | None = None) -> Evaluator:
+    """The evaluator; its golden rewards are built here and placed on ``device`` like the training reward."""
     prompts = load_prompts(cfg.prompts, cfg.num_prompts)
     return Evaluator(prompts=prompts, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
                      num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-                     golden=build_named_rewards(cfg.golden, gen), proxy=proxy, batch_size=cfg.batch_size,
+                     golden=build_named_rewards(cfg.golden, gen, device), proxy=proxy, batch_size=cfg.batch_size,
                      grid_images=cfg.grid_images, patience=cfg.early_stopping_patience,
                      resolution=resolution)
 

@@ -157,10 +157,11 @@ def score_rollout(gen, reward: Reward, ro: Rollout, cfg: FlowGRPOConfig, generat
         latents, sigmas = ro.window_end_latents, ro.window_end_sigma
     out = reward(RewardInput(prompts=ro.prompts, latents=latents, sigmas=sigmas, text=ro.text,
                              decode=decode_if_needed(gen, [reward]), generator=generator))
-    scores = {MIXED_REWARD: out.scores.detach().float()}
-    scores.update(_component_scores(reward, out))
-    extras = {k: v.detach().float() for k, v in out.extras.items() if v.ndim == 1 and v.shape[0] == ro.batch_size}
-    return {"scores": scores, "extras": extras}
+    scores = {MIXED_REWARD: out.scores, **_component_scores(reward, out)}
+    extras = {k: v for k, v in out.extras.items() if v.ndim == 1 and v.shape[0] == ro.batch_size}
+    # on the policy's device, where advantages are gathered and indexed, wherever the reward computed
+    return {part: {k: v.detach().float().to(latents.device) for k, v in values.items()}
+            for part, values in (("scores", scores), ("extras", extras))}
 
 
 def compute_advantages(scores: dict[str, Tensor], group_ids: Tensor, cfg: FlowGRPOConfig,

@@ -98,7 +98,7 @@ class PolicyRun:
         with full_weights_loading(accelerator):
             gen = common.load_generator(recipe.model, device=accelerator.device)
             params = common.prepare_policy(gen, recipe.lora, recipe.model.gradient_checkpointing)
-            reward = common.build_reward(recipe.rewards, gen)
+            reward = common.build_reward(recipe.rewards, gen, device=accelerator.device)
         optimizer, scheduler = common.build_optimizer(params, recipe.optim, total_updates)
         model, optimizer = accelerator.prepare(gen.transformer, optimizer)
         ema = EMA(params, decay=recipe.ema.decay, update_every=recipe.ema.update_every) if recipe.ema.enabled else None
@@ -107,7 +107,8 @@ class PolicyRun:
         tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
         proxy = {spec.name: reward for spec in recipe.rewards[:1]} if len(recipe.rewards) == 1 else {"mix": reward}
         with full_weights_loading(accelerator):
-            evaluator = common.build_evaluator(recipe.eval, gen, proxy, recipe.model.resolution)
+            evaluator = common.build_evaluator(recipe.eval, gen, proxy, recipe.model.resolution,
+                                               device=accelerator.device)
         checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=recipe.checkpoint.keep_last)
         run = cls(recipe=recipe, accelerator=accelerator, gen=gen, model=model, reward=reward, optimizer=optimizer,
                   scheduler=scheduler, ema=ema, tracker=tracker, evaluator=evaluator, checkpoints=checkpoints,

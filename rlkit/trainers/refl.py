@@ -80,8 +80,9 @@ def refl_forward(gen: SD3Generator, transformer, reward: Reward, prompts: list[s
         latents, at = x, sigmas[last + 1].expand(batch_size)
     out = reward(RewardInput(prompts=prompts, latents=latents, sigmas=at, text=text,
                              decode=MemoDecode(gen.decode), generator=reward_rng))
-    loss = reward_loss(out.scores, cfg.loss, cfg.margin, cfg.loss_scale)
-    stats = {"reward": out.scores.detach().mean().item(), "grad_step": float(k), "sigma": sigmas[k].item()}
+    scores = out.scores.to(latents.device)  # the loss lives with the policy, wherever the reward computed
+    loss = reward_loss(scores, cfg.loss, cfg.margin, cfg.loss_scale)
+    stats = {"reward": scores.detach().mean().item(), "grad_step": float(k), "sigma": sigmas[k].item()}
     for name, value in out.extras.items():
         if value.ndim == 1:
             stats[f"reward/{name}"] = value.detach().float().mean().item()
