@@ -55,3 +55,24 @@ def test_configs_are_validated():
         pretrain.GeneratorTrainConfig(caption_dropout=1.0)
     with pytest.raises(ValueError, match="batch_size"):
         pretrain.VAETrainConfig(batch_size=0)
+
+
+def test_shapes_generator_position_grid_tells_neighbouring_patches_apart():
+    """The sin-cos grid spans the picture's own patches; the default grid (twice the latent side) nearly
+    repeats one embedding across neighbours, which left the generator unable to place strokes."""
+    from dataclasses import replace
+
+    from rlkit.models.tiny import build_tiny_sd3_components
+
+    cfg = pretrain.shapes_model_config()
+    n = cfg.sample_size // cfg.patch_size
+
+    def neighbour_distance(config) -> float:
+        embed = build_tiny_sd3_components(config)["transformer"].pos_embed
+        grid = embed.cropped_pos_embed(cfg.sample_size, cfg.sample_size)[0].view(n, n, -1)
+        return float((grid[:, 1:] - grid[:, :-1]).norm(dim=-1).mean())
+
+    ours, wide = neighbour_distance(cfg), neighbour_distance(replace(cfg, pos_embed_max_size=None))
+    assert ours > 5 * wide, (ours, wide)
+    vae = build_tiny_sd3_components(cfg)["vae"]
+    assert vae.encoder.down_blocks[0].resnets[0].norm1.num_groups == cfg.vae_norm_num_groups == 8

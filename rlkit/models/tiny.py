@@ -41,6 +41,12 @@ class TinySD3Config:
     t5_layers: int = 1
     max_clip_length: int = 16
     vae_block_out_channels: tuple[int, ...] = (8, 16)
+    vae_norm_num_groups: int | None = None  # GroupNorm groups of the VAE; None: one channel per group
+    vae_mid_attention: bool = True  # self-attention in the VAE's middle block
+    # side of the transformer's sin-cos position grid, in patches (None: 2 * sample_size, the earlier default).
+    # Positions are scaled so that the grid spans sample_size // patch_size units: a grid larger than the
+    # picture's own patch grid squeezes neighbouring patches into nearly equal embeddings.
+    pos_embed_max_size: int | None = None
     vae_scaling_factor: float = 1.5
     vae_shift_factor: float = 0.1
     scheduler_shift: float = 3.0
@@ -101,6 +107,10 @@ def build_tiny_sd3_components(config: TinySD3Config | None = None, seed: int = 0
     cfg = config or TinySD3Config()
     if 2 * cfg.clip_hidden > cfg.t5_d_model:
         raise ValueError("TinySD3Config: t5_d_model must be >= 2 * clip_hidden (SD3 pads CLIP states to T5 width)")
+    groups = cfg.vae_norm_num_groups
+    if groups is not None and any(c % groups for c in cfg.vae_block_out_channels):
+        raise ValueError(f"TinySD3Config.vae_norm_num_groups={groups} must divide every vae_block_out_channels "
+                         f"entry {tuple(cfg.vae_block_out_channels)}")
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=cfg.sample_size,
@@ -113,7 +123,7 @@ def build_tiny_sd3_components(config: TinySD3Config | None = None, seed: int = 0
         caption_projection_dim=cfg.attention_head_dim * cfg.num_attention_heads,
         pooled_projection_dim=cfg.pooled_projection_dim,
         out_channels=cfg.latent_channels,
-        pos_embed_max_size=cfg.sample_size * 2,
+        pos_embed_max_size=cfg.pos_embed_max_size or cfg.sample_size * 2,
         dual_attention_layers=tuple(cfg.dual_attention_layers),
         qk_norm=cfg.qk_norm,
     )
@@ -155,7 +165,8 @@ def build_tiny_sd3_components(config: TinySD3Config | None = None, seed: int = 0
         block_out_channels=tuple(cfg.vae_block_out_channels),
         layers_per_block=1,
         latent_channels=cfg.latent_channels,
-        norm_num_groups=min(cfg.vae_block_out_channels),
+        norm_num_groups=cfg.vae_norm_num_groups or min(cfg.vae_block_out_channels),
+        mid_block_add_attention=cfg.vae_mid_attention,
         sample_size=cfg.image_size,
         scaling_factor=cfg.vae_scaling_factor,
         shift_factor=cfg.vae_shift_factor,

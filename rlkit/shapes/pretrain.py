@@ -1,10 +1,16 @@
 """Pretraining of the Shapes generator: a tiny VAE, then a tiny SD3 transformer with the rectified-flow loss.
 
 The generator has the real ``SD3Transformer2DModel`` architecture (dual-attention blocks, qk RMS-norm)
-at 0.64 M parameters, reading 16x16x4 latents in 2x2 patches (64 tokens). The text encoders stay random
-and frozen: they only need to tell the captions apart. Captions are dropped (replaced by ``""``) a tenth
-of the time so that classifier-free guidance works. The training budget is short on purpose: the model
-learns colour and position but stays unreliable on shape, which leaves room for alignment.
+at 0.65 M parameters, reading 32x32x4 latents of a VAE that does not downsample, in 4x4 patches (64
+tokens). The text encoders stay random and frozen: they only need to tell the captions apart. Captions
+are dropped (replaced by ``""``) a tenth of the time so that classifier-free guidance works.
+
+What the calibration runs measured (held-out prompts, CFG 5): colour and position are learnt within
+~2000 steps of batch 64; shape stays at the "always one shape" rate (1/6 held out) until ~5000 steps and
+then climbs (0.21 at 6000, 0.27 at 9000 steps; training prompts 0.34 -> 0.45). Two details matter: the VAE's
+GroupNorm needs several channels per group (one channel per group loses the shapes), and the sin-cos
+position grid must span the picture's own patch grid (a grid twice as large squeezes neighbouring
+patches into nearly equal embeddings).
 
 Only the training split of :mod:`rlkit.shapes.world` is ever seen here.
 """
@@ -59,9 +65,10 @@ class Budget:
 def shapes_model_config() -> TinySD3Config:
     """The architecture of the shipped Shapes generator."""
     return TinySD3Config(
-        sample_size=16, patch_size=2, latent_channels=4, num_layers=4, attention_head_dim=16,
+        sample_size=world.IMAGE_SIZE, patch_size=4, latent_channels=4, num_layers=4, attention_head_dim=16,
         num_attention_heads=4, dual_attention_layers=(0, 1), qk_norm="rms_norm",
-        vae_block_out_channels=(16, 32), words=world.VOCABULARY, max_clip_length=MAX_CLIP_LENGTH,
+        vae_block_out_channels=(32,), vae_norm_num_groups=8, vae_mid_attention=False,
+        pos_embed_max_size=world.IMAGE_SIZE // 4, words=world.VOCABULARY, max_clip_length=MAX_CLIP_LENGTH,
     )
 
 
@@ -75,11 +82,11 @@ def load_generator(path: str | Path | None = None, device: str = "cpu") -> SD3Ge
 
 @dataclass
 class VAETrainConfig:
-    steps: int = 500
+    steps: int = 600  # held-out reconstructions keep their shape 94% of the time (88% at 300 steps)
     batch_size: int = 32
     lr: float = 3e-3
     kl_weight: float = 1e-4
-    max_minutes: float = 6.0
+    max_minutes: float = 10.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -161,14 +168,14 @@ def finetune_decoder(vae, config: VAETrainConfig, log=print) -> dict[str, float]
 
 @dataclass
 class GeneratorTrainConfig:
-    steps: int = 4000
-    batch_size: int = 32
-    lr: float = 2e-3
+    steps: int = 9000
+    batch_size: int = 64
+    lr: float = 3e-3
     weight_decay: float = 0.0
     caption_dropout: float = 0.1  # share of captions replaced by "" (unconditional, for CFG)
     num_images: int = 8192  # drawn training pictures, encoded once
     logit_normal_std: float = 1.0  # sigma = sigmoid(N(0, std)), as SD3 samples timesteps
-    max_minutes: float = 35.0  # the shipped generator: 20 min + a 15 min continuation on a busy CPU
+    max_minutes: float = 90.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -271,7 +278,7 @@ class PretrainConfig:
     model: TinySD3Config = field(default_factory=shapes_model_config)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     generator: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
-    decoder: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(steps=800, lr=1e-3, max_minutes=8.0))
+    decoder: VAETrainConfig | None = None  # optional decoder-only refinement after the generator
     seed: int = 0
 
 
@@ -287,7 +294,8 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=prin
     pipe.set_progress_bar_config(disable=True)
     generator = SD3Generator(pipeline=pipe, max_sequence_length=MAX_SEQUENCE_LENGTH)
     stats.update(train_generator(generator, config.generator, log))
-    stats.update(finetune_decoder(components["vae"], config.decoder, log))
+    if config.decoder is not None:
+        stats.update(finetune_decoder(components["vae"], config.decoder, log))
     if out_dir is not None:
         pipe.save_pretrained(out_dir)
     return generator, stats
