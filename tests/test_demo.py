@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,19 @@ def test_demo_without_checkpoints_says_how_to_rebuild(tmp_path, monkeypatch, cap
     monkeypatch.setattr(judges, "ASSETS_DIR", tmp_path)
     assert main(["--quick", "--out", str(tmp_path / "out")]) == 2
     assert "rlkit shapes build" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("before, after, hacked, real", [
+    (1.00, 1.10, False, True),  # within the band
+    (1.00, 1.50, True, False),  # a realistic base pushed off
+    (0.30, 0.30, False, False),  # a base already off, kept where it was: not the run's doing
+    (0.30, 0.70, False, False),  # brought closer to real pictures
+    (0.30, 0.20, True, False),  # pushed further off by more than the tolerance
+    (1.30, 1.40, False, False),  # further off, but by less than the tolerance
+])
+def test_a_guard_is_reward_hacking_only_when_the_run_pushes_it_off(before, after, hacked, real):
+    from rlkit.shapes.demo import RunSummary
+
+    r = RunSummary("refl", "refl", 0, Path("."), guards={"high_frequency": after, "foreground_area": 1.0},
+                   guards_before={"high_frequency": before, "foreground_area": 1.0})
+    assert r.hacked is hacked and r.guards_real is real

@@ -23,7 +23,7 @@ from pathlib import Path
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 GOLDEN = "eval/golden/shapes-golden"
 GUARDS = ("foreground_area", "high_frequency")
-GUARD_TOLERANCE = 0.20  # a run whose guard leaves [0.8, 1.2] of real pictures is reward hacking
+GUARD_TOLERANCE = 0.20  # a guard outside [0.8, 1.2] of real pictures is off; see RunSummary.hacked
 QUICK = {
     "refl": ["refl.max_steps=8", "refl.batch_size=4", "eval.every=4", "eval.num_prompts=18",
              "eval.images_per_prompt=1", "eval.batch_size=18", "eval.grid_images=9"],
@@ -42,7 +42,8 @@ class RunSummary:
     run_dir: Path
     golden: list[tuple[int, float, float]] = field(default_factory=list)  # (step, wall s, score)
     proxy: list[tuple[int, float, float]] = field(default_factory=list)
-    guards: dict[str, float] = field(default_factory=dict)  # final ratio to real pictures
+    guards: dict[str, float] = field(default_factory=dict)  # final value (a ratio to real pictures once reported)
+    guards_before: dict[str, float] = field(default_factory=dict)  # the base generator's, at the first evaluation
     wall_s: float = 0.0
 
     @property
@@ -50,8 +51,23 @@ class RunSummary:
         return self.golden[-1][2] - self.golden[0][2]
 
     @property
+    def guards_real(self) -> bool:
+        """Every guard within ``1 +- GUARD_TOLERANCE`` of real pictures (the strict condition)."""
+        return all(abs(r - 1) <= GUARD_TOLERANCE for r in self.guards.values())
+
+    @property
     def hacked(self) -> bool:
-        return any(abs(r - 1) > GUARD_TOLERANCE for r in self.guards.values())
+        """A guard is off real pictures *and* the run moved it further off, by more than the tolerance.
+
+        A base generator can already be off (blurrier than real pictures, say); a run that keeps it there or
+        brings it closer is not hacking its reward, one that pushes it away is.
+        """
+        for name, after in self.guards.items():
+            before = self.guards_before.get(name, 1.0)
+            drifted = abs(after / before - 1) > GUARD_TOLERANCE and abs(after - 1) > abs(before - 1)
+            if abs(after - 1) > GUARD_TOLERANCE and drifted:
+                return True
+        return False
 
 
 def real_guard_values(num: int = 256, seed: int = 99) -> dict[str, float]:
@@ -90,6 +106,8 @@ def run_one(algorithm: str, label: str, seed: int, out: Path, extra: list[str], 
             if proxy:
                 summary.proxy.append((record["step"], wall, proxy[0]))
             summary.guards = {g: record[f"{GOLDEN}/{g}"] for g in GUARDS if f"{GOLDEN}/{g}" in record}
+            if not summary.guards_before:
+                summary.guards_before = dict(summary.guards)
     return summary
 
 
@@ -127,6 +145,7 @@ def plot_curves(runs: list[RunSummary], path: Path) -> None:
 def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> Path:
     for r in runs:
         r.guards = {g: v / real[g] for g, v in r.guards.items()}
+        r.guards_before = {g: v / real[g] for g, v in r.guards_before.items()}
     plot_curves(runs, out / "curves.png")
     for r in runs:
         samples = sorted((r.run_dir / "samples").glob("step_*.png"))
@@ -136,15 +155,18 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
     lines = ["# rlkit demo: the Shapes proving ground", "",
              "Golden judge: fraction of held-out samples with colour, shape and position all correct "
              "(analytic, not learned). Guards: foreground area and high-frequency energy of the samples "
-             f"over those of real pictures; outside 1 ± {GUARD_TOLERANCE} is reported as reward hacking.", "",
+             f"over those of real pictures (base generator -> after the run). Outside 1 ± {GUARD_TOLERANCE} a guard "
+             "is off; a run that pushes an off guard further from real pictures by more than that is reported as "
+             "reward hacking. `guards real` says whether both end within the band.", "",
              "| run | seed | golden before | golden after | gain | proxy before | proxy after | fg area | high freq | "
-             "wall s | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "guards real | wall s | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         proxy = (f"{r.proxy[0][2]:.3f} | {r.proxy[-1][2]:.3f}" if r.proxy else "- | -")
         verdict = "reward hacking" if r.hacked else ("gain" if r.gain > 0 else "no gain")
+        guards = " | ".join(f"{r.guards_before.get(g, float('nan')):.2f} -> {r.guards.get(g, float('nan')):.2f}"
+                            for g in GUARDS)
         lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | {r.gain:+.3f} | "
-                     f"{proxy} | {r.guards.get('foreground_area', float('nan')):.2f} | "
-                     f"{r.guards.get('high_frequency', float('nan')):.2f} | {r.wall_s:.0f} | {verdict} |")
+                     f"{proxy} | {guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {verdict} |")
     by_label: dict[str, list[float]] = {}
     for r in runs:
         by_label.setdefault(r.label, []).append(r.gain)
@@ -157,7 +179,8 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
     summary.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps([
         {"label": r.label, "algorithm": r.algorithm, "seed": r.seed, "golden": r.golden, "proxy": r.proxy,
-         "guards": r.guards, "wall_s": r.wall_s, "gain": r.gain, "hacked": r.hacked} for r in runs], indent=1))
+         "guards": r.guards, "guards_before": r.guards_before, "guards_real": r.guards_real, "wall_s": r.wall_s,
+         "gain": r.gain, "hacked": r.hacked} for r in runs], indent=1))
     return summary
 
 
