@@ -8,6 +8,7 @@
     rlkit eval-reward ...                   pairwise accuracy of any reward on a preference set
     rlkit cache-latents ...                 encode a preference set once with the generator's VAE
     rlkit shapes build ...                  rebuild the Shapes world's checkpoints from scratch
+    rlkit shapes rewards [FOLDER]           the Shapes rewards' accuracy against the annotators
     rlkit sweep SWEEP.yaml                  run or export a reward-ablation sweep
     rlkit compare RUN_DIR ...               compare runs: table + curves
     rlkit bench                             cost benchmark (FLOPs, memory, wall time)
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "eval-reward": "rlkit.eval_reward",
     "cache-latents": "rlkit.cache_latents",
     "shapes": "rlkit.shapes.build",
+    "shapes rewards": "rlkit.shapes.reward_report",
     "sweep": "rlkit.sweep",
     "compare": "rlkit.compare",
     "bench": "rlkit.bench",
@@ -56,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 1
     head = argv[0]
     if head == "shapes":
-        if argv[1:2] != ["build"]:
-            print("usage: rlkit shapes build [OUT_DIR] [--fast] [--evaluate] [--stages ...]", file=sys.stderr)
+        if argv[1:2] not in (["build"], ["rewards"]):
+            print("usage: rlkit shapes build [OUT_DIR] [--fast] [--evaluate] [--stages ...]\n"
+                  "       rlkit shapes rewards [FOLDER] [--compare NAME=PATH ...]", file=sys.stderr)
             return 2
+        if argv[1] == "rewards":
+            head = "shapes rewards"
         argv = argv[1:]
     if head in SUBCOMMANDS:
         try:

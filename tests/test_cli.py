@@ -41,3 +41,13 @@ def test_train_builds_accelerate_command_from_launch_section(tmp_path):
     joined = " ".join(cmd)
     assert "--num_processes 2" in joined and "--use_deepspeed --zero_stage 3" in joined
     assert "--mixed_precision bf16" in joined and joined.endswith(f"-m rlkit {path} seed=3")
+
+
+def test_shapes_subcommands_route_and_name_what_they_expect(capsys):
+    import pytest
+
+    assert main(["shapes", "frobnicate"]) == 2
+    assert "rlkit shapes rewards" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["shapes", "rewards", "--compare", "no-equals-sign"])
+    assert exc.value.code == 2 and "NAME=PATH" in capsys.readouterr().err

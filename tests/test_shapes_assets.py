@@ -101,4 +101,10 @@ def test_build_all_fast_writes_every_asset(tmp_path):
                  "preferences/train.parquet", "build_report.json"):
         assert (tmp_path / name).is_file(), name
     assert report["stats"]["preferences"]["pairs"] == 8
-    assert all(report["seconds"][s] > 0 for s in ("generator", "clip", "evaluate", "preferences"))
+    assert all(report["seconds"][s] > 0 for s in ("generator", "clip", "evaluate", "preferences", "rewards"))
+    rows = report["stats"]["rewards"]  # every reward against the annotators, the fixed-variance ablation too
+    for name in ("annotators / second labelling", "dina-lrm / reward", "dina-lrm / u=0.40",
+                 "dina-lrm / ensemble(0.2,0.5,0.7)", "dina-lrm (fixed variance) / reward", "shapes-clip / reward",
+                 "shapes-golden / reward"):
+        assert 0.0 <= rows[name]["accuracy"] <= 1.0 and rows[name]["pairs"] > 0, name
+    assert not (tmp_path / "_dina_lrm_fixed_variance").exists()

@@ -112,34 +112,55 @@ def evaluate(out_dir: str | Path, config: EvalConfig, log: Callable[[str], None]
     return metrics
 
 
-STAGES = ("generator", "clip", "evaluate", "preferences", "dina_lrm")
+STAGES = ("generator", "clip", "evaluate", "preferences", "dina_lrm", "rewards")
 EVAL_PAIRS_SEED = 7  # held-out preference pairs: other samples, other annotator draws
 EVAL_PAIRS = 256
 DINA_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dina_lrm_shapes.yaml"
 
 
-def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print) -> dict:
-    """Trains the Shapes DiNa-LRM with ``recipes/dina_lrm_shapes.yaml`` on ``out_dir``'s generator and pairs."""
+def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print, target: str = "dina_lrm",
+                   extra: tuple[str, ...] = ()) -> dict:
+    """Trains the Shapes DiNa-LRM with ``recipes/dina_lrm_shapes.yaml`` on ``out_dir``'s generator and pairs.
+
+    The checkpoint lands in ``out_dir / target``; ``extra`` are further recipe overrides (an ablation).
+    """
     import shutil
 
     from rlkit.config import load_recipe
     from rlkit.trainers import run
 
-    work = out_dir / "_dina_lrm_run"
+    work = out_dir / f"_{target}_run"
     overrides = [f"model.pretrained={out_dir / 'generator'}", f"output_dir={work}", "checkpoint.resume=false",
                  f"reward_model.data.train={out_dir / 'preferences' / 'train.parquet'}",
-                 f"reward_model.data.eval={out_dir / 'preferences' / 'eval.parquet'}"]
+                 f"reward_model.data.eval={out_dir / 'preferences' / 'eval.parquet'}", *extra]
     if fast:
         overrides += ["reward_model.max_steps=4", "reward_model.batch_size=4", "reward_model.eval_every=0",
                       "reward_model.eval_limit=16"]
     recipe = load_recipe(DINA_RECIPE, overrides)
     metrics = run(recipe)
-    target = out_dir / "dina_lrm"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(recipe.run_dir / "final", target)
+    shutil.rmtree(out_dir / target, ignore_errors=True)
+    shutil.copytree(recipe.run_dir / "final", out_dir / target)
     shutil.rmtree(work, ignore_errors=True)
-    log(f"DiNa-LRM: {metrics}")
+    log(f"DiNa-LRM ({target}): {metrics}")
     return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = print) -> dict:
+    """Every reward against the annotators on the held-out pairs (:mod:`rlkit.shapes.reward_report`), with a
+    DiNa-LRM trained like the shipped one but with a fixed Thurstone variance as the ablation (not kept)."""
+    import shutil
+
+    from rlkit.shapes.reward_report import reward_rows, to_dict, to_markdown
+
+    fixed = "_dina_lrm_fixed_variance"
+    train_dina_lrm(out_dir, fast, log, target=fixed, extra=("reward_model.loss=thurstone_fixed",))
+    try:
+        rows = reward_rows(out_dir, compare={"dina-lrm (fixed variance)": out_dir / fixed},
+                           limit=16 if fast else None, progress=False)
+    finally:
+        shutil.rmtree(out_dir / fixed, ignore_errors=True)
+    log(to_markdown(rows))
+    return to_dict(rows)
 
 
 def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = 1,
@@ -196,7 +217,8 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
 
     runs = {"generator": stage_generator, "clip": stage_clip, "preferences": stage_preferences,
             "evaluate": lambda: evaluate(out_dir, configs["evaluate"], log),
-            "dina_lrm": lambda: train_dina_lrm(out_dir, fast, log)}
+            "dina_lrm": lambda: train_dina_lrm(out_dir, fast, log),
+            "rewards": lambda: reward_accuracies(out_dir, fast, log)}
     for name in STAGES:
         if name in stages:
             timed(name, runs[name])

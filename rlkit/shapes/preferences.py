@@ -29,7 +29,7 @@ MAX_TIE_ROUNDS = 4  # sampling rounds, in multiples of those needed, before ties
 
 @dataclass
 class PreferenceConfig:
-    num_pairs: int = 384
+    num_pairs: int = 1024
     num_steps: int = 12  # Euler steps per sample
     guidance_range: tuple[float, float] = (1.5, 5.0)  # per-pair CFG scale, uniform
     batch_size: int = 64  # pairs per sampling batch
