@@ -1,12 +1,15 @@
 """DiNa-LRM trainer: noise-level schemes, losses with labels, EMA; a tiny model trained on CPU to >= 95%
 held-out accuracy at low noise with accuracy falling toward chance as the noise approaches 1; EMA weights
-saved in the release layout and loaded back through the registry; 2 processes (ZeRO-2) = 1 process."""
+saved in the release layout and loaded back through the registry; a run stopped by SIGTERM resumes
+bit-identically (skipping a truncated checkpoint); 2 processes (ZeRO-2) = 1 process."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -133,8 +136,8 @@ def test_periodic_evaluation_and_checkpoints_in_the_release_layout(trained):
     assert [h["step"] for h in evals] == [20, 40]  # periodic, then finish()
     assert evals[1]["eval/accuracy_u=0.10"] >= evals[0]["eval/accuracy_u=0.10"] - 0.05
     kept = sorted(p.name for p in (run.run_dir / rm.CHECKPOINT_DIR).iterdir())
-    assert kept == ["step-0000040"]  # keep_last=1 removed step 20
-    folder = run.run_dir / rm.CHECKPOINT_DIR / kept[0]
+    assert kept == ["step_000040"]  # keep_last=1 removed step 20; finish() did not save step 40 again
+    folder = run.run_dir / rm.CHECKPOINT_DIR / kept[0] / rm.EXPORT_DIR
     assert {p.name for p in (folder / "checkpoint").iterdir()} == {"backbone_lora", "rm_head.pt"}
     config = json.loads((folder / "config.json").read_text())
     assert config["model"]["num_transformer_layers"] == 2 and config["training"]["ema_decay"] == run.recipe.ema.decay
@@ -279,6 +282,104 @@ def test_checkpoint_loads_through_the_registry_and_scores_the_same(trained, tiny
         with rm.ema_weights(run):
             ours = run.model.score(batch.chosen, sigmas, rm._encode_text(run, batch.prompts))
     assert torch.allclose(loaded, ours, atol=1e-5), (loaded, ours)
+
+
+# -------------------------------------------------------------------------------------------- resume
+
+RESUME_STEPS, STOP_AT = 5, 3
+
+
+def resume_recipe(tiny_dir, out_dir):
+    """40 pairs = 5 global batches of 8 per epoch; 2 per step: the stop at step 3 lands inside epoch 1."""
+    return load_recipe(TINY_RECIPE, tiny_overrides(tiny_dir, out_dir, steps=RESUME_STEPS) + [
+        "reward_model.data.train=synthetic:pairs=40,seed=0,size=8,signal=1.0", "reward_model.data.eval=",
+        "reward_model.grad_accum=2", "checkpoint.every=2", "checkpoint.keep_last=2", "optim.warmup_steps=2"])
+
+
+def _state(run):
+    return [p.detach().clone() for p in run.params], [s.clone() for s in run.ema.shadow]
+
+
+def _losses(history, after=0):
+    return {h["step"]: h["loss"] for h in history if "loss" in h and h["step"] > after}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_sd3_dir, tmp_path_factory):
+    run = rm.setup(resume_recipe(tiny_sd3_dir, tmp_path_factory.mktemp("rm_full")))
+    rm.train_loop(run)
+    rm.finish(run)
+    return _state(run), _losses(run.history)
+
+
+@pytest.fixture(scope="module")
+def killed(tiny_sd3_dir, tmp_path_factory):
+    """The same recipe sent SIGTERM during step STOP_AT: it checkpoints after that step and exits.
+    Returns the output folder (tests copy it before resuming) and the losses logged before the stop."""
+    out = tmp_path_factory.mktemp("rm_killed")
+    run = rm.setup(resume_recipe(tiny_sd3_dir, out))
+    optimizer_step = rm._optimizer_step
+
+    def signalled(r):
+        if r.step + 1 == STOP_AT:
+            os.kill(os.getpid(), signal.SIGTERM)  # the guard's handler only sets its flag
+        return optimizer_step(r)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(rm, "_optimizer_step", signalled)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            rm.train_loop(run)
+    finally:
+        patch.undo()
+    assert str(stopped.value.code).startswith(f"stopped by signal after step {STOP_AT}") and run.step == STOP_AT
+    assert signal.getsignal(signal.SIGTERM) != run.guard._on_signal  # the stop closed the guard
+    return out, _losses(run.history)
+
+
+def _copy_run(out, to):
+    shutil.copytree(out / "dina_lrm_tiny", to / "dina_lrm_tiny")
+    return to / "dina_lrm_tiny"
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_is_bit_identical_to_the_uninterrupted_run(killed, uninterrupted, tiny_sd3_dir,
+                                                                      tmp_path):
+    out, before = killed
+    (weights, shadow), losses = uninterrupted
+    root = _copy_run(out, tmp_path) / rm.CHECKPOINT_DIR
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000003"]  # periodic, then the stop
+    assert (root / "step_000003" / rm.EXPORT_DIR / "config.json").is_file()
+    assert before == {s: losses[s] for s in range(1, STOP_AT + 1)}
+    run = rm.setup(resume_recipe(tiny_sd3_dir, tmp_path))
+    assert (run.step, run.epoch, run.batches_taken) == (STOP_AT, 1, 1)  # 6 batches taken of 5 per epoch
+    rm.train_loop(run)
+    rm.finish(run)
+    got_weights, got_shadow = _state(run)
+    assert len(got_weights) == len(weights) > 0
+    assert all(torch.equal(a, b) for a, b in zip(got_weights, weights))
+    assert all(torch.equal(a, b) for a, b in zip(got_shadow, shadow))
+    assert _losses(run.history) == {s: v for s, v in losses.items() if s > STOP_AT}
+    assert list(_losses(run.history)) == [4, 5]
+    assert any(r.get("resumed_from") == STOP_AT for r in map(json.loads, (run.run_dir / METRICS_FILE).open()))
+    assert sorted(p.name for p in (run.run_dir / rm.CHECKPOINT_DIR).iterdir()) == ["step_000004", "step_000005"]
+
+
+@pytest.mark.slow
+def test_resume_skips_a_truncated_checkpoint(killed, uninterrupted, tiny_sd3_dir, tmp_path):
+    out, _ = killed
+    (weights, _), losses = uninterrupted
+    newest = _copy_run(out, tmp_path) / rm.CHECKPOINT_DIR / "step_000003"
+    biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="skipping incomplete or truncated checkpoint"):
+        run = rm.setup(resume_recipe(tiny_sd3_dir, tmp_path))
+    assert (run.step, run.epoch, run.batches_taken) == (2, 0, 4)
+    rm.train_loop(run)
+    assert all(torch.equal(a, b) for a, b in zip(run.params, weights))
+    assert _losses(run.history) == {s: v for s, v in losses.items() if s > 2}
+    run.tracker.close()
+    run.guard.close()
 
 
 # ------------------------------------------------------------------------------------------ distributed

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,21 @@ def _write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` that never leaves a half-written file: written beside, synced, then renamed over ``path``."""
+    import io
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    _write_synced(tmp, buffer.getvalue())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
 
 
 def _manifest(folder: Path) -> dict[str, int]:
@@ -113,11 +129,13 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, accelerator, step: int, extra: dict[str, Any] | None = None,
-             state: dict[str, Any] | None = None) -> Path:
+             state: dict[str, Any] | None = None, write: Callable[[Path], None] | None = None) -> Path:
         """Writes checkpoint ``step`` atomically and returns its folder.
 
         ``state``: small JSON-able facts, stored in ``trainer_state.json`` beside ``step``; ``extra``: anything
-        ``torch.save`` can write (EMA tensors, scheduler and generator states), returned by :meth:`load_latest`.
+        ``torch.save`` can write (EMA tensors, scheduler and generator states), returned by :meth:`load_latest`;
+        ``write``: called on the main process with the unfinished folder, before the manifest: what it writes
+        there (an export of the weights, say) is part of the checkpoint.
         """
         final = self.directory / step_dir_name(step)
         tmp = final.with_name(final.name + TMP_SUFFIX)
@@ -130,6 +148,8 @@ class CheckpointManager:
         if accelerator.is_main_process:
             torch.save(extra or {}, tmp / EXTRA_FILE)
             _write_synced(tmp / STATE_JSON, json.dumps({"step": step, **(state or {})}, indent=2).encode())
+            if write is not None:
+                write(tmp)
             for path in tmp.rglob("*"):
                 if path.is_file():
                     _fsync_file(path)

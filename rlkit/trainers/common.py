@@ -1,13 +1,19 @@
-"""What the ReFL and Flow-GRPO trainers share: functions, not a base class.
+"""What the trainers share: functions, not a base class.
 
 Generator + policy set-up, rewards from recipe specs, optimiser and schedule, the evaluator, and the
-run folder. The trainers stay readable top to bottom and call these.
+run folder. The trainers stay readable top to bottom and call these. The policy run (ReFL, Flow-GRPO) and
+the reward-model run also share one optimiser update, EMA weights, and resumable checkpoints with the
+SIGTERM stop (:func:`optimizer_step`, :func:`ema_weights`, :func:`save_training_state`,
+:func:`load_training_state`, :func:`checkpoint_or_stop`), plus the process ranks (:class:`Processes`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,6 +24,7 @@ from rlkit.config import EvalConfig, LoRAConfig, ModelConfig, OptimConfig, Recip
 from rlkit.evaluate import Evaluator
 from rlkit.models.sd3 import SD3Generator
 from rlkit.prompts import load_prompts
+
 
 def load_generator(cfg: ModelConfig, device: torch.device | str = "cpu") -> SD3Generator:
     source = resolve_package_path(cfg.pretrained)
@@ -109,3 +116,82 @@ def run_dir(recipe: Recipe) -> Path:
     path = recipe.run_dir
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# what a run does around its algorithm: ranks, the optimiser update, EMA, checkpoints and the stop
+
+
+class Processes:
+    """The process layout of a run that holds an ``accelerator`` (mixed into the run dataclasses)."""
+
+    accelerator: Any
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def rank_slice(self, n: int) -> slice:
+        """This process's rows of a global batch of ``n`` rows per process."""
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+
+def ema_weights(ema) -> contextlib.AbstractContextManager:
+    """The body runs with the EMA weights in place (a no-op without EMA)."""
+    return ema.applied() if ema is not None else contextlib.nullcontext()
+
+
+def optimizer_step(accelerator, optimizer, scheduler, ema, params: Iterable[torch.nn.Parameter],
+                   grad_clip: float | None) -> dict[str, float]:
+    """Clips ``params`` (unless DeepSpeed clips inside its engine), steps the optimiser and the schedule, zeroes
+    the gradients, updates EMA; returns ``{"grad_norm": ...}`` when it clipped."""
+    from rlkit.runtime.accelerator import uses_deepspeed
+
+    stats: dict[str, float] = {}
+    if grad_clip and not uses_deepspeed(accelerator):
+        stats["grad_norm"] = float(accelerator.clip_grad_norm_(params, grad_clip))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
+    return stats
+
+
+def save_training_state(checkpoints, accelerator, step: int, *, scheduler, ema, guard,
+                        write: Callable[[Path], None] | None = None, **extra: Any) -> Path:
+    """A resumable checkpoint (:class:`rlkit.runtime.checkpoint.CheckpointManager`): what ``accelerator``
+    prepared (weights, optimiser, RNG states), the schedule, EMA, guard counters and ``extra``; ``write`` adds
+    files to it (main process). Every process must call it."""
+    tensors = {"step": step, "ema": ema.state_dict() if ema is not None else None,
+               "scheduler": scheduler.state_dict(), "guard": guard.state_dict(), **extra}
+    return checkpoints.save(accelerator, step, tensors, write=write)
+
+
+def load_training_state(checkpoints, accelerator, *, scheduler, ema, guard) -> dict[str, Any] | None:
+    """Restores the newest complete checkpoint written by :func:`save_training_state` into the prepared objects,
+    the schedule, EMA and the guard; returns its ``extra`` (with ``step``), or None when there is none."""
+    extra = checkpoints.load_latest(accelerator)
+    if extra is None:
+        return None
+    scheduler.load_state_dict(extra["scheduler"])
+    guard.load_state_dict(extra["guard"])
+    if ema is not None and extra.get("ema") is not None:
+        ema.load_state_dict(extra["ema"])
+    return extra
+
+
+def checkpoint_or_stop(step: int, every: int, guard, save: Callable[[], Path], close: Iterable[Any] = ()) -> None:
+    """After update ``step``, at the same point on every rank: ``save()`` when ``step`` is a multiple of ``every``
+    (0: never) or when any rank received SIGTERM; after a stop, closes ``close`` (tracker, guard) and exits with
+    the message as status (1, not 0: sweep scripts mark a run done on 0; the next launch resumes it)."""
+    stop = guard.should_stop()
+    folder = save() if (every and step % every == 0) or stop else None
+    if stop:
+        for thing in close:
+            thing.close()
+        raise SystemExit(f"stopped by signal after step {step}; checkpoint saved in {folder}")

@@ -59,7 +59,7 @@ class SamplePool:
 
 
 @dataclass
-class PolicyRun:
+class PolicyRun(common.Processes):
     recipe: Recipe
     accelerator: object
     gen: object  # SD3Generator
@@ -120,15 +120,7 @@ class PolicyRun:
             run.evaluate()
         return run
 
-    # -- data and randomness ---------------------------------------------------------------------------
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
+    # -- data and randomness (``world``, ``rank``, ``rank_slice``: common.Processes) -------------------------
     def step_generator(self, step: int, micro: int) -> torch.Generator:
         """The same on every rank: draws global quantities (prompts, noise, the ReFL step)."""
         return make_generator(self.recipe.seed, "step", step, micro)
@@ -137,16 +129,13 @@ class PolicyRun:
         """Different on every rank: for per-sample randomness that is not shared."""
         return make_generator(self.recipe.seed, purpose, step, micro, self.rank)
 
-    def _rank_slice(self, n: int) -> slice:
-        return slice(self.rank * n, (self.rank + 1) * n)
-
     def sample_prompts(self, rng: torch.Generator, per_rank: int) -> list[str]:
         idx = torch.randint(0, len(self.prompts), (per_rank * self.world,), generator=rng)
-        return [self.prompts[int(i)] for i in idx[self._rank_slice(per_rank)]]
+        return [self.prompts[int(i)] for i in idx[self.rank_slice(per_rank)]]
 
     def global_noise(self, rng: torch.Generator, per_rank: int) -> Tensor:
         shape = (per_rank * self.world, *self.gen.latent_shape(self.recipe.model.resolution))
-        return torch.randn(shape, generator=rng)[self._rank_slice(per_rank)].to(self.accelerator.device)
+        return torch.randn(shape, generator=rng)[self.rank_slice(per_rank)].to(self.accelerator.device)
 
     def pretrain_pool(self, cfg: PretrainLossConfig, size: int = 64) -> SamplePool:
         """Latents for the pre-training loss: base-model samples (LoRA disabled) or a latents file."""
@@ -185,14 +174,8 @@ class PolicyRun:
             self.optimizer.zero_grad(set_to_none=True)
             stats["skipped"] = 1.0
         else:
-            if self.recipe.optim.grad_clip and not self._deepspeed:
-                stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                                            self.recipe.optim.grad_clip))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update()
+            stats.update(common.optimizer_step(self.accelerator, self.optimizer, self.scheduler, self.ema,
+                                               self.model.parameters(), self.recipe.optim.grad_clip))
         stats["lr"] = self.scheduler.get_last_lr()[0]
         stats["time/elapsed_s"] = time.perf_counter() - self.started
         self.step += 1
@@ -201,27 +184,16 @@ class PolicyRun:
         every = self.recipe.eval.every
         if every and self.step % every == 0 and self.step < self.total_updates:
             self.evaluate()
-        ck = self.recipe.checkpoint.every
-        stop = self.guard.should_stop()  # every rank asks at the same point
-        if (ck and self.step % ck == 0) or stop:
-            self.save()
-        if stop:
-            raise SystemExit(f"stopped by signal after step {self.step}; checkpoint saved in {self.run_dir}")
-
-    @property
-    def _deepspeed(self) -> bool:
-        return self._zero_stage is not None
+        common.checkpoint_or_stop(self.step, self.recipe.checkpoint.every, self.guard, self.save,
+                                  close=(self.tracker, self.guard))
 
     @property
     def finished(self) -> bool:
         return self.step >= self.total_updates or self.stopped_early
 
     # -- evaluation, checkpoints, export -----------------------------------------------------------------
-    def _ema_weights(self):
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-
     def evaluate(self) -> dict[str, float]:
-        with self._ema_weights():
+        with common.ema_weights(self.ema):
             self.model.eval()
             result = self.evaluator.run(self.gen, self.step, out_dir=self.run_dir if self.accelerator.is_main_process
                                         else None)
@@ -235,21 +207,16 @@ class PolicyRun:
         return metrics
 
     def save(self) -> Path:
-        extra = {"step": self.step, "ema": self.ema.state_dict() if self.ema is not None else None,
-                 "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict(),
-                 "evaluator": self.evaluator.state_dict()}
-        return self.checkpoints.save(self.accelerator, self.step, extra)
+        return common.save_training_state(self.checkpoints, self.accelerator, self.step, scheduler=self.scheduler,
+                                          ema=self.ema, guard=self.guard, evaluator=self.evaluator.state_dict())
 
     def _resume(self) -> None:
-        extra = self.checkpoints.load_latest(self.accelerator)
+        extra = common.load_training_state(self.checkpoints, self.accelerator, scheduler=self.scheduler,
+                                           ema=self.ema, guard=self.guard)
         if extra is None:
             return
         self.step = int(extra["step"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.guard.load_state_dict(extra["guard"])
         self.evaluator.load_state_dict(extra["evaluator"])
-        if self.ema is not None and extra.get("ema") is not None:
-            self.ema.load_state_dict(extra["ema"])
         self.tracker.log({"resumed_from": float(self.step)}, step=self.step)
 
     def finish(self) -> dict[str, float]:
@@ -263,17 +230,14 @@ class PolicyRun:
 
     def _gathered(self):
         """Under ZeRO-3 every rank must join to gather the partitioned trainable weights."""
-        if self._zero_stage != 3:
+        from rlkit.runtime.accelerator import zero_stage
+
+        if zero_stage(self.accelerator) != 3:
             return contextlib.nullcontext()
         import deepspeed
 
         params = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-    @property
-    def _zero_stage(self) -> int | None:
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return None if plugin is None else int(plugin.zero_stage)
 
     def export(self) -> Path | None:
         """The policy (EMA weights when enabled) for diffusers; called on every rank, written by the main one."""
@@ -282,7 +246,7 @@ class PolicyRun:
         model = self.accelerator.unwrap_model(self.model)
         recipe_file = self.run_dir / "recipe.yaml"
         out = self.run_dir / "export"
-        with self._ema_weights(), self._gathered():
+        with common.ema_weights(self.ema), self._gathered():
             if not self.accelerator.is_main_process:
                 return None
             if self.recipe.lora.enabled:

@@ -12,16 +12,21 @@ One optimiser step, top to bottom:
 4. clip (DeepSpeed clips inside its engine), AdamW step, warmup + schedule, EMA of the trainable weights.
 
 Evaluation (pairwise accuracy per noise level on the held-out pairs, :func:`rlkit.eval_reward.evaluate_pairwise`)
-and every saved checkpoint use the EMA weights; checkpoints have the release's layout (``config.json`` +
+and every export use the EMA weights; exports have the release's layout (``config.json`` +
 ``checkpoint/backbone_lora/`` + ``checkpoint/rm_head.pt``) and load with ``rewards.build("dina-lrm",
-pretrained=...)``.
+pretrained=...)``: ``final/`` at the end, and ``checkpoints/step_N/reward_model/`` in every checkpoint.
+
+Checkpoints are the policy trainers' (:mod:`rlkit.runtime.checkpoint`, written atomically every
+``checkpoint.every`` steps, at the end and on SIGTERM, the newest ``checkpoint.keep_last`` kept): the prepared
+model and optimiser with the RNG states (``accelerator.save_state``), schedule, EMA, and the data position
+(epoch and global batches taken in it). The noise levels and ``eps`` come from generators derived from
+``(seed, step, micro-batch)`` and the batch order from ``(seed, epoch)``, so with ``checkpoint.resume`` a run
+continues from the newest complete checkpoint bit-identically to one that was never stopped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +41,7 @@ from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
 from rlkit.config import Recipe, RewardModelConfig, save_resolved
 from rlkit.data import BucketBatchSampler, LoadOptions, PreferencePair, collate_pairs, load_pairs, shape_key
 from rlkit.runtime.seeding import derive_seed, make_generator
+from rlkit.trainers import common
 
 SCHEME_DEFAULTS: dict[str, dict[str, float]] = {
     "uniform": {},
@@ -51,6 +57,7 @@ TRAINABLE_TO_ARCH = {  # RewardModelConfig.trainable -> DiNaLRMConfig fields (de
 }
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
+EXPORT_DIR = "reward_model"  # the release-layout EMA weights inside each checkpoint folder
 TEXT_CACHE_SIZE = 4096  # distinct prompts whose embeddings stay in memory
 
 
@@ -124,7 +131,7 @@ class _TrainedReward(Reward):
 
 
 @dataclass
-class RewardModelRun:
+class RewardModelRun(common.Processes):
     recipe: Recipe
     accelerator: Any
     gen: Any  # SD3Generator (text encoders; its transformer's first blocks are the backbone)
@@ -140,7 +147,12 @@ class RewardModelRun:
     sampler: BucketBatchSampler
     total_steps: int
     run_dir: Path
+    checkpoints: Any  # rlkit.runtime.checkpoint.CheckpointManager
+    guard: Any  # rlkit.runtime.guards.TrainingGuard (SIGTERM: checkpoint and stop)
     step: int = 0
+    epoch: int = 0  # data position: the sampler's epoch and the global batches taken from it so far
+    batches_taken: int = 0
+    saved_step: int = -1  # the step of the newest checkpoint this run wrote or resumed from
     history: list[dict[str, Any]] = field(default_factory=list)
     text_cache: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -148,14 +160,6 @@ class RewardModelRun:
     @property
     def cfg(self) -> RewardModelConfig:
         return self.recipe.reward_model
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
 
 
 def _load(source: str, cfg: RewardModelConfig, what: str) -> list[PreferencePair]:
@@ -192,11 +196,13 @@ def _build_model(recipe: Recipe, gen):
 
 
 def setup(recipe: Recipe) -> RewardModelRun:
-    """Accelerator, generator (text encoders + backbone), model, data, optimiser, EMA."""
+    """Accelerator, generator (text encoders + backbone), model, data, optimiser, EMA; resumed from the newest
+    complete checkpoint when ``checkpoint.resume`` is set and there is one."""
     from rlkit.runtime.accelerator import build_accelerator, uses_deepspeed
+    from rlkit.runtime.checkpoint import CheckpointManager
     from rlkit.runtime.ema import EMA
+    from rlkit.runtime.guards import TrainingGuard
     from rlkit.runtime.tracking import Tracker
-    from rlkit.trainers import common
 
     cfg = recipe.reward_model
     accelerator = build_accelerator(recipe.launch, grad_clip=recipe.optim.grad_clip, grad_accum=cfg.grad_accum,
@@ -227,8 +233,12 @@ def setup(recipe: Recipe) -> RewardModelRun:
     if accelerator.is_main_process:
         save_resolved(recipe, run_dir)
     tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
-    return RewardModelRun(recipe, accelerator, gen, model, engine, optimizer, scheduler, ema, tracker, params,
-                          train_pairs, eval_pairs, sampler, total, run_dir)
+    checkpoints = CheckpointManager(run_dir / CHECKPOINT_DIR, keep_last=recipe.checkpoint.keep_last)
+    run = RewardModelRun(recipe, accelerator, gen, model, engine, optimizer, scheduler, ema, tracker, params,
+                         train_pairs, eval_pairs, sampler, total, run_dir, checkpoints, TrainingGuard())
+    if recipe.checkpoint.resume:
+        _resume(run)
+    return run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,13 +263,16 @@ def _encode_text(run: RewardModelRun, prompts: list[str]) -> TextConditioning:
 
 
 def _global_batches(run: RewardModelRun) -> Iterator[tuple[int, list[int]]]:
-    """``(epoch, global batch indices)`` forever, reshuffled per epoch."""
-    epoch = 0
+    """``(epoch, global batch indices)`` forever, reshuffled per epoch, from the run's data position (which it
+    advances: a checkpoint holds where the next batch comes from)."""
     while True:
-        run.sampler.set_epoch(epoch)
-        for batch in run.sampler:
-            yield epoch, batch
-        epoch += 1
+        run.sampler.set_epoch(run.epoch)
+        for i, batch in enumerate(run.sampler):
+            if i < run.batches_taken:
+                continue
+            run.batches_taken = i + 1
+            yield run.epoch, batch
+        run.epoch, run.batches_taken = run.epoch + 1, 0
 
 
 def _micro_step(run: RewardModelRun, global_idx: list[int], micro: int) -> dict[str, float]:
@@ -269,7 +282,7 @@ def _micro_step(run: RewardModelRun, global_idx: list[int], micro: int) -> dict[
     n_global = len(global_idx)
     u = sample_noise_levels(cfg.timestep_sampling, n_global, g, cfg.timestep_args)
     sigma_all = run.model.snap(u.to(device)).cpu() if cfg.snap_to_grid else u
-    mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
+    mine = run.rank_slice(cfg.batch_size)
     batch = collate_pairs([run.train_pairs[i] for i in global_idx[mine]])
     eps = torch.randn((n_global, *batch.chosen.shape[1:]), generator=g)[mine].to(device)
     sigma = sigma_all[mine].to(device)
@@ -287,18 +300,9 @@ def _micro_step(run: RewardModelRun, global_idx: list[int], micro: int) -> dict[
 
 def _optimizer_step(run: RewardModelRun) -> dict[str, float]:
     """Clips (unless DeepSpeed does), steps, schedules, updates EMA; returns the lr this step used."""
-    from rlkit.runtime.accelerator import uses_deepspeed
-
-    stats: dict[str, float] = {"lr": float(run.optimizer.param_groups[0]["lr"])}
-    clip = run.recipe.optim.grad_clip
-    if clip and not uses_deepspeed(run.accelerator):
-        stats["grad_norm"] = float(run.accelerator.clip_grad_norm_(run.params, clip))
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.update()
-    return stats
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    return {"lr": lr, **common.optimizer_step(run.accelerator, run.optimizer, run.scheduler, run.ema, run.params,
+                                              run.recipe.optim.grad_clip)}
 
 
 def _log(run: RewardModelRun, record: dict[str, Any]) -> None:
@@ -311,7 +315,7 @@ def _log(run: RewardModelRun, record: dict[str, Any]) -> None:
 
 
 def ema_weights(run: RewardModelRun):
-    return run.ema.applied() if run.ema is not None else contextlib.nullcontext()
+    return common.ema_weights(run.ema)
 
 
 def evaluate(run: RewardModelRun, levels: list[float] | None = None, pairs: list[PreferencePair] | None = None,
@@ -338,26 +342,48 @@ def evaluate(run: RewardModelRun, levels: list[float] | None = None, pairs: list
     return metrics
 
 
-def save_checkpoint(run: RewardModelRun, folder: Path) -> Path:
-    """The EMA weights in the release's layout (main process only)."""
+def _write_export(run: RewardModelRun, folder: Path) -> Path:
+    """The EMA weights in the release's layout (call on the main process)."""
     from rewards.dina_lrm import save_dina_lrm
 
+    with ema_weights(run):
+        save_dina_lrm(run.model, folder)
+    return folder
+
+
+def export(run: RewardModelRun, folder: Path) -> Path:
+    """The EMA weights in the release's layout, written by the main process; every process calls it."""
     if run.accelerator.is_main_process:
-        with ema_weights(run):
-            save_dina_lrm(run.model, folder)
+        _write_export(run, folder)
     run.accelerator.wait_for_everyone()
     return folder
 
 
-def _periodic_checkpoint(run: RewardModelRun) -> None:
-    ck = run.recipe.checkpoint
-    if not ck.every or run.step % ck.every:
+def save(run: RewardModelRun) -> Path:
+    """A resumable checkpoint of the run (every process calls it), with the EMA export inside."""
+    data = {"epoch": run.epoch, "batches_taken": run.batches_taken, "pairs": len(run.train_pairs),
+            "batches_per_epoch": len(run.sampler)}
+    folder = common.save_training_state(run.checkpoints, run.accelerator, run.step, scheduler=run.scheduler,
+                                        ema=run.ema, guard=run.guard, data=data,
+                                        write=lambda tmp: _write_export(run, tmp / EXPORT_DIR))
+    run.saved_step = run.step
+    return folder
+
+
+def _resume(run: RewardModelRun) -> None:
+    extra = common.load_training_state(run.checkpoints, run.accelerator, scheduler=run.scheduler, ema=run.ema,
+                                       guard=run.guard)
+    if extra is None:
         return
-    root = run.run_dir / CHECKPOINT_DIR
-    save_checkpoint(run, root / f"step-{run.step:07d}")
-    if run.accelerator.is_main_process:
-        for old in sorted(root.glob("step-*"))[: -ck.keep_last]:
-            shutil.rmtree(old)
+    data = extra["data"]
+    now = {"pairs": len(run.train_pairs), "batches_per_epoch": len(run.sampler)}
+    if any(data[k] != v for k, v in now.items()):
+        raise ValueError(f"cannot resume from {extra['path']}: it was written for {data['pairs']} training pairs in "
+                         f"{data['batches_per_epoch']} global batches per epoch, the run now has {now['pairs']} in "
+                         f"{now['batches_per_epoch']}; change the data back or set checkpoint.resume=false")
+    run.step = run.saved_step = int(extra["step"])
+    run.epoch, run.batches_taken = int(data["epoch"]), int(data["batches_taken"])
+    _log(run, {"resumed_from": float(run.step)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,15 +409,19 @@ def train_loop(run: RewardModelRun) -> None:
         if run.step % run.recipe.logging.every == 0 or any(k.startswith("eval/") for k in record):
             record["time/elapsed_s"] = time.perf_counter() - run.started
             _log(run, record)
-        _periodic_checkpoint(run)
+        common.checkpoint_or_stop(run.step, run.recipe.checkpoint.every, run.guard, lambda: save(run),
+                                  close=(run.tracker, run.guard))
 
 
 def finish(run: RewardModelRun) -> dict[str, float]:
     metrics = evaluate(run)
     if metrics:
         _log(run, metrics)
-    save_checkpoint(run, run.run_dir / FINAL_DIR)
+    if run.saved_step != run.step:
+        save(run)
+    export(run, run.run_dir / FINAL_DIR)
     run.tracker.close()
+    run.guard.close()
     return {"steps": float(run.step), **metrics}
 
 
