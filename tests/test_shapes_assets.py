@@ -107,4 +107,4 @@ def test_build_all_fast_writes_every_asset(tmp_path):
                  "dina-lrm / ensemble(0.2,0.5,0.7)", "dina-lrm (fixed variance) / reward", "shapes-clip / reward",
                  "shapes-golden / reward"):
         assert 0.0 <= rows[name]["accuracy"] <= 1.0 and rows[name]["pairs"] > 0, name
-    assert not (tmp_path / "_dina_lrm_fixed_variance").exists()
+    assert not (tmp_path / "_dina_lrm_fixed_variance").exists() and not (tmp_path / "generator_pretrain").exists()

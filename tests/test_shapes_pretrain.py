@@ -76,3 +76,39 @@ def test_shapes_generator_position_grid_tells_neighbouring_patches_apart():
     assert ours > 5 * wide, (ours, wide)
     vae = build_tiny_sd3_components(cfg)["vae"]
     assert vae.encoder.down_blocks[0].resnets[0].norm1.num_groups == cfg.vae_norm_num_groups == 8
+
+
+def test_generator_pretraining_killed_midway_resumes_to_the_same_weights(tiny_sd3_dir, tmp_path, monkeypatch):
+    from rlkit.models.sd3 import SD3Generator
+
+    config = pretrain.GeneratorTrainConfig(steps=6, batch_size=4, num_images=16, max_minutes=60.0)
+
+    def fresh():
+        torch.manual_seed(0)
+        return SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+
+    whole = fresh()
+    pretrain.train_generator(whole, config, log=lambda _: None)
+
+    real_loss, calls = pretrain.rectified_flow_loss, []
+
+    def dies_on_the_fourth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the build is killed during step 3; the checkpoint holds steps 0-1
+        return real_loss(*args, **kwargs)
+
+    checkpoint = tmp_path / "generator.pt"
+    killed = fresh()
+    monkeypatch.setattr(pretrain, "rectified_flow_loss", dies_on_the_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train_generator(killed, config, log=lambda _: None, checkpoint=checkpoint, checkpoint_every=2)
+    monkeypatch.setattr(pretrain, "rectified_flow_loss", real_loss)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 2
+    messages = []
+    resumed = fresh()
+    stats = pretrain.train_generator(resumed, config, log=messages.append, checkpoint=checkpoint, checkpoint_every=2)
+    assert stats["generator_steps"] == 6 and "resuming from step 2" in messages[0]
+    for (name, a), b in zip(whole.transformer.state_dict().items(), resumed.transformer.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(fresh().transformer.proj_out.weight, resumed.transformer.proj_out.weight)

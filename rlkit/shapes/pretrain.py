@@ -18,6 +18,8 @@ Only the training split of :mod:`rlkit.shapes.world` is ever seen here.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from rlkit.models.sd3 import SD3Generator
 from rlkit.models.tiny import TinySD3Config, build_tiny_sd3_components
+from rlkit.runtime.checkpoint import torch_save_atomic
 from rlkit.shapes import world
 
 MAX_SEQUENCE_LENGTH = 8  # T5 tokens of a Shapes caption (at most 7 words and the end token)
@@ -41,12 +44,15 @@ class Budget:
     fractions (steps done, time used), so a run stopped by the clock still ends at a small rate.
     """
 
-    def __init__(self, steps: int, max_minutes: float, warmup: float = 0.05):
+    def __init__(self, steps: int, max_minutes: float, warmup: float = 0.05, spent_seconds: float = 0.0):
         self.steps, self.seconds, self.warmup = steps, 60.0 * max_minutes, warmup
-        self.start = time.monotonic()
+        self.start = time.monotonic() - spent_seconds  # a resumed run counts the time already spent
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
 
     def progress(self, step: int) -> float:
-        return min(1.0, max(step / self.steps, (time.monotonic() - self.start) / self.seconds))
+        return min(1.0, max(step / self.steps, self.elapsed() / self.seconds))
 
     def lr_factor(self, step: int) -> float:
         p = self.progress(step)
@@ -205,8 +211,15 @@ def rectified_flow_loss(generator: SD3Generator, x0: Tensor, text, sigmas: Tenso
     return (generator.velocity(x_sigma, sigmas, text) - (noise - x0)).pow(2).mean()
 
 
-def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=print) -> dict[str, float]:
-    """Rectified-flow pretraining of ``generator.transformer`` on encoded training pictures."""
+def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=print, checkpoint: str | Path | None = None,
+                    checkpoint_every: int = 250) -> dict[str, float]:
+    """Rectified-flow pretraining of ``generator.transformer`` on encoded training pictures.
+
+    With ``checkpoint`` (a file), the weights, optimiser, random state, step and time spent are written there
+    atomically every ``checkpoint_every`` steps, and a run that finds the file resumes from it: a killed
+    build loses at most ``checkpoint_every`` steps and, when the step budget binds, ends bit-identical to
+    an uninterrupted one. The caller deletes the file once the result is saved.
+    """
     torch.manual_seed(config.seed)
     latents, captions = encode_dataset(generator, config.num_images, seed=config.seed)
     prompts = sorted(set(captions)) + [""]
@@ -219,8 +232,17 @@ def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=p
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     budget = Budget(config.steps, config.max_minutes)
-    ema = None
-    for step in range(config.steps):
+    ema, start = None, 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["transformer"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        start, ema = state["step"], state["loss_ema"]
+        budget = Budget(config.steps, config.max_minutes, spent_seconds=state["seconds"])
+        log(f"generator: resuming from step {start} ({state['seconds'] / 60:.1f} min spent) in {checkpoint}")
+    step = start - 1
+    for step in range(start, config.steps):
         budget.set_lr(opt, config.lr, step)
         idx = torch.randint(len(latents), (config.batch_size,), generator=gen)
         ids = caption_ids[idx].clone()
@@ -237,6 +259,10 @@ def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=p
             log(f"generator step {step}: loss {ema:.4f} (progress {budget.progress(step):.2f})")
         if budget.done(step):
             break
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+            torch_save_atomic({"transformer": model.state_dict(), "optimizer": opt.state_dict(),
+                               "rng": gen.get_state(), "step": step + 1, "loss_ema": ema,
+                               "seconds": budget.elapsed()}, checkpoint)
     model.eval().requires_grad_(False)
     return {"generator_loss": float(ema), "generator_steps": step + 1}
 
@@ -286,18 +312,34 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=prin
     """Builds, trains and (when ``out_dir`` is given) saves the Shapes generator pipeline folder."""
     from diffusers import StableDiffusion3Pipeline
 
+    from diffusers import AutoencoderKL
+
     components = build_tiny_sd3_components(config.model, seed=config.seed)
     stats: dict[str, float] = {}
-    stats.update(train_vae(components["vae"], config.vae, log))
+    # with out_dir, the trained VAE and the generator's checkpoint wait in OUT_DIR_pretrain until the end,
+    # so that a killed build resumes there instead of starting over
+    work = Path(f"{out_dir}_pretrain") if out_dir is not None else None
+    if work is not None and (work / "vae" / "config.json").is_file():
+        components["vae"] = AutoencoderKL.from_pretrained(work / "vae")
+        log(f"VAE: reusing the one trained before in {work / 'vae'}")
+    else:
+        stats.update(train_vae(components["vae"], config.vae, log))
+        if work is not None:
+            tmp = work / "vae.tmp"
+            components["vae"].save_pretrained(tmp)
+            shutil.rmtree(work / "vae", ignore_errors=True)  # a VAE folder left half-written by a killed run
+            os.replace(tmp, work / "vae")
     components["vae"].requires_grad_(False)
     pipe = StableDiffusion3Pipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     generator = SD3Generator(pipeline=pipe, max_sequence_length=MAX_SEQUENCE_LENGTH)
-    stats.update(train_generator(generator, config.generator, log))
+    stats.update(train_generator(generator, config.generator, log,
+                                 checkpoint=work / "generator.pt" if work is not None else None))
     if config.decoder is not None:
         stats.update(finetune_decoder(components["vae"], config.decoder, log))
     if out_dir is not None:
         pipe.save_pretrained(out_dir)
+        shutil.rmtree(work, ignore_errors=True)
     return generator, stats
 
 
