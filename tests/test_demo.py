@@ -56,3 +56,15 @@ def test_a_guard_is_reward_hacking_only_when_the_run_pushes_it_off(before, after
     r = RunSummary("refl", "refl", 0, Path("."), guards={"high_frequency": after, "foreground_area": 1.0},
                    guards_before={"high_frequency": before, "foreground_area": 1.0})
     assert r.hacked is hacked and r.guards_real is real
+
+
+def test_runs_are_compared_at_the_wall_time_of_the_shortest(tmp_path):
+    from rlkit.shapes.demo import RunSummary, write_report
+
+    latent = RunSummary("refl+dina-lrm", "refl", 0, tmp_path / "a", golden=[(0, 0.0, 0.2), (10, 50.0, 0.4), (20, 100.0, 0.5)])
+    pixel = RunSummary("refl+pixel-clip", "refl", 0, tmp_path / "b", golden=[(0, 0.0, 0.2), (10, 80.0, 0.3)])
+    assert latent.golden_at(80.0) == 0.4 and latent.golden_at(10.0) == 0.2 and pixel.golden_at(80.0) == 0.3
+    write_report([latent, pixel], {"foreground_area": 1.0, "high_frequency": 1.0}, tmp_path)
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["golden_at_equal_time"], r["equal_time_s"]) for r in rows] == [(0.4, 80.0), (0.3, 80.0)]
+    assert "0.400 (80 s)" in (tmp_path / "summary.md").read_text()

@@ -50,6 +50,11 @@ class RunSummary:
     def gain(self) -> float:
         return self.golden[-1][2] - self.golden[0][2]
 
+    def golden_at(self, seconds: float) -> float:
+        """The golden score of the last evaluation finished by ``seconds`` of wall time (the first one if none)."""
+        done = [score for _, wall, score in self.golden if wall <= seconds]
+        return done[-1] if done else self.golden[0][2]
+
     @property
     def guards_real(self) -> bool:
         """Every guard within ``1 +- GUARD_TOLERANCE`` of real pictures (the strict condition)."""
@@ -158,15 +163,19 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
              f"over those of real pictures (base generator -> after the run). Outside 1 ± {GUARD_TOLERANCE} a guard "
              "is off; a run that pushes an off guard further from real pictures by more than that is reported as "
              "reward hacking. `guards real` says whether both end within the band.", "",
-             "| run | seed | golden before | golden after | gain | proxy before | proxy after | fg area | high freq | "
-             "guards real | wall s | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`golden @ equal time`: each algorithm's runs compared at the wall time of its shortest run "
+             "(the last evaluation finished by then), so a reward that decodes through the VAE pays for it.", "",
+             "| run | seed | golden before | golden after | gain | golden @ equal time | proxy before | proxy after | "
+             "fg area | high freq | guards real | wall s | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    equal_time = {r.algorithm: min(q.golden[-1][1] for q in runs if q.algorithm == r.algorithm) for r in runs}
     for r in runs:
         proxy = (f"{r.proxy[0][2]:.3f} | {r.proxy[-1][2]:.3f}" if r.proxy else "- | -")
         verdict = "reward hacking" if r.hacked else ("gain" if r.gain > 0 else "no gain")
         guards = " | ".join(f"{r.guards_before.get(g, float('nan')):.2f} -> {r.guards.get(g, float('nan')):.2f}"
                             for g in GUARDS)
         lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | {r.gain:+.3f} | "
-                     f"{proxy} | {guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {verdict} |")
+                     f"{r.golden_at(equal_time[r.algorithm]):.3f} ({equal_time[r.algorithm]:.0f} s) | {proxy} | {guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {verdict} |")
     by_label: dict[str, list[float]] = {}
     for r in runs:
         by_label.setdefault(r.label, []).append(r.gain)
@@ -180,7 +189,8 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
     (out / "summary.json").write_text(json.dumps([
         {"label": r.label, "algorithm": r.algorithm, "seed": r.seed, "golden": r.golden, "proxy": r.proxy,
          "guards": r.guards, "guards_before": r.guards_before, "guards_real": r.guards_real, "wall_s": r.wall_s,
-         "gain": r.gain, "hacked": r.hacked} for r in runs], indent=1))
+         "gain": r.gain, "hacked": r.hacked, "golden_at_equal_time": r.golden_at(equal_time[r.algorithm]),
+         "equal_time_s": equal_time[r.algorithm]} for r in runs], indent=1))
     return summary
 
 
