@@ -108,3 +108,6 @@ def test_build_all_fast_writes_every_asset(tmp_path):
                  "shapes-golden / reward"):
         assert 0.0 <= rows[name]["accuracy"] <= 1.0 and rows[name]["pairs"] > 0, name
     assert not (tmp_path / "_dina_lrm_fixed_variance").exists() and not (tmp_path / "generator_pretrain").exists()
+    from rlkit.shapes.build import format_report
+
+    assert "held-out pair accuracy: annotators / second labelling" in format_report(report)

@@ -249,6 +249,9 @@ def format_report(report: dict) -> str:
     for name in ("generator", "preferences"):
         if report.get("stats", {}).get(name):
             lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in report["stats"][name].items()))
+    if report.get("stats", {}).get("rewards"):  # pairwise accuracy against the annotators, held-out pairs
+        lines.append("held-out pair accuracy: " + ", ".join(
+            f"{k} {v['accuracy']:.3f}" for k, v in report["stats"]["rewards"].items()))
     if "sizes_mb" in report:
         lines.append("sizes (MB): " + ", ".join(f"{k} {v}" for k, v in report["sizes_mb"].items()))
     return "\n".join(lines)
