@@ -343,3 +343,23 @@ def test_cache_latents_cli_writes_parquet_with_min_size_setting(tmp_path, tiny_s
     assert cached[0].prompt == "gray" and cached[0].shapes[0] == cached[0].shapes[1]
     rc = main(["--data", str(tmp_path / "nope.jsonl"), "--generator", str(tiny_sd3_dir), "--out", str(out)])
     assert rc == 2
+
+
+def test_a_label_for_the_second_side_orients_the_pair_so_chosen_wins(tmp_path):
+    """Sets stored as ``a`` / ``b`` with ``label`` = P(a preferred) (the Shapes pairs): a pair whose label says
+    ``b`` won is swapped on loading, so every consumer (training, eval-reward) reads chosen as the winner."""
+    za, zb = np.ones((2, 3, 4), dtype=np.float32), np.zeros((2, 3, 4), dtype=np.float32)
+    table = pa.table({"prompt": ["a wins", "b wins", "b mostly"], "latents_a": [za.tolist()] * 3,
+                      "latents_b": [zb.tolist()] * 3, "label": [1.0, 0.0, 0.25]})
+    pq.write_table(table, tmp_path / "ab.parquet")
+    for fmt in ("latents", "generic"):
+        pairs = load_pairs(tmp_path / "ab.parquet", format=fmt,
+                           columns={"chosen": "latents_a", "rejected": "latents_b"})
+        assert [p.label for p in pairs] == [1.0, 1.0, 0.75], fmt
+        batch = collate_pairs(pairs)
+        assert [float(c.mean()) for c in batch.chosen] == [1.0, 0.0, 0.0], fmt
+        assert pairs[1].columns == ("latents_b", "latents_a")
+    with pytest.raises(PreferenceDataError, match="label must lie in"):
+        pq.write_table(pa.table({"prompt": ["x"], "latents_a": [za.tolist()], "latents_b": [zb.tolist()],
+                                 "label": [1.5]}), tmp_path / "bad.parquet")
+        load_pairs(tmp_path / "bad.parquet", format="latents", columns={"chosen": "latents_a", "rejected": "latents_b"})

@@ -74,13 +74,24 @@ class PreferencePair:
     chosen: Any
     rejected: Any
     kind: Literal["image", "latent"]
-    label: float = 1.0  # probability that ``chosen`` is preferred; 0.5 = a kept tie
+    label: float = 1.0  # probability that ``chosen`` is preferred; 0.5 = a kept tie. A label below 0.5 (data
+    # whose columns are "a" / "b" with a label) swaps the sides on construction, so chosen always wins
     file: str = ""
     row: int = -1
     columns: tuple[str, str] = ("chosen", "rejected")  # the source columns, for error messages
     shapes: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)  # stored latent shapes
     root: str | None = None  # folder relative image paths resolve against
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label <= 1.0:
+            raise self.error(f"label must lie in [0, 1] (the probability that the first side is preferred), "
+                             f"got {self.label}")
+        if self.label < TIE_LABEL:  # the second side is preferred: orient the pair so that chosen wins
+            self.chosen, self.rejected = self.rejected, self.chosen
+            self.columns = self.columns[::-1]
+            self.shapes = self.shapes[::-1]
+            self.label = 1.0 - self.label
 
     @property
     def is_tie(self) -> bool:
