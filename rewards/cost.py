@@ -130,13 +130,12 @@ def hpsv3_text_tokens(prompt_chars: int = PROMPT_CHARS) -> int:
     return round(len(hpsv3_chat_text("x" * prompt_chars, num_image_tokens=0)) / CHARS_PER_TOKEN)
 
 
-def hpsv3_parts(resolution: int, batch_size: int = 1, text_tokens: int | None = None) -> dict[str, PartCost]:
-    """Qwen2-VL-7B on the resized image (448 x 448 for square images: 1024 patches -> 256 tokens) plus the
-    chat text, and the reward head."""
-    from transformers import Qwen2VLConfig, Qwen2VLModel
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import get_vision_position_ids
+def hpsv3_geometry(resolution: int, text_tokens: int | None = None):
+    """``(config, gh, gw, image_tokens, seq)``: the Qwen2-VL-7B config HPSv3 runs, its patch grid for a square
+    picture of ``resolution`` and the decoder's visual and total token counts."""
+    from transformers import Qwen2VLConfig
 
-    from rewards.hpsv3 import hpsv3_image_size, rm_head
+    from rewards.hpsv3 import hpsv3_image_size
 
     config = Qwen2VLConfig(**QWEN2VL_7B_CONFIG)
     config.text_config.vocab_size = HPSV3_VOCAB
@@ -144,7 +143,19 @@ def hpsv3_parts(resolution: int, batch_size: int = 1, text_tokens: int | None = 
     h, w = hpsv3_image_size(resolution, resolution)
     gh, gw = h // vc.patch_size, w // vc.patch_size
     image_tokens = gh * gw // vc.spatial_merge_size**2
-    seq = image_tokens + (text_tokens if text_tokens is not None else hpsv3_text_tokens())
+    return config, gh, gw, image_tokens, image_tokens + (text_tokens if text_tokens is not None else hpsv3_text_tokens())
+
+
+def hpsv3_parts(resolution: int, batch_size: int = 1, text_tokens: int | None = None) -> dict[str, PartCost]:
+    """Qwen2-VL-7B on the resized image (448 x 448 for square images: 1024 patches -> 256 tokens) plus the
+    chat text, and the reward head."""
+    from transformers import Qwen2VLModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import get_vision_position_ids
+
+    from rewards.hpsv3 import rm_head
+
+    config, gh, gw, image_tokens, seq = hpsv3_geometry(resolution, text_tokens)
+    vc = config.vision_config
     grid = torch.tensor([[1, gh, gw]] * batch_size)
     with torch.device("meta"):
         model = Qwen2VLModel._from_config(config, attn_implementation="sdpa")

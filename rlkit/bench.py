@@ -179,19 +179,14 @@ def pickscore_cost(dtype: torch.dtype) -> tuple[int, PassCost]:
 
 def hpsv3_cost(resolution: int, dtype: torch.dtype) -> tuple[int, PassCost, str]:
     """Qwen2-VL-7B: the vision tower on the resized image, then the decoder on image + chat tokens."""
-    from transformers import Qwen2VLConfig, Qwen2VLModel
+    from transformers import Qwen2VLModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import get_vision_position_ids
 
-    from rewards.cost import HPSV3_VOCAB, QWEN2VL_7B_CONFIG, hpsv3_text_tokens
-    from rewards.hpsv3 import hpsv3_image_size, rm_head
+    from rewards.cost import hpsv3_geometry
+    from rewards.hpsv3 import rm_head
 
-    config = Qwen2VLConfig(**QWEN2VL_7B_CONFIG)
-    config.text_config.vocab_size = HPSV3_VOCAB
+    config, gh, gw, _, seq = hpsv3_geometry(resolution)
     vc = config.vision_config
-    h, w = hpsv3_image_size(resolution, resolution)
-    gh, gw = h // vc.patch_size, w // vc.patch_size
-    image_tokens = gh * gw // vc.spatial_merge_size**2
-    seq = image_tokens + hpsv3_text_tokens()
     grid = torch.tensor([[1, gh, gw]])
     with torch.device("meta"):
         model = Qwen2VLModel._from_config(config, attn_implementation="sdpa")
