@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from rlkit.config import load_recipe, recipe_from_dict
+from rlkit.data import load_pairs
 from rlkit.runtime.tracking import METRICS_FILE
 from rlkit.trainers import reward_model as rm
 from rlkit.trainers.common import lr_factor
@@ -213,6 +214,23 @@ def test_trains_from_cached_latents_without_the_vae(tiny_sd3_dir, tiny_generator
     metrics = rm.finish(run)
     assert run.step == 2 and all(math.isfinite(h["loss"]) for h in run.history if "loss" in h)
     assert 0.0 <= metrics["eval/accuracy_u=0.10"] <= 1.0
+
+
+def test_train_sources_are_concatenated_and_drawn_pairs_are_encoded_by_the_generator(tiny_sd3_dir, tmp_path):
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, tmp_path, steps=1) + [
+        f"reward_model.data.train=['{TRAIN}', shapes:drawn:6:3]", "reward_model.data.eval=shapes:drawn:4"])
+    run = rm.setup(recipe)
+    synthetic = load_pairs(TRAIN)
+    assert len(run.train_pairs) == len(synthetic) + 6 and len(run.eval_pairs) == 4
+    drawn = run.train_pairs[len(synthetic):]
+    assert all(p.kind == "latent" and p.label == 1.0 and p.file == "shapes:drawn:6:3" for p in drawn)
+    # the generator's VAE encoded them: latents of its latent shape, the right picture differing from the wrong one
+    assert drawn[0].shapes[0] == tuple(run.gen.encode(torch.zeros(1, 3, 32, 32)).shape[1:])
+    assert all(not torch.equal(p.chosen, p.rejected) for p in drawn)
+    bad = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, tmp_path, steps=1) + [
+        "reward_model.data.train=shapes:drawn:many"])
+    with pytest.raises(ValueError, match=r"reward_model.data.train: .*shapes:drawn:<pairs>"):
+        rm.setup(bad)
 
 
 @pytest.fixture()

@@ -100,6 +100,31 @@ def test_annotator_labels_follow_thurstone_probabilities():
         judges.AnnotatorConfig(noise_std=-1.0)
 
 
+def test_annotators_call_close_pairs_ties_and_the_ceiling_counts_them_half():
+    annotators = judges.AnnotatorJudge(judges.AnnotatorConfig(noise_std=0.1, tie_margin=0.1))
+    n = 40000
+    for diff in (0.0, 0.1, 0.3):
+        ua, ub = torch.full((n,), 0.5 + diff), torch.full((n,), 0.5)
+        labels = annotators.label(ua, ub, torch.Generator().manual_seed(0))
+        scale = math.sqrt(2 * 0.1**2)
+        win_a = 0.5 * (1 + math.erf((diff - 0.1) / scale / math.sqrt(2)))
+        win_b = 0.5 * (1 + math.erf((-diff - 0.1) / scale / math.sqrt(2)))
+        assert (labels == 1).float().mean().item() == pytest.approx(win_a, abs=0.01)
+        assert (labels == 0).float().mean().item() == pytest.approx(win_b, abs=0.01)
+        assert (labels == 0.5).float().mean().item() == pytest.approx(1 - win_a - win_b, abs=0.01)
+        probabilities = annotators.outcome_probabilities(ua[:1], ub[:1])
+        assert [p.item() for p in probabilities] == pytest.approx([win_a, win_b, 1 - win_a - win_b], abs=1e-6)
+    # agreement of a second labelling on the pairs the first one decided, a tie counting half
+    ua, ub = torch.rand(n, generator=torch.Generator().manual_seed(1)), torch.rand(n)
+    first = annotators.label(ua, ub, torch.Generator().manual_seed(2))
+    second = annotators.label(ua, ub, torch.Generator().manual_seed(3))
+    kept = first != 0.5
+    agreement = ((first == second).float() + 0.5 * (second == 0.5).float())[kept].mean().item()
+    assert agreement == pytest.approx(annotators.consistency_ceiling(ua[kept], ub[kept]), abs=0.01)
+    with pytest.raises(ValueError, match="tie_margin"):
+        judges.AnnotatorConfig(tie_margin=-0.1)
+
+
 def test_annotator_utility_prefers_the_right_picture(drawn):
     images, scenes = drawn
     right = [s.caption for s in scenes]

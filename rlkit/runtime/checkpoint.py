@@ -55,19 +55,28 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` that never leaves a half-written file: written beside, synced, then renamed over ``path``."""
-    import io
-
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` so that ``path`` is never half-written: written beside, synced, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    _write_synced(tmp, buffer.getvalue())
+    _write_synced(tmp, data)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode())
+
+
+def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` that never leaves a half-written file."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def _manifest(folder: Path) -> dict[str, int]:

@@ -201,33 +201,58 @@ def annotator_utility(images: Tensor, prompts: list[str]) -> Tensor:
 @dataclass
 class AnnotatorConfig:
     noise_std: float = 0.02  # std of each annotator's perception of an image's utility
+    # an annotator who perceives two pictures closer than this calls the pair a tie (label 0.5), as the
+    # annotators of Pick-a-Pic and HPDv3 may; the preference set drops pairs its first labelling calls a tie
+    tie_margin: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.noise_std < 0:
             raise ValueError(f"AnnotatorConfig.noise_std must be >= 0, got {self.noise_std}")
+        if self.tie_margin < 0:
+            raise ValueError(f"AnnotatorConfig.tie_margin must be >= 0, got {self.tie_margin}")
 
 
 class AnnotatorJudge:
-    """Noisy "human" labels of preference pairs (Thurstone case V)."""
+    """Noisy "human" labels of preference pairs (Thurstone case V, with an optional tie margin)."""
 
     def __init__(self, config: AnnotatorConfig | None = None):
         self.config = config or AnnotatorConfig()
 
-    def preference_probability(self, utility_a: Tensor, utility_b: Tensor) -> Tensor:
-        """``P(a preferred over b) = Phi((s_a - s_b) / sqrt(2 var))``."""
-        var = self.config.noise_std**2
+    def outcome_probabilities(self, utility_a: Tensor, utility_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(P(a preferred), P(b preferred), P(tie))``: a wins when ``s_a - s_b > margin`` as perceived.
+
+        The perceived difference is ``N(s_a - s_b, 2 var)``, so ``P(a) = Phi((s_a - s_b - margin) / sqrt(2 var))``.
+        """
+        diff, margin, var = utility_a - utility_b, self.config.tie_margin, self.config.noise_std**2
         if var == 0:
-            return (utility_a > utility_b).float() + 0.5 * (utility_a == utility_b).float()
-        z = (utility_a - utility_b) / math.sqrt(2 * var)
-        return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+            win_a, win_b = (diff > margin).float(), (-diff > margin).float()
+        else:
+            scale = math.sqrt(2 * var)
+            win_a = 0.5 * (1 + torch.erf((diff - margin) / scale / math.sqrt(2)))
+            win_b = 0.5 * (1 + torch.erf((-diff - margin) / scale / math.sqrt(2)))
+        if margin == 0 and var == 0:  # equal utilities: a coin flip, not a tie
+            win_a = win_a + 0.5 * (diff == 0).float()
+            win_b = win_b + 0.5 * (diff == 0).float()
+        return win_a, win_b, 1 - win_a - win_b
+
+    def preference_probability(self, utility_a: Tensor, utility_b: Tensor) -> Tensor:
+        """``P(a preferred over b)``, a tie counting as half: ``Phi((s_a - s_b) / sqrt(2 var))`` without margin."""
+        win_a, _, tie = self.outcome_probabilities(utility_a, utility_b)
+        return win_a + 0.5 * tie
 
     def label(self, utility_a: Tensor, utility_b: Tensor, generator: torch.Generator) -> Tensor:
-        """One labelling: ``(B,)`` 1.0 where the annotator prefers ``a``; each item gets its own noise."""
+        """One labelling: ``(B,)`` 1.0 where the annotator prefers ``a``, 0.0 for ``b``, 0.5 for a tie.
+
+        Each item gets its own perception noise.
+        """
         std = self.config.noise_std
         seen_a = utility_a + std * torch.randn(utility_a.shape, generator=generator)
         seen_b = utility_b + std * torch.randn(utility_b.shape, generator=generator)
-        return (seen_a > seen_b).float()
+        diff = seen_a - seen_b
+        if self.config.tie_margin == 0:
+            return (diff > 0).float()
+        return torch.where(diff.abs() <= self.config.tie_margin, 0.5, (diff > 0).float())
 
     def label_images(self, images_a: Tensor, images_b: Tensor, prompts: list[str],
                      generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,9 +261,14 @@ class AnnotatorJudge:
         return self.label(ua, ub, generator), ua, ub
 
     def consistency_ceiling(self, utility_a: Tensor, utility_b: Tensor) -> float:
-        """Expected agreement of two independent labellings: ``mean(p^2 + (1 - p)^2)``."""
-        p = self.preference_probability(utility_a, utility_b)
-        return float((p**2 + (1 - p) ** 2).mean())
+        """Expected agreement of a second labelling with a first one, over pairs the first did not call a tie.
+
+        Per pair, ``(P(a)^2 + P(b)^2 + P(tie) (P(a) + P(b)) / 2) / (P(a) + P(b))``: the second labelling's
+        tie counts half. Without a margin this is ``p^2 + (1 - p)^2``.
+        """
+        win_a, win_b, tie = self.outcome_probabilities(utility_a, utility_b)
+        decided = (win_a + win_b).clamp_min(1e-12)
+        return float(((win_a**2 + win_b**2 + 0.5 * tie * decided) / decided).mean())
 
 
 # -- realism guards --------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ def annotator_agreement(path: str | Path, limit: int | None = None) -> PairwiseR
     data = datasets.Dataset.from_parquet(str(path))
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
-    agree = torch.tensor(data["label"]) == torch.tensor(data["label_repeat"])
-    return summarize("second labelling", agree.float() * 2 - 1)
+    first, second = torch.tensor(data["label"]), torch.tensor(data["label_repeat"])
+    # +1 agree, -1 disagree, 0 when the second labelling calls a tie (counted as half by the report)
+    return summarize("second labelling", torch.where(second == 0.5, 0.0, (first == second).float() * 2 - 1))
 
 
 def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None = None,

@@ -162,12 +162,26 @@ class RewardModelRun(common.Processes):
         return self.recipe.reward_model
 
 
-def _load(source: str, cfg: RewardModelConfig, what: str) -> list[PreferencePair]:
+def _load(sources: str | list[str], cfg: RewardModelConfig, what: str, gen) -> list[PreferencePair]:
+    """Every pair of ``sources``, concatenated. ``shapes:drawn:<pairs>`` draws Shapes pictures and encodes
+    them with ``gen``'s VAE (:func:`rlkit.shapes.preferences.drawn_pairs`); the rest go through ``load_pairs``."""
+    from rlkit.shapes.preferences import DRAWN_SOURCE, drawn_pairs, parse_drawn_source
+
     data = cfg.data
-    pairs = load_pairs(source, LoadOptions(format=data.format, columns=dict(data.columns),
-                                           max_pairs_per_prompt=data.max_pairs_per_prompt))
-    if not pairs:
-        raise ValueError(f"reward_model.data.{what}: {source!r} holds no pairs")
+    pairs: list[PreferencePair] = []
+    for source in [sources] if isinstance(sources, str) else sources:
+        if source.startswith(DRAWN_SOURCE):
+            try:
+                num_pairs, seed = parse_drawn_source(source)
+            except ValueError as exc:
+                raise ValueError(f"reward_model.data.{what}: {exc}") from None
+            found = drawn_pairs(gen, num_pairs, seed)
+        else:
+            found = load_pairs(source, LoadOptions(format=data.format, columns=dict(data.columns),
+                                                   max_pairs_per_prompt=data.max_pairs_per_prompt))
+        if not found:
+            raise ValueError(f"reward_model.data.{what}: {source!r} holds no pairs")
+        pairs.extend(found)
     odd = next((p for p in pairs if p.kind != "latent"), None)
     if odd is not None:
         raise odd.error("reward-model training reads latents; encode the images once with `rlkit cache-latents`", 0)
@@ -217,8 +231,8 @@ def setup(recipe: Recipe) -> RewardModelRun:
         # (DeepSpeed keeps its own fp32 copy instead)
         for p in params:
             p.data = p.data.float()
-    train_pairs = _load(cfg.data.train, cfg, "train")
-    eval_pairs = _load(cfg.data.eval, cfg, "eval")[: cfg.eval_limit] if cfg.data.eval else []
+    train_pairs = _load(cfg.data.train, cfg, "train", gen)
+    eval_pairs = _load(cfg.data.eval, cfg, "eval", gen)[: cfg.eval_limit] if cfg.data.eval else []
     world = accelerator.num_processes
     sampler = BucketBatchSampler([shape_key(p) for p in train_pairs], cfg.batch_size * world,
                                  seed=derive_seed(recipe.seed, "data"), drop_last=True)
