@@ -24,7 +24,7 @@ def generator():
 def test_shipped_generator_loads_and_samples_a_batch(generator):
     from rlkit.shapes.pretrain import sample_images
 
-    assert generator.transformer.config.patch_size == 2 and generator.latent_shape(32) == (4, 16, 16)
+    assert generator.transformer.config.patch_size == 4 and generator.latent_shape(32) == (4, 32, 32)
     assert 0.5e6 < sum(p.numel() for p in generator.transformer.parameters()) < 0.8e6
     prompts = world.heldout_prompts()[:4]
     a = sample_images(generator, prompts, seed=0, num_steps=6)
@@ -47,9 +47,10 @@ def test_shipped_vae_reconstructs_what_the_golden_judge_reads(generator):
         recon = generator.decode(generator.encode(images))
     assert (recon - images).pow(2).mean() < 0.005
     reading = read_scenes(recon, [s.caption for s in scenes])
-    # colour and position survive the tiny VAE; shapes are its known weakness (see build_report.json)
+    # the full-resolution VAE keeps every attribute, shapes included (the judge reads real pictures ~100% right)
     assert reading.correct["color"].float().mean() >= 0.9
     assert reading.correct["position"].float().mean() >= 0.9
+    assert reading.correct["shape"].float().mean() >= 0.8
 
 
 def test_shipped_clip_reward_matches_real_captions():
@@ -105,7 +106,7 @@ def test_build_all_fast_writes_every_asset(tmp_path):
     rows = report["stats"]["rewards"]  # every reward against the annotators, the fixed-variance ablation too
     for name in ("annotators / second labelling", "dina-lrm / reward", "dina-lrm / u=0.40",
                  "dina-lrm / ensemble(0.2,0.5,0.7)", "dina-lrm (fixed variance) / reward", "shapes-clip / reward",
-                 "shapes-golden / reward"):
+                 "shapes-golden / reward", "dina-lrm, drawn / u=0.10", "shapes-golden, drawn / reward"):
         assert 0.0 <= rows[name]["accuracy"] <= 1.0 and rows[name]["pairs"] > 0, name
     assert not (tmp_path / "_dina_lrm_fixed_variance").exists() and not (tmp_path / "generator_pretrain").exists()
     from rlkit.shapes.build import format_report

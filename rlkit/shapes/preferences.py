@@ -137,8 +137,8 @@ DRAWN_SOURCE = "shapes:drawn"  # a pair source of the reward-model trainer: ``sh
 
 
 @torch.no_grad()
-def drawn_pairs(generator: SD3Generator, num_pairs: int, seed: int = 0,
-                annotators: AnnotatorConfig | None = None, batch_size: int = 256) -> list["PreferencePair"]:  # noqa: F821
+def drawn_pairs(generator: SD3Generator, num_pairs: int, seed: int = 0, annotators: AnnotatorConfig | None = None,
+                batch_size: int = 256, split: str = "train") -> list["PreferencePair"]:  # noqa: F821
     """Pairs of drawn pictures that differ in one attribute: the prompt's picture and one that gets it wrong.
 
     These are the real pictures of the preference set (HPDv3 holds real photographs too): a reward model
@@ -147,7 +147,8 @@ def drawn_pairs(generator: SD3Generator, num_pairs: int, seed: int = 0,
     shape half the time, another colour or position otherwise (:data:`DRAWN_CHANGES`); both sides share
     every jitter (size, colours, noise), so that attribute is the one thing to prefer. The annotators label
     them like the generated pairs, and pairs they call a tie are dropped. Pictures are drawn and encoded
-    by ``generator``'s VAE on the fly, so they cost no storage: the pairs depend only on ``seed``.
+    by ``generator``'s VAE on the fly, so they cost no storage: the pairs depend only on ``seed``. ``split``
+    picks the scenes: ``train`` for training, ``heldout`` to evaluate on the combinations held out.
     """
     from rlkit.data import PreferencePair
 
@@ -157,7 +158,7 @@ def drawn_pairs(generator: SD3Generator, num_pairs: int, seed: int = 0,
     pairs: list[PreferencePair] = []
     batch = 0
     while len(pairs) < num_pairs:
-        scenes = world.sample_scenes(batch_size, rng)
+        scenes = world.sample_scenes(batch_size, rng, split)
         others = [_one_attribute_off(s, rng) for s in scenes]
         picture_seed = seed * 1_000_003 + batch  # one seed for both sides: the same jitter
         batch += 1

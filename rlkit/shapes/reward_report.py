@@ -10,7 +10,10 @@ by side in one run:
 - optionally a second DiNa-LRM (``--compare``), e.g. one trained with a fixed Thurstone variance
   instead of the noise-calibrated one;
 - the pixel-space CLIP reward, which decodes both latents through the VAE;
-- the analytic golden judge (all attributes right or not: many ties, so read its "ties as half" column).
+- the analytic golden judge (all attributes right or not: many ties, so read its "ties as half" column);
+- the same rewards on drawn pairs of held-out scenes (``, drawn``: a picture of the prompt against one with
+  a wrong shape, colour or position, see :func:`rlkit.shapes.preferences.drawn_pairs`): what each reward
+  reads in clean pictures, beside what it reads in the base generator's samples.
 
 Every row comes from :func:`rlkit.eval_reward.evaluate_pairwise`, so the numbers equal those of
 ``rlkit eval-reward`` for the same seed.
@@ -24,9 +27,12 @@ from pathlib import Path
 
 from rlkit.eval_reward import EvalReport, PairwiseResult, evaluate_pairwise
 from rlkit.shapes.judges import ASSETS_DIR
+from rlkit.shapes.preferences import drawn_pairs
 
 LEVELS = (0.1, 0.4, 0.7, 0.9)
 ENSEMBLE = (0.2, 0.5, 0.7)
+DRAWN_EVAL_PAIRS = 256
+DRAWN_EVAL_SEED = 99  # the trainer's drawn pairs use seed 0 and training scenes
 
 
 def annotator_agreement(path: str | Path, limit: int | None = None) -> PairwiseResult:
@@ -67,9 +73,19 @@ def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None =
         reward = rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
         add(name, evaluate_pairwise(reward, pairs, levels=LEVELS, ensemble=ENSEMBLE, seed=seed, progress=progress,
                                     name=name))
-    for name, reward in (("shapes-clip", rewards.build("shapes-clip", path=str(folder / "clip"))),
-                         ("shapes-golden", rewards.build("shapes-golden"))):
+    pixel_rewards = (("shapes-clip", rewards.build("shapes-clip", path=str(folder / "clip"))),
+                     ("shapes-golden", rewards.build("shapes-golden")))
+    for name, reward in pixel_rewards:
         add(name, evaluate_pairwise(reward, pairs, decode=generator.decode, seed=seed, progress=progress, name=name))
+    # drawn pairs of held-out scenes (one attribute wrong): what each reward reads in clean pictures
+    drawn = drawn_pairs(generator, min(limit or DRAWN_EVAL_PAIRS, DRAWN_EVAL_PAIRS), DRAWN_EVAL_SEED,
+                        split="heldout")
+    for name, path in dinas.items():
+        reward = rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
+        add(f"{name}, drawn", evaluate_pairwise(reward, drawn, levels=LEVELS, seed=seed, progress=progress, name=name))
+    for name, reward in pixel_rewards:
+        add(f"{name}, drawn", evaluate_pairwise(reward, drawn, decode=generator.decode, seed=seed, progress=progress,
+                                                name=name))
     return rows
 
 
