@@ -68,3 +68,18 @@ def test_runs_are_compared_at_the_wall_time_of_the_shortest(tmp_path):
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert [(r["golden_at_equal_time"], r["equal_time_s"]) for r in rows] == [(0.4, 80.0), (0.3, 80.0)]
     assert "0.400 (80 s)" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("gain, se, verdict", [
+    (0.20, 0.03, "gain"),  # beyond two standard errors of the difference
+    (0.05, 0.03, "within noise"),
+    (-0.05, 0.03, "within noise"),
+    (-0.20, 0.03, "loss"),
+])
+def test_a_gain_counts_only_beyond_two_standard_errors(gain, se, verdict):
+    from rlkit.shapes.demo import RunSummary
+
+    r = RunSummary("refl", "refl", 0, Path("."), golden=[(0, 0.0, 0.3), (10, 5.0, 0.3 + gain)], golden_se=[se, se],
+                   guards={"high_frequency": 1.0}, guards_before={"high_frequency": 1.0})
+    assert r.gain_se == pytest.approx(se * math.sqrt(2))
+    assert r.verdict == verdict

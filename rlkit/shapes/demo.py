@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import time
@@ -41,6 +42,7 @@ class RunSummary:
     seed: int
     run_dir: Path
     golden: list[tuple[int, float, float]] = field(default_factory=list)  # (step, wall s, score)
+    golden_se: list[float] = field(default_factory=list)  # standard error of each golden score
     proxy: list[tuple[int, float, float]] = field(default_factory=list)
     guards: dict[str, float] = field(default_factory=dict)  # final value (a ratio to real pictures once reported)
     guards_before: dict[str, float] = field(default_factory=dict)  # the base generator's, at the first evaluation
@@ -49,6 +51,22 @@ class RunSummary:
     @property
     def gain(self) -> float:
         return self.golden[-1][2] - self.golden[0][2]
+
+    @property
+    def gain_se(self) -> float:
+        """Standard error of the gain, the two evaluations taken as independent (conservative: same prompts)."""
+        if len(self.golden_se) < 2:
+            return 0.0
+        return math.hypot(self.golden_se[0], self.golden_se[-1])
+
+    @property
+    def verdict(self) -> str:
+        """``reward hacking``, else ``gain`` / ``loss`` beyond two standard errors, else ``within noise``."""
+        if self.hacked:
+            return "reward hacking"
+        if abs(self.gain) <= 2 * self.gain_se:
+            return "within noise"
+        return "gain" if self.gain > 0 else "loss"
 
     def golden_at(self, seconds: float) -> float:
         """The golden score of the last evaluation finished by ``seconds`` of wall time (the first one if none)."""
@@ -107,6 +125,7 @@ def run_one(algorithm: str, label: str, seed: int, out: Path, extra: list[str], 
         if GOLDEN in record:
             wall = record.get("time/elapsed_s", 0.0)
             summary.golden.append((record["step"], wall, record[GOLDEN]))
+            summary.golden_se.append(record.get(f"{GOLDEN}_sem", 0.0))
             proxy = [v for k, v in record.items() if k.startswith("eval/proxy/") and k.count("/") == 2]
             if proxy:
                 summary.proxy.append((record["step"], wall, proxy[0]))
@@ -165,17 +184,16 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
              "reward hacking. `guards real` says whether both end within the band.", "",
              "`golden @ equal time`: each algorithm's runs compared at the wall time of its shortest run "
              "(the last evaluation finished by then), so a reward that decodes through the VAE pays for it.", "",
-             "| run | seed | golden before | golden after | gain | golden @ equal time | proxy before | proxy after | "
+             "| run | seed | golden before | golden after | gain ± 2 SE | golden @ equal time | proxy before | proxy after | "
              "fg area | high freq | guards real | wall s | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     equal_time = {r.algorithm: min(q.golden[-1][1] for q in runs if q.algorithm == r.algorithm) for r in runs}
     for r in runs:
         proxy = (f"{r.proxy[0][2]:.3f} | {r.proxy[-1][2]:.3f}" if r.proxy else "- | -")
-        verdict = "reward hacking" if r.hacked else ("gain" if r.gain > 0 else "no gain")
         guards = " | ".join(f"{r.guards_before.get(g, float('nan')):.2f} -> {r.guards.get(g, float('nan')):.2f}"
                             for g in GUARDS)
-        lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | {r.gain:+.3f} | "
-                     f"{r.golden_at(equal_time[r.algorithm]):.3f} ({equal_time[r.algorithm]:.0f} s) | {proxy} | {guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {verdict} |")
+        lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | {r.gain:+.3f} ± {2 * r.gain_se:.3f} | "
+                     f"{r.golden_at(equal_time[r.algorithm]):.3f} ({equal_time[r.algorithm]:.0f} s) | {proxy} | {guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {r.verdict} |")
     by_label: dict[str, list[float]] = {}
     for r in runs:
         by_label.setdefault(r.label, []).append(r.gain)
@@ -189,7 +207,7 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
     (out / "summary.json").write_text(json.dumps([
         {"label": r.label, "algorithm": r.algorithm, "seed": r.seed, "golden": r.golden, "proxy": r.proxy,
          "guards": r.guards, "guards_before": r.guards_before, "guards_real": r.guards_real, "wall_s": r.wall_s,
-         "gain": r.gain, "hacked": r.hacked, "golden_at_equal_time": r.golden_at(equal_time[r.algorithm]),
+         "gain": r.gain, "gain_se": r.gain_se, "verdict": r.verdict, "hacked": r.hacked, "golden_at_equal_time": r.golden_at(equal_time[r.algorithm]),
          "equal_time_s": equal_time[r.algorithm]} for r in runs], indent=1))
     return summary
 
