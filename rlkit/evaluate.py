@@ -16,6 +16,15 @@ from torch import Tensor
 from rewards.base import MemoDecode, Reward, RewardInput
 
 
+def grid_indices(num_prompts: int, per_prompt: int, limit: int) -> list[int]:
+    """Which evaluation samples a grid shows: every prompt's first image, then every prompt's second, ...
+
+    Samples are laid out prompt by prompt, so the first ``limit`` would show a handful of prompts only.
+    """
+    order = [p * per_prompt + k for k in range(per_prompt) for p in range(num_prompts)]
+    return order[:max(limit, 0)]
+
+
 @dataclass
 class EvalResult:
     step: int
@@ -79,7 +88,6 @@ class Evaluator:
     def run(self, gen, step: int, out_dir: str | Path | None = None, transformer=None) -> EvalResult:
         slots, latents = self.sample(gen, transformer)
         scores: dict[str, list[Tensor]] = {}
-        images_for_grid: list[Tensor] = []
         for start in range(0, len(slots), self.batch_size):
             chunk = slots[start:start + self.batch_size]
             z = latents[start:start + self.batch_size]
@@ -90,18 +98,18 @@ class Evaluator:
                              chunk, z, gen.decode, text=text, generator=g)
             for key, value in part.items():
                 scores.setdefault(key, []).append(value)
-            if sum(x.shape[0] for x in images_for_grid) < self.grid_images:
-                images_for_grid.append(gen.decode(z).cpu())
         metrics = {f"eval/{k}": torch.cat(v).mean().item() for k, v in scores.items()}
         metrics.update({f"eval/{k}_sem": (torch.cat(v).std() / len(slots) ** 0.5).item()
                         for k, v in scores.items() if k.startswith("golden/") and "/" not in k[7:]})
         images_path = None
-        if out_dir is not None and images_for_grid:
+        picks = grid_indices(len(self.prompts), self.images_per_prompt, self.grid_images)
+        if out_dir is not None and picks:
             from rlkit.runtime.images import save_image_grid
 
-            images = torch.cat(images_for_grid)[: self.grid_images]
+            images = torch.cat([gen.decode(latents[picks[i:i + self.batch_size]]).cpu()
+                                for i in range(0, len(picks), self.batch_size)])
             images_path = Path(out_dir) / "samples" / f"step_{step:06d}.png"
-            save_image_grid(images, images_path, captions=slots[: len(images)])
+            save_image_grid(images, images_path, captions=[slots[i] for i in picks])
         result = EvalResult(step, metrics, images_path)
         self._update_patience(result)
         self.history.append(result)
