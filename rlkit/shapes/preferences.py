@@ -51,6 +51,8 @@ class PreferenceConfig:
 @torch.no_grad()
 def build_preferences(generator: SD3Generator, config: PreferenceConfig) -> tuple["datasets.Dataset", dict]:  # noqa: F821
     """Samples and labels pairs; returns the dataset and its statistics (ceiling, agreement, ties)."""
+    import datasets
+
     annotators = AnnotatorJudge(config.annotators)
     rng = np.random.default_rng([config.seed, 3])
     noise_rng = torch.Generator().manual_seed(config.seed)
@@ -89,13 +91,6 @@ def build_preferences(generator: SD3Generator, config: PreferenceConfig) -> tupl
             rows["guidance"].append(float(guidance[i]))
             utilities_a.append(float(ua[i]))
             utilities_b.append(float(ub[i]))
-    return _labelled_set(rows, utilities_a, utilities_b, annotators, ties)
-
-
-def _labelled_set(rows: dict[str, list], utilities_a: list[float], utilities_b: list[float],
-                  annotators: AnnotatorJudge, ties: int) -> tuple["datasets.Dataset", dict]:  # noqa: F821
-    import datasets
-
     shape = tuple(rows["latents_a"][0].shape)
     features = datasets.Features({
         "prompt": datasets.Value("string"),
@@ -165,12 +160,13 @@ def drawn_pairs(generator: SD3Generator, num_pairs: int, seed: int = 0, annotato
         right, wrong = world.draw_batch(scenes, picture_seed), world.draw_batch(others, picture_seed)
         prompts = [s.caption for s in scenes]
         label = judge.label(annotator_utility(right, prompts), annotator_utility(wrong, prompts), label_rng)
-        z_right, z_wrong = generator.encode(right.to(generator.device)), generator.encode(wrong.to(generator.device))
+        z_right = generator.encode(right.to(generator.device)).cpu()
+        z_wrong = generator.encode(wrong.to(generator.device)).cpu()
+        shape = tuple(z_right.shape[1:])
         for i in range(batch_size):
             if label[i] == 0.5 or len(pairs) == num_pairs:
                 continue
-            shape = tuple(z_right[i].shape)
-            pairs.append(PreferencePair(prompts[i], z_right[i].cpu(), z_wrong[i].cpu(), "latent", float(label[i]),
+            pairs.append(PreferencePair(prompts[i], z_right[i], z_wrong[i], "latent", float(label[i]),
                                         file=f"{DRAWN_SOURCE}:{num_pairs}:{seed}", row=len(pairs),
                                         shapes=(shape, shape),
                                         meta={"wrong": others[i].caption, "picture": (picture_seed, i)}))

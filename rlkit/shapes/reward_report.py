@@ -68,24 +68,20 @@ def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None =
     def add(name: str, report: EvalReport) -> None:
         rows.extend((name, r) for r in report.results)
 
-    dinas = {"dina-lrm": folder / "dina_lrm", **(compare or {})}
-    for name, path in dinas.items():
-        reward = rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
-        add(name, evaluate_pairwise(reward, pairs, levels=LEVELS, ensemble=ENSEMBLE, seed=seed, progress=progress,
-                                    name=name))
-    pixel_rewards = (("shapes-clip", rewards.build("shapes-clip", path=str(folder / "clip"))),
-                     ("shapes-golden", rewards.build("shapes-golden")))
-    for name, reward in pixel_rewards:
-        add(name, evaluate_pairwise(reward, pairs, decode=generator.decode, seed=seed, progress=progress, name=name))
-    # drawn pairs of held-out scenes (one attribute wrong): what each reward reads in clean pictures
+    dinas = {name: rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
+             for name, path in {"dina-lrm": folder / "dina_lrm", **(compare or {})}.items()}
+    pixel_rewards = {"shapes-clip": rewards.build("shapes-clip", path=str(folder / "clip")),
+                     "shapes-golden": rewards.build("shapes-golden")}
+    # then drawn pairs of held-out scenes (one attribute wrong): what each reward reads in clean pictures
     drawn = drawn_pairs(generator, min(limit or DRAWN_EVAL_PAIRS, DRAWN_EVAL_PAIRS), DRAWN_EVAL_SEED,
                         split="heldout")
-    for name, path in dinas.items():
-        reward = rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
-        add(f"{name}, drawn", evaluate_pairwise(reward, drawn, levels=LEVELS, seed=seed, progress=progress, name=name))
-    for name, reward in pixel_rewards:
-        add(f"{name}, drawn", evaluate_pairwise(reward, drawn, decode=generator.decode, seed=seed, progress=progress,
-                                                name=name))
+    for suffix, data, ensemble in (("", pairs, ENSEMBLE), (", drawn", drawn, ())):
+        for name, reward in dinas.items():
+            add(name + suffix, evaluate_pairwise(reward, data, levels=LEVELS, ensemble=ensemble, seed=seed,
+                                                 progress=progress, name=name))
+        for name, reward in pixel_rewards.items():
+            add(name + suffix, evaluate_pairwise(reward, data, decode=generator.decode, seed=seed, progress=progress,
+                                                 name=name))
     return rows
 
 
