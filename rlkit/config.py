@@ -274,7 +274,8 @@ class FlowGRPOConfig:
 
 @dataclass
 class PreferenceDataConfig:
-    # one source or several, concatenated (files, folders, hf:<id>, synthetic:..., shapes:drawn:<pairs>[:<seed>])
+    # one source or several, concatenated (files, folders, hf:<id>, synthetic:..., shapes:drawn:<pairs>[:<seed>],
+    # shapes:generated:<samples>[:<seed>])
     train: str | list[str] = ""
     eval: str | None = None
     format: Literal["auto", "hpdv3", "latents", "generic", "ranked"] = "auto"  # see rlkit.data.pairs

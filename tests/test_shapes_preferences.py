@@ -1,4 +1,5 @@
-"""The Shapes preference set: drawn pairs (one attribute wrong) and their source syntax."""
+"""The Shapes preference set: drawn pairs (one attribute wrong), generated pairs (every within-prompt pair of
+the base generator's samples) and their source syntax."""
 
 from __future__ import annotations
 
@@ -25,15 +26,23 @@ def test_a_drawn_loser_gets_exactly_one_attribute_wrong_at_the_configured_rates(
         assert changed[attribute] / len(scenes) == pytest.approx(share, abs=0.03)
 
 
-@pytest.mark.parametrize("source, expected", [("shapes:drawn:4096", (4096, 0)), ("shapes:drawn:8:3", (8, 3))])
-def test_drawn_source_syntax(source, expected):
-    assert preferences.parse_drawn_source(source) == expected
+@pytest.mark.parametrize("source, expected", [
+    ("shapes:drawn:4096", ("shapes:drawn", 4096, 0)), ("shapes:drawn:8:3", ("shapes:drawn", 8, 3)),
+    ("shapes:generated:8192:2", ("shapes:generated", 8192, 2)),
+])
+def test_shapes_source_syntax(source, expected):
+    assert preferences.parse_shapes_source(source) == expected
 
 
-@pytest.mark.parametrize("source", ["shapes:drawn", "shapes:drawn:0", "shapes:drawn:x", "shapes:drawn:4:1:2"])
-def test_drawn_source_errors_name_the_source_and_the_syntax(source):
-    with pytest.raises(ValueError, match=r"shapes:drawn:<pairs>\[:<seed>\]"):
-        preferences.parse_drawn_source(source)
+@pytest.mark.parametrize("source, syntax", [
+    ("shapes:drawn", r"shapes:drawn:<pairs>\[:<seed>\]"), ("shapes:drawn:0", r"shapes:drawn:<pairs>\[:<seed>\]"),
+    ("shapes:drawn:x", r"shapes:drawn:<pairs>\[:<seed>\]"), ("shapes:drawn:4:1:2", r"shapes:drawn:<pairs>\[:<seed>\]"),
+    ("shapes:generated:-1", r"shapes:generated:<samples>\[:<seed>\]"),
+    ("shapes:sampled:4", r"one of shapes:drawn:<pairs>\[:<seed>\], shapes:generated:<samples>"),
+])
+def test_shapes_source_errors_name_the_source_and_the_syntax(source, syntax):
+    with pytest.raises(ValueError, match=rf"{source!r}: expected {syntax}"):
+        preferences.parse_shapes_source(source)
 
 
 def test_drawn_pairs_are_seeded_and_the_annotators_prefer_the_right_picture(tiny_generator):
@@ -55,3 +64,30 @@ def test_drawn_pairs_are_seeded_and_the_annotators_prefer_the_right_picture(tiny
         right_z = tiny_generator.encode(world.draw_batch(scenes, picture_seed)[index:])[0]
         wrong_z = tiny_generator.encode(world.draw_batch(wrong, picture_seed)[index:])[0]
         assert torch.allclose(pair.chosen, right_z, atol=1e-5) and torch.allclose(pair.rejected, wrong_z, atol=1e-5)
+
+
+def test_generated_pairs_label_every_decided_within_prompt_pair_of_the_generators_samples():
+    from rlkit.shapes.judges import AnnotatorConfig, annotator_utility
+    from rlkit.shapes.pretrain import load_generator
+
+    generator = load_generator()  # the shipped one: its samples differ in how well they draw the shape
+    exact = AnnotatorConfig(noise_std=0.0, tie_margin=0.05)
+    pairs = preferences.generated_pairs(generator, 12, seed=3, annotators=exact, group_size=6, num_steps=4)
+    again = preferences.generated_pairs(generator, 12, seed=3, annotators=exact, group_size=6, num_steps=4)
+    assert 0 < len(pairs) <= 2 * 15  # two groups of six samples: at most C(6, 2) pairs each
+    assert [p.meta["samples"] for p in pairs] == [p.meta["samples"] for p in again]
+    assert all(torch.equal(a.chosen, b.chosen) for a, b in zip(pairs, again))
+    prompts = {p.prompt for p in pairs}
+    assert prompts <= set(world.train_prompts()) and len(prompts) <= 2
+    # one latent per sample (``meta["samples"]``: chosen, rejected), the same in every pair it takes part in
+    latent_of: dict[int, torch.Tensor] = {}
+    for pair in pairs:
+        for index, latent in zip(pair.meta["samples"], (pair.chosen, pair.rejected)):
+            assert torch.equal(latent_of.setdefault(index, latent), latent)
+    assert len(latent_of) < 2 * len(pairs)  # samples recur across pairs
+    # noise-free annotators: the chosen side's utility beats the rejected side's by more than the tie margin
+    chosen = torch.stack([p.chosen for p in pairs])
+    rejected = torch.stack([p.rejected for p in pairs])
+    names = [p.prompt for p in pairs]
+    margin = annotator_utility(generator.decode(chosen), names) - annotator_utility(generator.decode(rejected), names)
+    assert (margin > 0.05).all()

@@ -129,6 +129,7 @@ def _one_attribute_off(scene: world.Scene, rng: np.random.Generator) -> world.Sc
 
 
 DRAWN_SOURCE = "shapes:drawn"  # a pair source of the reward-model trainer: ``shapes:drawn:<pairs>[:<seed>]``
+GENERATED_SOURCE = "shapes:generated"  # ``shapes:generated:<samples>[:<seed>]``
 
 
 @torch.no_grad()
@@ -173,17 +174,89 @@ def drawn_pairs(generator: SD3Generator, num_pairs: int, seed: int = 0, annotato
     return pairs
 
 
-def parse_drawn_source(source: str) -> tuple[int, int]:
-    """``shapes:drawn:<pairs>[:<seed>]`` -> ``(pairs, seed)``."""
-    parts = source[len(DRAWN_SOURCE):].lstrip(":").split(":")
+GENERATED_GROUP = 32  # samples of one prompt per group of ``shapes:generated``: C(32, 2) = 496 pairs to label
+
+
+@torch.no_grad()
+def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, annotators: AnnotatorConfig | None = None,
+                    group_size: int = GENERATED_GROUP, num_steps: int = 12,
+                    guidance_range: tuple[float, float] = (1.5, 5.0), progress: bool = True,
+                    ) -> list["PreferencePair"]:  # noqa: F821
+    """Every within-prompt pair of many base-generator samples that the annotators do not call a tie.
+
+    The stored preference set holds a few hundred pairs, and a few hundred are too few to learn which of two
+    soft blobs is the better triangle (a small CNN fits them and ranks held-out pairs at chance). Labelling
+    all pairs of a group of samples of one prompt, as HPDv3 ranks several images per prompt, turns ``n``
+    samples into about ``n (group_size - 1) / 2`` comparisons, of which the annotators decide about a third.
+    Training prompts are taken in a seeded order, one guidance scale per group; the latents are sampled on the
+    fly (``num_samples / 25`` seconds on two CPU cores), so the pairs cost no storage and depend only on ``seed``.
+    """
+    from tqdm.auto import tqdm
+
+    from rlkit.data import PreferencePair
+
+    if group_size < 2:
+        raise ValueError(f"generated_pairs: group_size must be >= 2, got {group_size}")
+    judge = AnnotatorJudge(annotators or PreferenceConfig().annotators)
+    rng = np.random.default_rng([seed, 7])
+    noise_rng = torch.Generator().manual_seed(seed + 5)
+    label_rng = torch.Generator().manual_seed(seed + 6)
+    train = world.train_prompts()
+    order = rng.permutation(len(train))
+    source = f"{GENERATED_SOURCE}:{num_samples}:{seed}"
+    pairs: list[PreferencePair] = []
+    bar = tqdm(total=num_samples, desc=source, unit="sample", disable=not progress)
+    for group, start in enumerate(range(0, num_samples, group_size)):
+        n = min(group_size, num_samples - start)
+        prompt = train[order[group % len(train)]]
+        guidance = float(rng.uniform(*guidance_range))
+        latents = sample_latents(generator, [prompt] * n, noise_rng, num_steps, guidance)
+        utility = annotator_utility(generator.decode(latents), [prompt] * n).cpu()
+        latents = latents.cpu()
+        first, second = torch.triu_indices(n, n, offset=1)
+        labels = judge.label(utility[first], utility[second], label_rng)
+        shape = tuple(latents.shape[1:])
+        for i, j, label in zip(first.tolist(), second.tolist(), labels.tolist()):
+            if label == 0.5 or utility[i] == utility[j]:
+                continue
+            winner, loser = (i, j) if label == 1.0 else (j, i)
+            pairs.append(PreferencePair(prompt, latents[winner], latents[loser], "latent", 1.0, file=source,
+                                        row=len(pairs), shapes=(shape, shape),
+                                        meta={"samples": (start + winner, start + loser), "guidance": guidance}))
+        bar.update(n)
+        bar.set_postfix(pairs=len(pairs))
+    bar.close()
+    return pairs
+
+
+SHAPES_SOURCES = {DRAWN_SOURCE: ("pairs", drawn_pairs), GENERATED_SOURCE: ("samples", generated_pairs)}
+
+
+def is_shapes_source(source: str) -> bool:
+    return source.startswith("shapes:")
+
+
+def parse_shapes_source(source: str) -> tuple[str, int, int]:
+    """``shapes:drawn:<pairs>[:<seed>]`` or ``shapes:generated:<samples>[:<seed>]`` -> ``(prefix, count, seed)``."""
+    prefix = next((p for p in SHAPES_SOURCES if source == p or source.startswith(p + ":")), None)
+    if prefix is None:
+        raise ValueError(f"pair source {source!r}: expected one of " + ", ".join(
+            f"{p}:<{what}>[:<seed>]" for p, (what, _) in SHAPES_SOURCES.items()))
+    syntax = f"{prefix}:<{SHAPES_SOURCES[prefix][0]}>[:<seed>]"
+    parts = source[len(prefix):].lstrip(":").split(":")
     try:
-        num_pairs, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+        count, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
     except (ValueError, IndexError):
-        raise ValueError(f"pair source {source!r}: expected {DRAWN_SOURCE}:<pairs>[:<seed>], e.g. "
-                         f"{DRAWN_SOURCE}:4096") from None
-    if num_pairs <= 0 or len(parts) > 2:
-        raise ValueError(f"pair source {source!r}: expected {DRAWN_SOURCE}:<pairs>[:<seed>] with pairs > 0")
-    return num_pairs, seed
+        raise ValueError(f"pair source {source!r}: expected {syntax}, e.g. {prefix}:4096") from None
+    if count <= 0 or len(parts) > 2:
+        raise ValueError(f"pair source {source!r}: expected {syntax} with {SHAPES_SOURCES[prefix][0]} > 0")
+    return prefix, count, seed
+
+
+def shapes_source_pairs(generator: SD3Generator, source: str) -> list["PreferencePair"]:  # noqa: F821
+    """The pairs of a ``shapes:drawn`` or ``shapes:generated`` source, made with ``generator`` (its VAE)."""
+    prefix, count, seed = parse_shapes_source(source)
+    return SHAPES_SOURCES[prefix][1](generator, count, seed)
 
 
 def save_preferences(dataset, path: str | Path) -> Path:

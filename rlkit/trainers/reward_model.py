@@ -164,18 +164,18 @@ class RewardModelRun(common.Processes):
 
 def _load(sources: str | list[str], cfg: RewardModelConfig, what: str, gen) -> list[PreferencePair]:
     """Every pair of ``sources``, concatenated. ``shapes:drawn:<pairs>`` draws Shapes pictures and encodes
-    them with ``gen``'s VAE (:func:`rlkit.shapes.preferences.drawn_pairs`); the rest go through ``load_pairs``."""
-    from rlkit.shapes.preferences import DRAWN_SOURCE, drawn_pairs, parse_drawn_source
+    them with ``gen``'s VAE, ``shapes:generated:<samples>`` samples ``gen`` and labels every within-prompt pair
+    (:mod:`rlkit.shapes.preferences`); the rest go through ``load_pairs``."""
+    from rlkit.shapes.preferences import is_shapes_source, shapes_source_pairs
 
     data = cfg.data
     pairs: list[PreferencePair] = []
     for source in [sources] if isinstance(sources, str) else sources:
-        if source.startswith(DRAWN_SOURCE):
+        if is_shapes_source(source):
             try:
-                num_pairs, seed = parse_drawn_source(source)
+                found = shapes_source_pairs(gen, source)
             except ValueError as exc:
                 raise ValueError(f"reward_model.data.{what}: {exc}") from None
-            found = drawn_pairs(gen, num_pairs, seed)
         else:
             found = load_pairs(source, LoadOptions(format=data.format, columns=dict(data.columns),
                                                    max_pairs_per_prompt=data.max_pairs_per_prompt))
@@ -224,15 +224,17 @@ def setup(recipe: Recipe) -> RewardModelRun:
     torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
     gen = common.load_generator(recipe.model, device=accelerator.device)
     model = _build_model(recipe, gen)
-    gen.transformer = None  # the model holds the embedders and the first N blocks; the rest is freed
+    # shapes:generated sources sample the whole generator; then the model holds the embedders and the first N
+    # blocks, and the rest is freed
+    train_pairs = _load(cfg.data.train, cfg, "train", gen)
+    eval_pairs = _load(cfg.data.eval, cfg, "eval", gen)[: cfg.eval_limit] if cfg.data.eval else []
+    gen.transformer = None
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.launch.mixed_precision != "no" and not uses_deepspeed(accelerator):
         # fp32 master weights for what AdamW updates; autocast runs the bf16/fp16 backbone with them
         # (DeepSpeed keeps its own fp32 copy instead)
         for p in params:
             p.data = p.data.float()
-    train_pairs = _load(cfg.data.train, cfg, "train", gen)
-    eval_pairs = _load(cfg.data.eval, cfg, "eval", gen)[: cfg.eval_limit] if cfg.data.eval else []
     world = accelerator.num_processes
     sampler = BucketBatchSampler([shape_key(p) for p in train_pairs], cfg.batch_size * world,
                                  seed=derive_seed(recipe.seed, "data"), drop_last=True)
