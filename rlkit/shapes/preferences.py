@@ -179,8 +179,8 @@ GENERATED_GROUP = 32  # samples of one prompt per group of ``shapes:generated``:
 
 @torch.no_grad()
 def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, annotators: AnnotatorConfig | None = None,
-                    group_size: int = GENERATED_GROUP, num_steps: int = 12,
-                    guidance_range: tuple[float, float] = (1.5, 5.0), progress: bool = True,
+                    group_size: int = GENERATED_GROUP, num_steps: int = PreferenceConfig.num_steps,
+                    guidance_range: tuple[float, float] = PreferenceConfig.guidance_range, progress: bool = True,
                     ) -> list["PreferencePair"]:  # noqa: F821
     """Every within-prompt pair of many base-generator samples that the annotators do not call a tie.
 
