@@ -103,6 +103,16 @@ def test_setup_places_every_reward_on_the_accelerator_device_unless_its_args_nam
     assert run.evaluator.golden["test-placed"].moves == [device]
 
 
+def test_reward_on_noisy_states_needs_a_noise_aware_reward(tmp_path, tiny_sd3_dir):
+    from rlkit.trainers.refl import train
+
+    data = tiny_recipe(tmp_path, tiny_sd3_dir, reward_at="state")
+    data["rewards"] = [{"name": "shapes-clip"}]  # reads pixels: a noisy state would decode to noise
+    with pytest.raises(ValueError, match=r"refl.reward_at: state .* ShapesClipReward is not noise-aware; "
+                                         r"use reward_at: x0_hat"):
+        train(recipe_from_dict(data))
+
+
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir):
     from rlkit.trainers import refl

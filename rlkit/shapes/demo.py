@@ -32,7 +32,9 @@ QUICK = {
                   "eval.every=2", "eval.num_prompts=18", "eval.images_per_prompt=1", "eval.batch_size=18",
                   "eval.grid_images=9"],
 }
-PIXEL_REWARD = ["rewards.0.name=shapes-clip", "rewards.0.args={}"]
+# the pixel CLIP reward reads decoded clean pictures: ReFL scores x0_hat instead of the noisy state
+PIXEL_REWARD = {"refl": ["rewards.0.name=shapes-clip", "rewards.0.args={}", "refl.reward_at=x0_hat"],
+                "flow_grpo": ["rewards.0.name=shapes-clip", "rewards.0.args={}", "flow_grpo.reward_at=final"]}
 
 
 @dataclass
@@ -230,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
               "rebuild them with `rlkit shapes build`")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = [("dina-lrm", [])] + ([("pixel-clip", PIXEL_REWARD)] if args.pixel_reward else [])
-    print(f"rlkit demo: {', '.join(args.algorithms)} with {', '.join(v for v, _ in variants)} on the Shapes "
+    variants = ["dina-lrm"] + (["pixel-clip"] if args.pixel_reward else [])
+    print(f"rlkit demo: {', '.join(args.algorithms)} with {', '.join(variants)} on the Shapes "
           f"generator, seeds {args.seeds}{' (quick)' if args.quick else ''}; report in {args.out}", flush=True)
     runs = []
     for algorithm in args.algorithms:
-        for reward_label, extra in variants:
+        for reward_label in variants:
+            extra = PIXEL_REWARD[algorithm] if reward_label == "pixel-clip" else []
             for seed in args.seeds:
                 label = f"{algorithm}+{reward_label}"
                 print(f"== {label}, seed {seed}", flush=True)

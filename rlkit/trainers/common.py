@@ -81,6 +81,14 @@ def build_named_rewards(specs: list[RewardSpec], gen: SD3Generator | None = None
     return out
 
 
+def require_noise_aware(reward: Reward, field: str, value: str, instead: str) -> None:
+    """Refuses a recipe that scores noisy states at their own sigma (``field: value``) with a reward that reads
+    only clean latents or pixels: it would score noise, silently."""
+    if not getattr(reward, "noise_aware", False):
+        raise ValueError(f"{field}: {value} scores a noisy state at its own sigma, but the reward "
+                         f"{type(reward).__name__} is not noise-aware; use {instead}")
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Multiplier of the base lr at optimiser step ``step`` (0-based): linear warmup, then the schedule."""
     if warmup and step < warmup:

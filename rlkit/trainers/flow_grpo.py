@@ -43,6 +43,7 @@ from rlkit.grpo import clipped_policy_loss, group_advantages, informative_mask, 
 from rlkit.models.decode import decode_if_needed
 from rlkit.rollout import Rollout, draw_window, rollout, step_log_probs
 from rlkit.runtime.seeding import derive_seed
+from rlkit.trainers.common import require_noise_aware
 
 MIXED_REWARD = "reward"  # key of the (weighted) training reward in the per-epoch score tables
 MIN_INFORMATIVE = 1e-12  # below this share of informative samples the update carries no policy signal
@@ -318,9 +319,8 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def check_reward(reward: Reward, cfg: FlowGRPOConfig) -> None:
-    if cfg.reward_at == "window_end" and not getattr(reward, "noise_aware", False):
-        raise ValueError(f"flow_grpo.reward_at: window_end scores a noisy state at its own sigma, but the reward "
-                         f"{type(reward).__name__} is not noise-aware; use reward_at: final")
+    if cfg.reward_at == "window_end":
+        require_noise_aware(reward, "flow_grpo.reward_at", "window_end", "reward_at: final")
 
 
 def train(recipe: Recipe) -> dict:

@@ -24,6 +24,7 @@ from torch import Tensor
 from rewards.base import MemoDecode, Reward, RewardInput, TextConditioning
 from rlkit.config import ReFLConfig, Recipe
 from rlkit.models.sd3 import SD3Generator
+from rlkit.trainers.common import require_noise_aware
 
 
 def reward_loss(scores: Tensor, kind: str, margin: float, scale: float) -> Tensor:
@@ -96,6 +97,8 @@ def train(recipe: Recipe) -> dict:
     cfg = recipe.refl
     run = PolicyRun.setup(recipe, total_updates=cfg.max_steps, micro_batch=cfg.batch_size,
                           grad_accum=cfg.grad_accum)
+    if cfg.reward_at == "state":
+        require_noise_aware(run.reward, "refl.reward_at", "state", "reward_at: x0_hat")
     pool = run.pretrain_pool(cfg.pretrain) if cfg.pretrain.weight > 0 else None
     while not run.finished:
         step = run.step
