@@ -231,7 +231,8 @@ main() {
     local small_eval=("eval.num_prompts=18" "eval.images_per_prompt=1" "eval.batch_size=18" "eval.grid_images=9")
     local refl=("refl.batch_size=4" "${small_eval[@]}")
     local grpo=("flow_grpo.prompts_per_epoch=4" "flow_grpo.batch_size=16" "${small_eval[@]}")
-    local lrm=("reward_model.eval_limit=64" "logging.every=1")
+    local lrm=("reward_model.eval_limit=64" "logging.every=1"
+               "reward_model.data.train=[pkg://rlkit/shapes/assets/preferences/train.parquet, shapes:drawn:64, shapes:generated:256]")
     # fp16 autocast needs a GPU (accelerate refuses it on the CPU): the CPU dry run uses bf16 there
     local half=fp16
     [[ "$DEVICE" == cpu ]] && half=bf16
