@@ -131,14 +131,14 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
     from rlkit.trainers import run
 
     work = out_dir / f"_{target}_run"
-    pairs = out_dir / "preferences"
-    overrides = [f"model.pretrained={out_dir / 'generator'}", f"output_dir={work}", "checkpoint.resume=false",
-                 f"reward_model.data.train.0={pairs / 'train.parquet'}",
-                 f"reward_model.data.eval={pairs / 'eval.parquet'}", *extra]
-    if fast:  # the fast generator's samples may all tie, so its generated pairs would be empty: drawn ones only
+    stored = out_dir / "preferences" / "train.parquet"
+    # the fast generator's samples may all tie, so its generated pairs would be empty: stored and drawn ones only
+    train = f"reward_model.data.train=[{stored}, shapes:drawn:16]" if fast else f"reward_model.data.train.0={stored}"
+    overrides = [f"model.pretrained={out_dir / 'generator'}", f"output_dir={work}", "checkpoint.resume=false", train,
+                 f"reward_model.data.eval={out_dir / 'preferences' / 'eval.parquet'}", *extra]
+    if fast:
         overrides += ["reward_model.max_steps=4", "reward_model.batch_size=4", "reward_model.eval_every=0",
-                      "reward_model.eval_limit=16",
-                      f"reward_model.data.train=[{pairs / 'train.parquet'}, shapes:drawn:16]"]
+                      "reward_model.eval_limit=16"]
     recipe = load_recipe(DINA_RECIPE, overrides)
     metrics = run(recipe)
     shutil.rmtree(out_dir / target, ignore_errors=True)

@@ -32,9 +32,9 @@ QUICK = {
                   "eval.every=2", "eval.num_prompts=18", "eval.images_per_prompt=1", "eval.batch_size=18",
                   "eval.grid_images=9"],
 }
+PIXEL_REWARD = ["rewards.0.name=shapes-clip", "rewards.0.args={}"]
 # the pixel CLIP reward reads decoded clean pictures: ReFL scores x0_hat instead of the noisy state
-PIXEL_REWARD = {"refl": ["rewards.0.name=shapes-clip", "rewards.0.args={}", "refl.reward_at=x0_hat"],
-                "flow_grpo": ["rewards.0.name=shapes-clip", "rewards.0.args={}", "flow_grpo.reward_at=final"]}
+CLEAN_REWARD_AT = {"refl": "refl.reward_at=x0_hat", "flow_grpo": "flow_grpo.reward_at=final"}
 
 
 @dataclass
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for algorithm in args.algorithms:
         for reward_label in variants:
-            extra = PIXEL_REWARD[algorithm] if reward_label == "pixel-clip" else []
+            extra = [*PIXEL_REWARD, CLEAN_REWARD_AT[algorithm]] if reward_label == "pixel-clip" else []
             for seed in args.seeds:
                 label = f"{algorithm}+{reward_label}"
                 print(f"== {label}, seed {seed}", flush=True)
