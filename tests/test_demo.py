@@ -30,8 +30,11 @@ def test_quick_demo_trains_both_algorithms_and_writes_the_report(tmp_path, capsy
         assert all(0.0 <= g[2] <= 1.0 for g in r["golden"])
         assert all(math.isfinite(v) and v > 0 for v in r["guards"].values())
         assert len(r["proxy"]) == len(r["golden"])
-        # the proxy (DiNa-LRM on held-out prompts) moves: training optimised it
-        assert r["proxy"][-1][2] != pytest.approx(r["proxy"][0][2], abs=1e-4)
+        # training optimised the proxy (DiNa-LRM on held-out prompts), and the golden judge, which shares
+        # none of its blind spots, agrees on the same 108 held-out samples (seeded, so before and after are paired)
+        assert r["proxy"][-1][2] > r["proxy"][0][2]
+        golden = [g[2] for g in r["golden"]]
+        assert golden[-1] > golden[0], f"{r['label']}: golden {golden}"
 
 
 def test_demo_without_checkpoints_says_how_to_rebuild(tmp_path, monkeypatch, capsys):
