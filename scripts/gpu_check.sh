@@ -230,7 +230,7 @@ main() {
     local common=("output_dir=$RUNS" "checkpoint.resume=false" "checkpoint.every=0")
     local small_eval=("eval.num_prompts=18" "eval.images_per_prompt=1" "eval.batch_size=18" "eval.grid_images=9")
     local refl=("refl.batch_size=4" "${small_eval[@]}")
-    local grpo=("flow_grpo.prompts_per_epoch=4" "flow_grpo.batch_size=16" "${small_eval[@]}")
+    local grpo=("${small_eval[@]}")
     local lrm=("reward_model.eval_limit=64" "logging.every=1"
                "reward_model.data.train=[pkg://rlkit/shapes/assets/preferences/train.parquet, shapes:drawn:64, shapes:generated:256]")
     # fp16 autocast needs a GPU (accelerate refuses it on the CPU): the CPU dry run uses bf16 there
@@ -243,7 +243,7 @@ main() {
       refl.max_steps=8 eval.every=4 "${refl[@]}"
     step refl_resume "${RLKIT[@]}" recipes/refl_shapes.yaml "${common[@]}" name=refl_fp32 checkpoint.resume=true \
       refl.max_steps=10 eval.every=0 "${refl[@]}"
-    # Flow-GRPO-Fast: 3 epochs of 32 images (4 prompts x 8), 2 updates each
+    # Flow-GRPO-Fast: 3 epochs of the recipe's 64 images (4 prompts x 16), 2 updates each
     step flow_grpo_fp32 "${RLKIT[@]}" recipes/flow_grpo_shapes.yaml "${common[@]}" name=flow_grpo_fp32 \
       flow_grpo.max_epochs=3 eval.every=2 "${grpo[@]}"
     # DiNa-LRM training on the shipped preference pairs (EMA on), 10 steps, held-out accuracy at 5 and 10
