@@ -194,7 +194,11 @@ def annotator_utility(images: Tensor, prompts: list[str]) -> Tensor:
     Mostly the fraction of attributes right, plus a graded term for how well the blob fits the asked
     shape's template, as a person prefers the better drawn of two pictures that are equally right.
     """
-    reading = read_scenes(images, prompts)
+    return utility_of(read_scenes(images, prompts))
+
+
+def utility_of(reading: Reading) -> Tensor:
+    """:func:`annotator_utility` of pictures already read (:func:`read_scenes`)."""
     return (1 - SHAPE_FIT_WEIGHT) * reading.fraction + SHAPE_FIT_WEIGHT * reading.shape_iou
 
 

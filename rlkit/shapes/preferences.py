@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from rlkit.models.sd3 import SD3Generator
 from rlkit.shapes import world
-from rlkit.shapes.judges import AnnotatorConfig, AnnotatorJudge, annotator_utility
+from rlkit.shapes.judges import (AnnotatorConfig, AnnotatorJudge, Reading, annotator_utility, read_scenes,
+                                 utility_of)
 from rlkit.shapes.pretrain import sample_latents
 
 
@@ -177,7 +180,41 @@ def drawn_pairs(generator: SD3Generator, num_pairs: int, seed: int = 0, annotato
 GENERATED_GROUP = 32  # samples of one prompt per group of ``shapes:generated``: C(32, 2) = 496 pairs to label
 
 
+@dataclass
+class SampleGroup:
+    """Samples of one training prompt by the base generator, and what the analytic reader sees in them."""
+
+    start: int  # index of the first sample in the whole stream
+    prompt: str
+    guidance: float
+    latents: Tensor  # (n, C, h, w) on the CPU
+    reading: Reading  # of the decoded samples, against the prompt
+
+
 @torch.no_grad()
+def sample_groups(generator: SD3Generator, num_samples: int, seed: int = 0, group_size: int = GENERATED_GROUP,
+                  num_steps: int = PreferenceConfig.num_steps,
+                  guidance_range: tuple[float, float] = PreferenceConfig.guidance_range) -> Iterator[SampleGroup]:
+    """``num_samples`` base-generator samples in groups of ``group_size`` of one training prompt each.
+
+    Training prompts are taken in a seeded order, one guidance scale drawn per group; the stream depends only on
+    ``seed``. Shared by :func:`generated_pairs` and the reward report's size check.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    rng = np.random.default_rng([seed, 7])
+    noise_rng = torch.Generator().manual_seed(seed + 5)
+    train = world.train_prompts()
+    order = rng.permutation(len(train))
+    for group, start in enumerate(range(0, num_samples, group_size)):
+        n = min(group_size, num_samples - start)
+        prompt = train[order[group % len(train)]]
+        guidance = float(rng.uniform(*guidance_range))
+        latents = sample_latents(generator, [prompt] * n, noise_rng, num_steps, guidance)
+        reading = read_scenes(generator.decode(latents), [prompt] * n)
+        yield SampleGroup(start, prompt, guidance, latents.cpu(), reading)
+
+
 def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, annotators: AnnotatorConfig | None = None,
                     group_size: int = GENERATED_GROUP, num_steps: int = PreferenceConfig.num_steps,
                     guidance_range: tuple[float, float] = PreferenceConfig.guidance_range, progress: bool = True,
@@ -188,8 +225,8 @@ def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, an
     soft blobs is the better triangle (a small CNN fits them and ranks held-out pairs at chance). Labelling
     all pairs of a group of samples of one prompt, as HPDv3 ranks several images per prompt, turns ``n``
     samples into about ``n (group_size - 1) / 2`` comparisons, of which the annotators decide about a third.
-    Training prompts are taken in a seeded order, one guidance scale per group; the latents are sampled on the
-    fly (``num_samples / 25`` seconds on two CPU cores), so the pairs cost no storage and depend only on ``seed``.
+    The samples come from :func:`sample_groups`, on the fly (``num_samples / 25`` seconds on two CPU cores), so
+    the pairs cost no storage and depend only on ``seed``.
     """
     from tqdm.auto import tqdm
 
@@ -198,21 +235,13 @@ def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, an
     if group_size < 2:
         raise ValueError(f"generated_pairs: group_size must be >= 2, got {group_size}")
     judge = AnnotatorJudge(annotators or PreferenceConfig().annotators)
-    rng = np.random.default_rng([seed, 7])
-    noise_rng = torch.Generator().manual_seed(seed + 5)
     label_rng = torch.Generator().manual_seed(seed + 6)
-    train = world.train_prompts()
-    order = rng.permutation(len(train))
     source = f"{GENERATED_SOURCE}:{num_samples}:{seed}"
     pairs: list[PreferencePair] = []
     bar = tqdm(total=num_samples, desc=source, unit="sample", disable=not progress)
-    for group, start in enumerate(range(0, num_samples, group_size)):
-        n = min(group_size, num_samples - start)
-        prompt = train[order[group % len(train)]]
-        guidance = float(rng.uniform(*guidance_range))
-        latents = sample_latents(generator, [prompt] * n, noise_rng, num_steps, guidance)
-        utility = annotator_utility(generator.decode(latents), [prompt] * n).cpu()
-        latents = latents.cpu()
+    for group in sample_groups(generator, num_samples, seed, group_size, num_steps, guidance_range):
+        latents, n = group.latents, len(group.latents)
+        utility = utility_of(group.reading)
         first, second = torch.triu_indices(n, n, offset=1)
         labels = judge.label(utility[first], utility[second], label_rng)
         shape = tuple(latents.shape[1:])
@@ -220,9 +249,10 @@ def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, an
             if label == 0.5 or utility[i] == utility[j]:
                 continue
             winner, loser = (i, j) if label == 1.0 else (j, i)
-            pairs.append(PreferencePair(prompt, latents[winner], latents[loser], "latent", 1.0, file=source,
+            pairs.append(PreferencePair(group.prompt, latents[winner], latents[loser], "latent", 1.0, file=source,
                                         row=len(pairs), shapes=(shape, shape),
-                                        meta={"samples": (start + winner, start + loser), "guidance": guidance}))
+                                        meta={"samples": (group.start + winner, group.start + loser),
+                                              "guidance": group.guidance}))
         bar.update(n)
         bar.set_postfix(pairs=len(pairs))
     bar.close()

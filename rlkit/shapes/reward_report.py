@@ -17,22 +17,35 @@ by side in one run:
 
 Every row comes from :func:`rlkit.eval_reward.evaluate_pairwise`, so the numbers equal those of
 ``rlkit eval-reward`` for the same seed.
+
+A second table checks each reward for a size shortcut (:func:`size_bias_rows`): within groups of samples of one
+prompt, how each reward ranks them by the annotators' utility and by the area of the prompt's blob, beside how
+the annotators' utility itself ranks them by area. A reward that follows blob area more than the annotators do
+pays a policy for growing its shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlkit.eval_reward import EvalReport, PairwiseResult, evaluate_pairwise
-from rlkit.shapes.judges import ASSETS_DIR
-from rlkit.shapes.preferences import drawn_pairs
+import torch
+from torch import Tensor
+
+from rlkit.eval_reward import EvalReport, PairwiseResult, evaluate_pairwise, reward_mode
+from rlkit.shapes.judges import ASSETS_DIR, utility_of
+from rlkit.shapes.preferences import GENERATED_GROUP, drawn_pairs, sample_groups
 
 LEVELS = (0.1, 0.4, 0.7, 0.9)
 ENSEMBLE = (0.2, 0.5, 0.7)
 DRAWN_EVAL_PAIRS = 256
 DRAWN_EVAL_SEED = 99  # the trainer's drawn pairs use seed 0 and training scenes
+SIZE_SAMPLES = 1024  # 32 groups of 32 samples of one prompt for the size check
+SIZE_SEED = 9  # other samples than the trainer's generated pairs (seed 0)
 
 
 def annotator_agreement(path: str | Path, limit: int | None = None) -> PairwiseResult:
@@ -50,11 +63,22 @@ def annotator_agreement(path: str | Path, limit: int | None = None) -> PairwiseR
     return summarize("second labelling", torch.where(second == 0.5, 0.0, (first == second).float() * 2 - 1))
 
 
+def folder_rewards(folder: str | Path = ASSETS_DIR, compare: dict[str, str | Path] | None = None) -> tuple[dict, dict]:
+    """``(DiNa-LRMs, pixel rewards)`` of a Shapes assets folder, by name (``compare``: further DiNa-LRMs)."""
+    import rewards
+
+    folder = Path(folder)
+    dinas = {name: rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
+             for name, path in {"dina-lrm": folder / "dina_lrm", **(compare or {})}.items()}
+    pixel_rewards = {"shapes-clip": rewards.build("shapes-clip", path=str(folder / "clip")),
+                     "shapes-golden": rewards.build("shapes-golden")}
+    return dinas, pixel_rewards
+
+
 def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None = None,
                 compare: dict[str, str | Path] | None = None, limit: int | None = None, seed: int = 0,
                 progress: bool = True) -> list[tuple[str, PairwiseResult]]:
     """``(reward, row)`` for every reward of a Shapes assets ``folder`` on its held-out pairs."""
-    import rewards
     from rlkit.data import LoadOptions, load_pairs
     from rlkit.shapes.pretrain import load_generator
 
@@ -68,10 +92,7 @@ def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None =
     def add(name: str, report: EvalReport) -> None:
         rows.extend((name, r) for r in report.results)
 
-    dinas = {name: rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
-             for name, path in {"dina-lrm": folder / "dina_lrm", **(compare or {})}.items()}
-    pixel_rewards = {"shapes-clip": rewards.build("shapes-clip", path=str(folder / "clip")),
-                     "shapes-golden": rewards.build("shapes-golden")}
+    dinas, pixel_rewards = folder_rewards(folder, compare)
     # then drawn pairs of held-out scenes (one attribute wrong): what each reward reads in clean pictures
     drawn = drawn_pairs(generator, min(limit or DRAWN_EVAL_PAIRS, DRAWN_EVAL_PAIRS), DRAWN_EVAL_SEED,
                         split="heldout")
@@ -83,6 +104,89 @@ def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None =
             add(name + suffix, evaluate_pairwise(reward, data, decode=generator.decode, seed=seed, progress=progress,
                                                  name=name))
     return rows
+
+
+def rank_correlation(x: Tensor, y: Tensor) -> float:
+    """Spearman's rank correlation (ties get their average rank); NaN when either side is constant."""
+    def ranks(v: Tensor) -> Tensor:
+        v = v.double().flatten()
+        position = torch.empty_like(v)
+        position[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+        values, inverse = torch.unique(v, return_inverse=True)
+        total = torch.zeros(len(values), dtype=v.dtype).index_add_(0, inverse, position)
+        count = torch.zeros(len(values), dtype=v.dtype).index_add_(0, inverse, torch.ones_like(v))
+        return (total / count)[inverse]
+
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = rx.norm() * ry.norm()
+    return float(rx @ ry / denominator) if denominator > 0 else float("nan")
+
+
+@dataclass
+class SizeBiasRow:
+    reward: str
+    setting: str
+    utility: float  # mean within-group rank correlation of the scores with the annotators' utility
+    area: float  # ... with the area of the prompt's blob
+    groups: int  # groups where both correlations are defined
+
+
+@torch.no_grad()
+def size_bias_rows(generator, rewards: dict, num_samples: int = SIZE_SAMPLES, seed: int = SIZE_SEED,
+                   levels: tuple[float, ...] = LEVELS, group_size: int = GENERATED_GROUP) -> list[SizeBiasRow]:
+    """Within-prompt rank correlations of each reward with the annotators' utility and with blob area.
+
+    ``rewards`` maps names to rewards; a noise-aware latent reward gets one row per noise level (every sample
+    noised with its own eps, read as a state at that level), any other reward one row on the decoded pictures.
+    The first row is the annotators' own utility: its correlation with area is the size preference their labels
+    carry. Groups where a side is constant (all samples equally right, say) are left out.
+    """
+    from rewards.base import MemoDecode, RewardInput
+
+    groups = list(sample_groups(generator, num_samples, seed, group_size))
+    eps_rng = torch.Generator().manual_seed(seed)
+    eps = [torch.randn(g.latents.shape, generator=eps_rng) for g in groups]
+    settings: list[tuple[str, str, object]] = [("annotators", "utility", None)]
+    for name, reward in rewards.items():
+        reward.eval()
+        if reward.noise_aware and reward.space == "latent":
+            settings += [(name, f"u={u:.2f}", (reward, u)) for u in levels]
+        else:
+            settings.append((name, "clean", (reward, None)))
+    rows = []
+    for name, setting, how in settings:
+        utility_corr, area_corr = [], []
+        for group, noise in zip(groups, eps):
+            utility = utility_of(group.reading)
+            if how is None:
+                scores = utility
+            else:
+                reward, u = how
+                latents, sigmas = group.latents, None
+                if u is not None:
+                    latents = (1 - u) * group.latents + u * noise
+                    sigmas = torch.full((len(latents),), u)
+                with reward_mode(reward, "state") if u is not None else nullcontext():
+                    out = reward(RewardInput(prompts=[group.prompt] * len(latents), latents=latents, sigmas=sigmas,
+                                             decode=MemoDecode(generator.decode),
+                                             generator=torch.Generator().manual_seed(seed)))
+                scores = out.scores.detach().float().cpu()
+            with_utility, with_area = rank_correlation(scores, utility), rank_correlation(scores, group.reading.area)
+            if not (math.isnan(with_utility) or math.isnan(with_area)):
+                utility_corr.append(with_utility)
+                area_corr.append(with_area)
+        count = len(utility_corr)
+        rows.append(SizeBiasRow(name, setting, sum(utility_corr) / max(count, 1), sum(area_corr) / max(count, 1),
+                                count))
+    return rows
+
+
+def size_bias_markdown(rows: list[SizeBiasRow]) -> str:
+    lines = ["| reward | setting | groups | rank corr. with utility | rank corr. with blob area |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {r.reward} | {r.setting} | {r.groups} | {r.utility:+.3f} | {r.area:+.3f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def to_markdown(rows: list[tuple[str, PairwiseResult]]) -> str:
@@ -106,8 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", nargs="*", default=[], metavar="NAME=PATH",
                         help="further DiNa-LRM checkpoints on the same generator, e.g. fixed-variance=runs/x/final")
     parser.add_argument("--limit", type=int, help="first N pairs only")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--size-samples", type=int, default=SIZE_SAMPLES, metavar="N",
+                        help=f"base-generator samples for the size check, in groups of one prompt (0: skip; "
+                             f"default {SIZE_SAMPLES})")
+    parser.add_argument("--json", help="also write the rows here (the size check under 'size_bias')")
     args = parser.parse_args(argv)
+    if args.size_samples < 0:
+        parser.error(f"--size-samples must be >= 0, got {args.size_samples}")
     compare = {}
     for item in args.compare:
         name, sep, path = item.partition("=")
@@ -116,8 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         compare[name] = path
     rows = reward_rows(args.folder, args.pairs, compare, args.limit)
     print(to_markdown(rows))
+    result = to_dict(rows)
+    if args.size_samples:
+        from rlkit.shapes.pretrain import load_generator
+
+        dinas, pixel_rewards = folder_rewards(args.folder, compare)
+        size_rows = size_bias_rows(load_generator(Path(args.folder) / "generator"), {**dinas, **pixel_rewards},
+                                   num_samples=args.size_samples)
+        print("\nSize check (within-prompt groups of base-generator samples):\n" + size_bias_markdown(size_rows))
+        result["size_bias"] = [asdict(r) for r in size_rows]
     if args.json:
-        Path(args.json).write_text(json.dumps(to_dict(rows), indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 

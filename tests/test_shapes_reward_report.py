@@ -1,0 +1,85 @@
+"""The reward report's size check: within-prompt rank correlations with utility and with blob area."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from rewards.base import Reward, RewardInput, RewardOutput
+from rlkit.shapes import reward_report
+from rlkit.shapes.judges import utility_of
+
+
+@pytest.mark.parametrize("x, y", [
+    ([3.0, 1.0, 2.0, 5.0, 4.0], [30.0, 10.0, 25.0, 40.0, 41.0]),
+    ([1.0, 1.0, 2.0, 2.0, 3.0, 0.5], [4.0, 2.0, 2.0, 7.0, 1.0, 1.0]),  # ties on both sides
+    (torch.randn(40, generator=torch.Generator().manual_seed(0)).tolist(),
+     torch.randn(40, generator=torch.Generator().manual_seed(1)).tolist()),
+])
+def test_rank_correlation_equals_scipys_spearman(x, y):
+    expected = spearmanr(x, y).statistic
+    assert reward_report.rank_correlation(torch.tensor(x), torch.tensor(y)) == pytest.approx(expected, abs=1e-9)
+
+
+def test_rank_correlation_is_nan_for_a_constant_side():
+    assert math.isnan(reward_report.rank_correlation(torch.ones(5), torch.arange(5.0)))
+
+
+class _AreaReward(Reward):
+    """Scores the decoded picture's count of pixels far from its mean colour: a pure size detector."""
+
+    space = "pixel"
+    noise_aware = False
+    differentiable = False
+
+    def forward(self, batch: RewardInput) -> RewardOutput:
+        images = batch.pixels()
+        far = (images - images.mean((2, 3), keepdim=True)).norm(dim=1) > 0.2
+        return RewardOutput(scores=far.flatten(1).float().sum(1))
+
+
+def test_size_check_separates_a_size_detector_from_the_annotators():
+    import rewards
+    from rlkit.shapes.pretrain import load_generator
+
+    generator = load_generator()
+    dina = rewards.build("dina-lrm", pretrained=str(reward_report.ASSETS_DIR / "dina_lrm"),
+                         base_model=str(reward_report.ASSETS_DIR / "generator"))
+    rows = reward_report.size_bias_rows(generator, {"size": _AreaReward(), "dina-lrm": dina}, num_samples=24,
+                                        seed=2, levels=(0.1, 0.7), group_size=12)
+    by_setting = {(r.reward, r.setting): r for r in rows}
+    assert list(by_setting) == [("annotators", "utility"), ("size", "clean"), ("dina-lrm", "u=0.10"),
+                                ("dina-lrm", "u=0.70")]
+    annotators, size = by_setting["annotators", "utility"], by_setting["size", "clean"]
+    assert annotators.groups == 2 and annotators.utility == pytest.approx(1.0)
+    # the size detector follows blob area far more closely than the annotators' utility does
+    assert size.area > 0.5 and size.area > annotators.area + 0.3
+    for row in rows:
+        assert -1 <= row.utility <= 1 and -1 <= row.area <= 1
+    # the annotators' row is the mean over groups of the correlation of utility with blob area, as read
+    groups = list(reward_report.sample_groups(generator, 24, 2, group_size=12))
+    expected = sum(reward_report.rank_correlation(utility_of(g.reading), g.reading.area) for g in groups) / 2
+    assert annotators.area == pytest.approx(expected)
+    markdown = reward_report.size_bias_markdown(rows)
+    assert "| dina-lrm | u=0.70 | 2 |" in markdown and "rank corr. with blob area" in markdown
+
+
+def test_cli_prints_both_tables_and_writes_the_size_check_to_json(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "rewards.json"
+    assert reward_report.main(["--limit", "8", "--size-samples", "8", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| annotators | second labelling |" in printed and "rank corr. with blob area" in printed
+    result = json.loads(out.read_text())
+    assert result["dina-lrm / u=0.10"]["pairs"] == 8
+    size = {(r["reward"], r["setting"]): r for r in result["size_bias"]}
+    assert size["annotators", "utility"]["groups"] == 1 and ("dina-lrm", "u=0.70") in size
+
+
+def test_cli_refuses_a_negative_size_sample_count():
+    with pytest.raises(SystemExit):
+        reward_report.main(["--size-samples", "-1"])
