@@ -108,7 +108,12 @@ def test_build_all_fast_writes_every_asset(tmp_path):
                  "dina-lrm / ensemble(0.2,0.5,0.7)", "dina-lrm (fixed variance) / reward", "shapes-clip / reward",
                  "shapes-golden / reward", "dina-lrm, drawn / u=0.10", "shapes-golden, drawn / reward"):
         assert 0.0 <= rows[name]["accuracy"] <= 1.0 and rows[name]["pairs"] > 0, name
+    for name in ("annotators / utility", "dina-lrm / u=0.70", "dina-lrm (fixed variance) / u=0.10",
+                 "shapes-clip / clean"):  # the size check of every reward
+        assert set(rows[f"size bias / {name}"]) == {"utility", "area", "groups"}, name
     assert not (tmp_path / "_dina_lrm_fixed_variance").exists() and not (tmp_path / "generator_pretrain").exists()
     from rlkit.shapes.build import format_report
 
-    assert "held-out pair accuracy: annotators / second labelling" in format_report(report)
+    printed = format_report(report)
+    assert "held-out pair accuracy: annotators / second labelling" in printed
+    assert "rank correlation with utility / blob area: annotators / utility" in printed

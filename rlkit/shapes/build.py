@@ -150,20 +150,28 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
 
 def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = print) -> dict:
     """Every reward against the annotators on the held-out pairs (:mod:`rlkit.shapes.reward_report`), with a
-    DiNa-LRM trained like the shipped one but with a fixed Thurstone variance as the ablation (not kept)."""
+    DiNa-LRM trained like the shipped one but with a fixed Thurstone variance as the ablation (not kept), and
+    every reward's size check (``size bias / <reward> / <setting>``: rank correlations with utility and area)."""
     import shutil
 
-    from rlkit.shapes.reward_report import reward_rows, to_dict, to_markdown
+    from rlkit.shapes.reward_report import (SIZE_SAMPLES, folder_rewards, reward_rows, size_bias_markdown,
+                                            size_bias_rows, to_dict, to_markdown)
 
     fixed = "_dina_lrm_fixed_variance"
+    compare = {"dina-lrm (fixed variance)": out_dir / fixed}
     train_dina_lrm(out_dir, fast, log, target=fixed, extra=("reward_model.loss=thurstone_fixed",))
     try:
-        rows = reward_rows(out_dir, compare={"dina-lrm (fixed variance)": out_dir / fixed},
-                           limit=16 if fast else None, progress=False)
+        rows = reward_rows(out_dir, compare=compare, limit=16 if fast else None, progress=False)
+        dinas, pixel_rewards = folder_rewards(out_dir, compare)
+        size_rows = size_bias_rows(load_generator(out_dir / "generator"), {**dinas, **pixel_rewards},
+                                   num_samples=16 if fast else SIZE_SAMPLES)
     finally:
         shutil.rmtree(out_dir / fixed, ignore_errors=True)
     log(to_markdown(rows))
-    return to_dict(rows)
+    log(size_bias_markdown(size_rows))
+    size = {f"size bias / {r.reward} / {r.setting}": {"utility": round(r.utility, 4), "area": round(r.area, 4),
+                                                     "groups": r.groups} for r in size_rows}
+    return {**to_dict(rows), **size}
 
 
 def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = 1,
@@ -256,9 +264,14 @@ def format_report(report: dict) -> str:
     for name in ("generator", "preferences"):
         if report.get("stats", {}).get(name):
             lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in report["stats"][name].items()))
-    if report.get("stats", {}).get("rewards"):  # pairwise accuracy against the annotators, held-out pairs
+    rewards = report.get("stats", {}).get("rewards", {})
+    if rewards:  # pairwise accuracy against the annotators on held-out pairs, then the size check
         lines.append("held-out pair accuracy: " + ", ".join(
-            f"{k} {v['accuracy']:.3f}" for k, v in report["stats"]["rewards"].items()))
+            f"{k} {v['accuracy']:.3f}" for k, v in rewards.items() if "accuracy" in v))
+        size = {k.removeprefix("size bias / "): v for k, v in rewards.items() if "area" in v}
+        if size:
+            lines.append("rank correlation with utility / blob area: " + ", ".join(
+                f"{k} {v['utility']:+.2f} / {v['area']:+.2f}" for k, v in size.items()))
     if "sizes_mb" in report:
         lines.append("sizes (MB): " + ", ".join(f"{k} {v}" for k, v in report["sizes_mb"].items()))
     return "\n".join(lines)
