@@ -154,17 +154,14 @@ def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = pr
     every reward's size check (``size bias / <reward> / <setting>``: rank correlations with utility and area)."""
     import shutil
 
-    from rlkit.shapes.reward_report import (SIZE_SAMPLES, folder_rewards, reward_rows, size_bias_markdown,
-                                            size_bias_rows, to_dict, to_markdown)
+    from rlkit.shapes.reward_report import SIZE_SAMPLES, reward_rows, size_bias_markdown, to_dict, to_markdown
 
     fixed = "_dina_lrm_fixed_variance"
-    compare = {"dina-lrm (fixed variance)": out_dir / fixed}
     train_dina_lrm(out_dir, fast, log, target=fixed, extra=("reward_model.loss=thurstone_fixed",))
     try:
-        rows = reward_rows(out_dir, compare=compare, limit=16 if fast else None, progress=False)
-        dinas, pixel_rewards = folder_rewards(out_dir, compare)
-        size_rows = size_bias_rows(load_generator(out_dir / "generator"), {**dinas, **pixel_rewards},
-                                   num_samples=16 if fast else SIZE_SAMPLES)
+        rows, size_rows = reward_rows(out_dir, compare={"dina-lrm (fixed variance)": out_dir / fixed},
+                                      limit=16 if fast else None, progress=False,
+                                      size_samples=16 if fast else SIZE_SAMPLES)
     finally:
         shutil.rmtree(out_dir / fixed, ignore_errors=True)
     log(to_markdown(rows))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from torch import Tensor
 
 from rlkit.eval_reward import EvalReport, PairwiseResult, evaluate_pairwise, reward_mode
 from rlkit.shapes.judges import ASSETS_DIR, utility_of
-from rlkit.shapes.preferences import GENERATED_GROUP, drawn_pairs, sample_groups
+from rlkit.shapes.preferences import GENERATED_GROUP, SampleGroup, drawn_pairs, sample_groups
 
 LEVELS = (0.1, 0.4, 0.7, 0.9)
 ENSEMBLE = (0.2, 0.5, 0.7)
@@ -63,22 +62,14 @@ def annotator_agreement(path: str | Path, limit: int | None = None) -> PairwiseR
     return summarize("second labelling", torch.where(second == 0.5, 0.0, (first == second).float() * 2 - 1))
 
 
-def folder_rewards(folder: str | Path = ASSETS_DIR, compare: dict[str, str | Path] | None = None) -> tuple[dict, dict]:
-    """``(DiNa-LRMs, pixel rewards)`` of a Shapes assets folder, by name (``compare``: further DiNa-LRMs)."""
-    import rewards
-
-    folder = Path(folder)
-    dinas = {name: rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
-             for name, path in {"dina-lrm": folder / "dina_lrm", **(compare or {})}.items()}
-    pixel_rewards = {"shapes-clip": rewards.build("shapes-clip", path=str(folder / "clip")),
-                     "shapes-golden": rewards.build("shapes-golden")}
-    return dinas, pixel_rewards
-
-
 def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None = None,
                 compare: dict[str, str | Path] | None = None, limit: int | None = None, seed: int = 0,
-                progress: bool = True) -> list[tuple[str, PairwiseResult]]:
-    """``(reward, row)`` for every reward of a Shapes assets ``folder`` on its held-out pairs."""
+                progress: bool = True, size_samples: int = 0,
+                ) -> tuple[list[tuple[str, PairwiseResult]], list["SizeBiasRow"]]:
+    """``(reward, row)`` for every reward of a Shapes assets ``folder`` on its held-out pairs, and with
+    ``size_samples`` the size check of every reward (:func:`size_bias_rows`; none when 0). The generator and the
+    rewards are loaded once for both."""
+    import rewards
     from rlkit.data import LoadOptions, load_pairs
     from rlkit.shapes.pretrain import load_generator
 
@@ -92,7 +83,10 @@ def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None =
     def add(name: str, report: EvalReport) -> None:
         rows.extend((name, r) for r in report.results)
 
-    dinas, pixel_rewards = folder_rewards(folder, compare)
+    dinas = {name: rewards.build("dina-lrm", pretrained=str(path), base_model=str(folder / "generator"))
+             for name, path in {"dina-lrm": folder / "dina_lrm", **(compare or {})}.items()}
+    pixel_rewards = {"shapes-clip": rewards.build("shapes-clip", path=str(folder / "clip")),
+                     "shapes-golden": rewards.build("shapes-golden")}
     # then drawn pairs of held-out scenes (one attribute wrong): what each reward reads in clean pictures
     drawn = drawn_pairs(generator, min(limit or DRAWN_EVAL_PAIRS, DRAWN_EVAL_PAIRS), DRAWN_EVAL_SEED,
                         split="heldout")
@@ -103,7 +97,8 @@ def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None =
         for name, reward in pixel_rewards.items():
             add(name + suffix, evaluate_pairwise(reward, data, decode=generator.decode, seed=seed, progress=progress,
                                                  name=name))
-    return rows
+    size_rows = size_bias_rows(generator, {**dinas, **pixel_rewards}, size_samples) if size_samples else []
+    return rows, size_rows
 
 
 def rank_correlation(x: Tensor, y: Tensor) -> float:
@@ -145,40 +140,34 @@ def size_bias_rows(generator, rewards: dict, num_samples: int = SIZE_SAMPLES, se
     from rewards.base import MemoDecode, RewardInput
 
     groups = list(sample_groups(generator, num_samples, seed, group_size))
+    utilities = [utility_of(g.reading) for g in groups]
     eps_rng = torch.Generator().manual_seed(seed)
     eps = [torch.randn(g.latents.shape, generator=eps_rng) for g in groups]
-    settings: list[tuple[str, str, object]] = [("annotators", "utility", None)]
+
+    def row(name: str, setting: str, scores: list[Tensor]) -> SizeBiasRow:
+        pairs = [(rank_correlation(s, u), rank_correlation(s, g.reading.area))
+                 for s, u, g in zip(scores, utilities, groups)]
+        pairs = [p for p in pairs if not (math.isnan(p[0]) or math.isnan(p[1]))]
+        count = len(pairs)
+        return SizeBiasRow(name, setting, sum(p[0] for p in pairs) / max(count, 1),
+                           sum(p[1] for p in pairs) / max(count, 1), count)
+
+    def read(reward, group: SampleGroup, latents: Tensor, sigmas: Tensor | None) -> Tensor:
+        out = reward(RewardInput(prompts=[group.prompt] * len(latents), latents=latents, sigmas=sigmas,
+                                 decode=MemoDecode(generator.decode), generator=torch.Generator().manual_seed(seed)))
+        return out.scores.detach().float().cpu()
+
+    rows = [row("annotators", "utility", utilities)]
     for name, reward in rewards.items():
         reward.eval()
-        if reward.noise_aware and reward.space == "latent":
-            settings += [(name, f"u={u:.2f}", (reward, u)) for u in levels]
-        else:
-            settings.append((name, "clean", (reward, None)))
-    rows = []
-    for name, setting, how in settings:
-        utility_corr, area_corr = [], []
-        for group, noise in zip(groups, eps):
-            utility = utility_of(group.reading)
-            if how is None:
-                scores = utility
-            else:
-                reward, u = how
-                latents, sigmas = group.latents, None
-                if u is not None:
-                    latents = (1 - u) * group.latents + u * noise
-                    sigmas = torch.full((len(latents),), u)
-                with reward_mode(reward, "state") if u is not None else nullcontext():
-                    out = reward(RewardInput(prompts=[group.prompt] * len(latents), latents=latents, sigmas=sigmas,
-                                             decode=MemoDecode(generator.decode),
-                                             generator=torch.Generator().manual_seed(seed)))
-                scores = out.scores.detach().float().cpu()
-            with_utility, with_area = rank_correlation(scores, utility), rank_correlation(scores, group.reading.area)
-            if not (math.isnan(with_utility) or math.isnan(with_area)):
-                utility_corr.append(with_utility)
-                area_corr.append(with_area)
-        count = len(utility_corr)
-        rows.append(SizeBiasRow(name, setting, sum(utility_corr) / max(count, 1), sum(area_corr) / max(count, 1),
-                                count))
+        if not (reward.noise_aware and reward.space == "latent"):
+            rows.append(row(name, "clean", [read(reward, g, g.latents, None) for g in groups]))
+            continue
+        with reward_mode(reward, "state"):
+            for u in levels:
+                rows.append(row(name, f"u={u:.2f}", [read(reward, g, (1 - u) * g.latents + u * noise,
+                                                          torch.full((len(g.latents),), u))
+                                                     for g, noise in zip(groups, eps)]))
     return rows
 
 
@@ -223,15 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not path:
             parser.error(f"--compare expects NAME=PATH, got {item!r}")
         compare[name] = path
-    rows = reward_rows(args.folder, args.pairs, compare, args.limit)
+    rows, size_rows = reward_rows(args.folder, args.pairs, compare, args.limit, size_samples=args.size_samples)
     print(to_markdown(rows))
     result = to_dict(rows)
-    if args.size_samples:
-        from rlkit.shapes.pretrain import load_generator
-
-        dinas, pixel_rewards = folder_rewards(args.folder, compare)
-        size_rows = size_bias_rows(load_generator(Path(args.folder) / "generator"), {**dinas, **pixel_rewards},
-                                   num_samples=args.size_samples)
+    if size_rows:
         print("\nSize check (within-prompt groups of base-generator samples):\n" + size_bias_markdown(size_rows))
         result["size_bias"] = [asdict(r) for r in size_rows]
     if args.json:
