@@ -86,3 +86,34 @@ def test_a_gain_counts_only_beyond_two_standard_errors(gain, se, verdict):
                    guards={"high_frequency": 1.0}, guards_before={"high_frequency": 1.0})
     assert r.gain_se == pytest.approx(se * math.sqrt(2))
     assert r.verdict == verdict
+
+
+def test_the_oracle_arm_trains_flow_grpo_on_the_annotators_utility():
+    import rewards
+    from rlkit.config import load_recipe
+    from rlkit.shapes.demo import ARMS, ORACLE, RECIPES
+    from rlkit.shapes.judges import GoldenJudgeReward
+
+    assert set(ARMS[ORACLE]) == {"flow_grpo"}  # not differentiable: no ReFL arm
+    recipe = load_recipe(RECIPES / "flow_grpo_shapes.yaml", ARMS[ORACLE]["flow_grpo"])
+    (spec,) = recipe.rewards
+    reward = rewards.build(spec.name, **spec.args)
+    assert isinstance(reward, GoldenJudgeReward) and reward.mode == "utility"
+    assert recipe.flow_grpo.reward_at == "final"
+
+
+@pytest.mark.parametrize("oracle_gains, share, oracle_row", [((0.2, 0.1), "50%", "+0.150 | 0.071 | 2 | - |"),
+                                                             ((-0.02, 0.01), "-", "-0.005 | 0.021 | 2 | - |")])
+def test_the_summary_states_each_rewards_share_of_the_oracles_gain(tmp_path, oracle_gains, share, oracle_row):
+    from rlkit.shapes.demo import ORACLE, RunSummary, write_report
+
+    def run(label, seed, gain):
+        return RunSummary(label, "flow_grpo", seed, tmp_path / f"{label}{seed}",
+                          golden=[(0, 0.0, 0.3), (10, 50.0, 0.3 + gain)])
+
+    runs = [run("flow_grpo+dina-lrm", 0, 0.1), run("flow_grpo+dina-lrm", 1, 0.05),
+            *(run(f"flow_grpo+{ORACLE}", seed, gain) for seed, gain in enumerate(oracle_gains))]
+    text = write_report(runs, {"foreground_area": 1.0, "high_frequency": 1.0}, tmp_path).read_text()
+    assert f"| flow_grpo+dina-lrm | +0.075 | 0.035 | 2 | {share} |" in text
+    assert f"| flow_grpo+{ORACLE} | {oracle_row}" in text  # no share of itself
+    assert f"`{ORACLE}`" in text

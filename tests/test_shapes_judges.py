@@ -77,6 +77,21 @@ def test_golden_reward_through_registry_reads_pixels_or_decodes(drawn):
         judges.GoldenJudgeReward(mode="best")
 
 
+def test_the_oracle_reward_is_the_annotators_noiseless_utility(drawn):
+    images, scenes = drawn
+    images = images[:16]
+    right = [s.caption for s in scenes[:16]]
+    wrong = [world.caption(s.color, _next(world.SHAPES, s.shape), s.position) for s in scenes[:16]]
+    oracle = rewards.build("shapes-golden", mode="utility")
+    scores = {}
+    for name, prompts in (("right", right), ("wrong", wrong)):
+        scores[name] = oracle(RewardInput(prompts=prompts, images=images)).scores
+        assert torch.allclose(scores[name], judges.annotator_utility(images, prompts))
+    assert (scores["right"] > scores["wrong"]).all()
+    # graded where the golden judge is not: every wrong shape is 0 to it, but some fit the asked shape better
+    assert judges.golden_scores(images, wrong).sum() == 0 and scores["wrong"].std() > 0.01
+
+
 def test_annotator_labels_follow_thurstone_probabilities():
     annotators = judges.AnnotatorJudge(judges.AnnotatorConfig(noise_std=0.2))
     n = 20000

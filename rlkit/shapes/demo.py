@@ -7,7 +7,9 @@ folder: curves (proxy, golden and realism guards against steps and wall time) as
 grids for the same seeds, and ``summary.md`` with the numbers.
 
 ``--quick`` is the shortened run CI uses (minutes); ``--seeds 0 1 2`` repeats each run for mean and spread;
-``--pixel-reward`` adds the same runs with the pixel-space CLIP reward (decodes through the VAE).
+``--pixel-reward`` adds the same runs with the pixel-space CLIP reward (decodes through the VAE);
+``--oracle`` adds Flow-GRPO runs trained on the annotators' noiseless utility, the gain a perfect reward model of
+the preference set gives the same recipe (the summary states each reward's share of it).
 """
 
 from __future__ import annotations
@@ -33,8 +35,18 @@ QUICK = {
     "flow_grpo": ["flow_grpo.max_epochs=20", "eval.every=20", *QUICK_EVAL],
 }
 PIXEL_REWARD = ["rewards.0.name=shapes-clip", "rewards.0.args={}"]
-# the pixel CLIP reward reads decoded clean pictures: ReFL scores x0_hat instead of the noisy state
-CLEAN_REWARD_AT = {"refl": "refl.reward_at=x0_hat", "flow_grpo": "flow_grpo.reward_at=final"}
+ORACLE = "utility-oracle"
+# The reward arms: per algorithm, the overrides that swap the recipe's DiNa-LRM out. The others read decoded clean
+# pictures, so ReFL scores x0_hat instead of the noisy state. The oracle is the annotators' noiseless utility,
+# what a perfect reward model of the preference set would return: the gain the same recipe gets when reward
+# accuracy is no limit. It is not differentiable, so only Flow-GRPO runs it.
+ARMS: dict[str, dict[str, list[str]]] = {
+    "dina-lrm": {"refl": [], "flow_grpo": []},
+    "pixel-clip": {"refl": [*PIXEL_REWARD, "refl.reward_at=x0_hat"],
+                   "flow_grpo": [*PIXEL_REWARD, "flow_grpo.reward_at=final"]},
+    ORACLE: {"flow_grpo": ["rewards.0.name=shapes-golden", "rewards.0.args={mode: utility}",
+                                     "flow_grpo.reward_at=final"]},
+}
 
 
 @dataclass
@@ -112,7 +124,6 @@ def real_guard_values(num: int = 256, seed: int = 99) -> dict[str, float]:
 
 def run_one(algorithm: str, label: str, seed: int, out: Path, extra: list[str], quick: bool) -> RunSummary:
     from rlkit.config import load_recipe
-    from rlkit.runtime.tracking import read_metrics
     from rlkit.trainers import run
 
     overrides = [f"seed={seed}", f"name={label}_s{seed}", f"output_dir={out / 'runs'}", "checkpoint.resume=false",
@@ -122,8 +133,15 @@ def run_one(algorithm: str, label: str, seed: int, out: Path, extra: list[str], 
         shutil.rmtree(recipe.run_dir)
     start = time.perf_counter()
     run(recipe)
-    summary = RunSummary(label, algorithm, seed, recipe.run_dir, wall_s=time.perf_counter() - start)
-    for record in read_metrics(recipe.run_dir):
+    return read_run(label, algorithm, seed, recipe.run_dir, wall_s=time.perf_counter() - start)
+
+
+def read_run(label: str, algorithm: str, seed: int, run_dir: Path, wall_s: float) -> RunSummary:
+    """A finished run's golden, proxy and guard curves, from its metrics log."""
+    from rlkit.runtime.tracking import read_metrics
+
+    summary = RunSummary(label, algorithm, seed, run_dir, wall_s=wall_s)
+    for record in read_metrics(run_dir):
         if GOLDEN in record:
             wall = record.get("time/elapsed_s", 0.0)
             summary.golden.append((record["step"], wall, record[GOLDEN]))
@@ -162,7 +180,8 @@ def plot_curves(runs: list[RunSummary], path: Path) -> None:
     axes[1, 1].set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=7)
     axes[1, 1].set(title="realism guards / real pictures (final)")
     for ax in axes.flat:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -199,10 +218,18 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
     by_label: dict[str, list[float]] = {}
     for r in runs:
         by_label.setdefault(r.label, []).append(r.gain)
-    lines += ["", "| run | mean gain | spread (std) | seeds |", "|---|---|---|---|"]
+    means = {label: statistics.mean(gains) for label, gains in by_label.items()}
+    lines += ["", "| run | mean gain | spread (std) | seeds | share of the oracle's gain |", "|---|---|---|---|---|"]
     for label, gains in by_label.items():
         spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
-        lines.append(f"| {label} | {statistics.mean(gains):+.3f} | {spread:.3f} | {len(gains)} |")
+        oracle = means.get(f"{label.split('+')[0]}+{ORACLE}")
+        shown = oracle is not None and oracle > 0 and not label.endswith(f"+{ORACLE}")
+        share = f"{means[label] / oracle:.0%}" if shown else "-"
+        lines.append(f"| {label} | {means[label]:+.3f} | {spread:.3f} | {len(gains)} | {share} |")
+    if any(label.endswith(f"+{ORACLE}") for label in means):
+        lines += ["", f"`{ORACLE}`: the same recipe trained on the annotators' noiseless utility, what a perfect "
+                  "reward model of the preference set would return: what the recipe gains when reward accuracy is no "
+                  "limit (a share is shown where the oracle gained)."]
     lines += ["", "![curves](curves.png)", ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
@@ -221,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--algorithms", nargs="+", default=["refl", "flow_grpo"], choices=["refl", "flow_grpo"])
     parser.add_argument("--pixel-reward", action="store_true", help="also train with the pixel CLIP reward")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also run Flow-GRPO on the annotators' noiseless utility (a perfect reward model)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
 
@@ -232,15 +261,18 @@ def main(argv: list[str] | None = None) -> int:
               "rebuild them with `rlkit shapes build`")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = ["dina-lrm"] + (["pixel-clip"] if args.pixel_reward else [])
-    print(f"rlkit demo: {', '.join(args.algorithms)} with {', '.join(variants)} on the Shapes "
+    arms = ["dina-lrm"] + (["pixel-clip"] if args.pixel_reward else []) + ([ORACLE] if args.oracle else [])
+    print(f"rlkit demo: {', '.join(args.algorithms)} with {', '.join(arms)} on the Shapes "
           f"generator, seeds {args.seeds}{' (quick)' if args.quick else ''}; report in {args.out}", flush=True)
     runs = []
     for algorithm in args.algorithms:
-        for reward_label in variants:
-            extra = [*PIXEL_REWARD, CLEAN_REWARD_AT[algorithm]] if reward_label == "pixel-clip" else []
+        for arm in arms:
+            extra = ARMS[arm].get(algorithm)
+            if extra is None:
+                print(f"== {algorithm}+{arm}: skipped, the {arm} reward is not differentiable", flush=True)
+                continue
             for seed in args.seeds:
-                label = f"{algorithm}+{reward_label}"
+                label = f"{algorithm}+{arm}"
                 print(f"== {label}, seed {seed}", flush=True)
                 r = run_one(algorithm, label, seed, args.out, extra, args.quick)
                 print(f"   golden {r.golden[0][2]:.3f} -> {r.golden[-1][2]:.3f} ({r.gain:+.3f}) in {r.wall_s:.0f} s",

@@ -152,18 +152,32 @@ def read_scenes(images: Tensor, prompts: list[str]) -> Reading:
     return Reading(area=area, shape=shapes, shape_iou=prompt_iou, position=positions, correct=correct)
 
 
+GOLDEN_MODES = ("all", "fraction", "utility")
+
+
 def golden_scores(images: Tensor, prompts: list[str], mode: str = "all") -> Tensor:
-    """``(B,)`` in [0, 1]: all attributes correct (``"all"``) or the fraction correct (``"fraction"``)."""
-    reading = read_scenes(images, prompts)
+    """``(B,)`` in [0, 1] of a reading (:func:`reading_score`)."""
+    return reading_score(read_scenes(images, prompts), mode)
+
+
+def reading_score(reading: Reading, mode: str = "all") -> Tensor:
+    """All attributes correct (``"all"``), the fraction correct (``"fraction"``), or the annotators' noiseless
+    utility (``"utility"``, :func:`utility_of`: what a perfect reward model of the preference set returns)."""
     if mode == "all":
         return reading.all_correct
     if mode == "fraction":
         return reading.fraction
-    raise ValueError(f"golden judge mode must be 'all' or 'fraction', got {mode!r}")
+    if mode == "utility":
+        return utility_of(reading)
+    raise ValueError(f"golden judge mode must be one of {GOLDEN_MODES}, got {mode!r}")
 
 
 class GoldenJudgeReward(Reward):
-    """``shapes-golden``: the analytic judge as a reward, for evaluation only (not differentiable)."""
+    """``shapes-golden``: the analytic judge as a reward, for evaluation only (not differentiable).
+
+    The one exception is an oracle arm, labelled as such: ``mode: utility`` trains on the annotators' noiseless
+    utility, what a perfect reward model of the preference set would return (``rlkit demo --oracle``).
+    """
 
     space = "pixel"
     noise_aware = False
@@ -171,14 +185,14 @@ class GoldenJudgeReward(Reward):
 
     def __init__(self, mode: str = "all"):
         super().__init__()
-        if mode not in ("all", "fraction"):
-            raise ValueError(f"GoldenJudgeReward.mode must be 'all' or 'fraction', got {mode!r}")
+        if mode not in GOLDEN_MODES:
+            raise ValueError(f"GoldenJudgeReward.mode must be one of {GOLDEN_MODES}, got {mode!r}")
         self.mode = mode
 
     def forward(self, batch: RewardInput) -> RewardOutput:
         images = batch.pixels()
         reading = read_scenes(images, batch.prompts)
-        scores = reading.all_correct if self.mode == "all" else reading.fraction
+        scores = reading_score(reading, self.mode)
         extras = {f"{a}_correct": reading.correct[a].float() for a in ATTRIBUTES}
         extras.update(fraction=reading.fraction, all_correct=reading.all_correct)
         # realism guards reported beside the score (compare with real pictures' values)
