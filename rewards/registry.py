@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -75,6 +76,12 @@ class Registry:
         """An instance of reward ``name``; one whose args name a ``device`` is pinned there
         (:meth:`rewards.base.Reward.place` leaves it on that device)."""
         cls = self.resolve(name)
+        signature = inspect.signature(cls)
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            takes = ", ".join(p.name for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD) or "none"
+            raise TypeError(f"reward {name!r}: args {sorted(kwargs)} do not fit it ({exc}); it takes: {takes}") from None
         reward = cls(**kwargs)
         if kwargs.get("device") is not None and hasattr(reward, "place"):
             reward.pinned_device = kwargs["device"]

@@ -45,7 +45,7 @@ ARMS: dict[str, dict[str, list[str]]] = {
     "pixel-clip": {"refl": [*PIXEL_REWARD, "refl.reward_at=x0_hat"],
                    "flow_grpo": [*PIXEL_REWARD, "flow_grpo.reward_at=final"]},
     ORACLE: {"flow_grpo": ["rewards.0.name=shapes-golden", "rewards.0.args={mode: utility}",
-                                     "flow_grpo.reward_at=final"]},
+                           "flow_grpo.reward_at=final"]},
 }
 
 
@@ -218,18 +218,19 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
     by_label: dict[str, list[float]] = {}
     for r in runs:
         by_label.setdefault(r.label, []).append(r.gain)
+    algorithm_of = {r.label: r.algorithm for r in runs}
     means = {label: statistics.mean(gains) for label, gains in by_label.items()}
     lines += ["", "| run | mean gain | spread (std) | seeds | share of the oracle's gain |", "|---|---|---|---|---|"]
     for label, gains in by_label.items():
         spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
-        oracle = means.get(f"{label.split('+')[0]}+{ORACLE}")
+        oracle = means.get(f"{algorithm_of[label]}+{ORACLE}")
         shown = oracle is not None and oracle > 0 and not label.endswith(f"+{ORACLE}")
         share = f"{means[label] / oracle:.0%}" if shown else "-"
         lines.append(f"| {label} | {means[label]:+.3f} | {spread:.3f} | {len(gains)} | {share} |")
     if any(label.endswith(f"+{ORACLE}") for label in means):
-        lines += ["", f"`{ORACLE}`: the same recipe trained on the annotators' noiseless utility, what a perfect "
-                  "reward model of the preference set would return: what the recipe gains when reward accuracy is no "
-                  "limit (a share is shown where the oracle gained)."]
+        lines += ["", f"`{ORACLE}`: the same recipe trained on the annotators' noiseless utility, which a perfect "
+                  "reward model of the preference set would return, so reward accuracy sets no limit there (a share "
+                  "is shown where the oracle gained)."]
     lines += ["", "![curves](curves.png)", ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
