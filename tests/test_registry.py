@@ -36,6 +36,14 @@ def test_unknown_name_fails_with_the_known_names_and_a_suggestion():
     assert "did you mean 'dina-lrm'" in text.lower() and "pickscore" in text
 
 
+def test_args_that_do_not_fit_name_the_reward_and_what_it_takes():
+    # a YAML flow mapping written without its space, `{seed:3}`, reads as one key
+    with pytest.raises(TypeError, match=r"reward 'latent-direction'.*\['seed:3'\].*it takes: seed, scale"):
+        rewards.build("latent-direction", **{"seed:3": None})
+    with pytest.raises(TypeError, match="it takes: seed, scale"):
+        rewards.build("latent-direction", sed=3)
+
+
 def test_decorator_and_dotted_path():
     registry = Registry()
 

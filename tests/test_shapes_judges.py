@@ -75,9 +75,6 @@ def test_golden_reward_through_registry_reads_pixels_or_decodes(drawn):
     assert (fraction.scores >= out.scores).all()
     with pytest.raises(ValueError, match="mode"):
         judges.GoldenJudgeReward(mode="best")
-    # a flow mapping written without its space (`{mode:utility}`) reads as one key: the error names it and the args
-    with pytest.raises(TypeError, match=r"reward 'shapes-golden'.*'mode:utility'.*it takes: mode"):
-        rewards.build("shapes-golden", **{"mode:utility": None})
 
 
 def test_the_oracle_reward_is_the_annotators_noiseless_utility(drawn):
