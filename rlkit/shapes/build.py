@@ -154,7 +154,8 @@ def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = pr
     every reward's size check (``size bias / <reward> / <setting>``: rank correlations with utility and area)."""
     import shutil
 
-    from rlkit.shapes.reward_report import SIZE_SAMPLES, reward_rows, size_bias_markdown, to_dict, to_markdown
+    from rlkit.shapes.reward_report import (SIZE_SAMPLES, reward_rows, size_bias_markdown, size_bias_to_dict,
+                                             to_dict, to_markdown)
 
     fixed = "_dina_lrm_fixed_variance"
     train_dina_lrm(out_dir, fast, log, target=fixed, extra=("reward_model.loss=thurstone_fixed",))
@@ -166,9 +167,7 @@ def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = pr
         shutil.rmtree(out_dir / fixed, ignore_errors=True)
     log(to_markdown(rows))
     log(size_bias_markdown(size_rows))
-    size = {f"size bias / {r.reward} / {r.setting}": {"utility": round(r.utility, 4), "area": round(r.area, 4),
-                                                     "groups": r.groups} for r in size_rows}
-    return {**to_dict(rows), **size}
+    return {**to_dict(rows), **size_bias_to_dict(size_rows)}
 
 
 def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = 1,

@@ -232,8 +232,6 @@ def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, an
 
     from rlkit.data import PreferencePair
 
-    if group_size < 2:
-        raise ValueError(f"generated_pairs: group_size must be >= 2, got {group_size}")
     judge = AnnotatorJudge(annotators or PreferenceConfig().annotators)
     label_rng = torch.Generator().manual_seed(seed + 6)
     source = f"{GENERATED_SOURCE}:{num_samples}:{seed}"

@@ -192,6 +192,12 @@ def to_dict(rows: list[tuple[str, PairwiseResult]]) -> dict[str, dict[str, float
                                       "pairs": r.pairs} for name, r in rows}
 
 
+def size_bias_to_dict(rows: list[SizeBiasRow]) -> dict[str, dict[str, float]]:
+    """``{"size bias / reward / setting": {"utility": ..., "area": ..., "groups": ...}}`` for a build report."""
+    return {f"size bias / {r.reward} / {r.setting}": {"utility": round(r.utility, 4), "area": round(r.area, 4),
+                                                     "groups": r.groups} for r in rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlkit shapes rewards", description=__doc__.split("\n")[0])
     parser.add_argument("folder", nargs="?", default=str(ASSETS_DIR), help="a Shapes assets folder (default: shipped)")
