@@ -281,6 +281,9 @@ class PreferenceDataConfig:
     format: Literal["auto", "hpdv3", "latents", "generic", "ranked"] = "auto"  # see rlkit.data.pairs
     columns: dict[str, str] = field(default_factory=dict)  # generic column mapping
     max_pairs_per_prompt: int | None = None
+    # where shapes:generated sources keep their labelled samples, so that the next training on the same source
+    # and generator weights (an ablation, a sweep) skips the sampling; None samples every time
+    cache_dir: str | None = None
 
 
 @dataclass

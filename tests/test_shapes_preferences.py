@@ -91,3 +91,42 @@ def test_generated_pairs_label_every_decided_within_prompt_pair_of_the_generator
     names = [p.prompt for p in pairs]
     margin = annotator_utility(generator.decode(chosen), names) - annotator_utility(generator.decode(rejected), names)
     assert (margin > 0.05).all()
+
+
+def test_generated_pairs_cache_reuses_one_sampling_and_only_for_the_same_weights(tmp_path, monkeypatch):
+    from rlkit.shapes.judges import AnnotatorConfig
+    from rlkit.shapes.pretrain import load_generator
+
+    generator = load_generator()  # a random tiny generator's samples all tie; the shipped one's do not
+    exact = AnnotatorConfig(noise_std=0.0, tie_margin=0.05)
+    args = dict(num_samples=12, seed=3, annotators=exact, group_size=6, num_steps=4, progress=False)
+    fresh = preferences.generated_pairs(generator, **args)
+    stored = preferences.generated_pairs(generator, **args, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and len(fresh) > 0
+
+    def no_sampling(*_, **__):
+        raise AssertionError("sampled again although the cache holds these samples")
+
+    monkeypatch.setattr(preferences, "sample_latents", no_sampling)
+    reused = preferences.generated_pairs(generator, **args, cache_dir=tmp_path)
+    for pairs in (stored, reused):
+        assert [(p.prompt, p.meta, p.file, p.row) for p in pairs] == [(p.prompt, p.meta, p.file, p.row) for p in fresh]
+        assert all(torch.equal(a.chosen, b.chosen) and torch.equal(a.rejected, b.rejected)
+                   for a, b in zip(pairs, fresh))
+    # other arguments or other generator weights are not served from the cache
+    with pytest.raises(AssertionError, match="sampled again"):
+        preferences.generated_pairs(generator, **{**args, "num_steps": 3}, cache_dir=tmp_path)
+    with torch.no_grad():
+        next(generator.transformer.parameters()).add_(1e-3)
+    with pytest.raises(AssertionError, match="sampled again"):
+        preferences.generated_pairs(generator, **args, cache_dir=tmp_path)
+
+
+def test_reward_model_data_cache_dir_reaches_the_generated_source(tmp_path):
+    from rlkit.config import PreferenceDataConfig, RewardModelConfig
+    from rlkit.shapes.pretrain import load_generator
+    from rlkit.trainers.reward_model import _load
+
+    cfg = RewardModelConfig(data=PreferenceDataConfig(train="shapes:generated:12:3", cache_dir=str(tmp_path)))
+    pairs = _load(cfg.data.train, cfg, "train", load_generator())
+    assert pairs and [f.name for f in tmp_path.iterdir()] == ["generated_12_3.safetensors"]

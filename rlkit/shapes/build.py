@@ -17,6 +17,7 @@ Everything is written under ``out_dir``::
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -114,6 +115,8 @@ def evaluate(out_dir: str | Path, config: EvalConfig, log: Callable[[str], None]
 
 
 STAGES = ("generator", "clip", "evaluate", "preferences", "dina_lrm", "rewards")
+# the generated pairs' samples, shared by the shipped DiNa-LRM and its fixed-variance ablation; removed at the end
+GENERATED_CACHE = "_generated_pairs"
 EVAL_PAIRS_SEED = 7  # held-out preference pairs: other samples, other annotator draws
 EVAL_PAIRS = 256
 DINA_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dina_lrm_shapes.yaml"
@@ -125,8 +128,6 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
 
     The checkpoint lands in ``out_dir / target``; ``extra`` are further recipe overrides (an ablation).
     """
-    import shutil
-
     from rlkit.config import load_recipe
     from rlkit.trainers import run
 
@@ -135,6 +136,7 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
     # the fast generator's samples may all tie, so its generated pairs would be empty: stored and drawn ones only
     train = f"reward_model.data.train=[{stored}, shapes:drawn:16]" if fast else f"reward_model.data.train.0={stored}"
     overrides = [f"model.pretrained={out_dir / 'generator'}", f"output_dir={work}", "checkpoint.resume=false", train,
+                 f"reward_model.data.cache_dir={out_dir / GENERATED_CACHE}",
                  f"reward_model.data.eval={out_dir / 'preferences' / 'eval.parquet'}", *extra]
     if fast:
         overrides += ["reward_model.max_steps=4", "reward_model.batch_size=4", "reward_model.eval_every=0",
@@ -152,8 +154,6 @@ def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = pr
     """Every reward against the annotators on the held-out pairs (:mod:`rlkit.shapes.reward_report`), with a
     DiNa-LRM trained like the shipped one but with a fixed Thurstone variance as the ablation (not kept), and
     every reward's size check (``size bias / <reward> / <setting>``: rank correlations with utility and area)."""
-    import shutil
-
     from rlkit.shapes.reward_report import (SIZE_SAMPLES, reward_rows, size_bias_markdown, size_bias_to_dict,
                                              to_dict, to_markdown)
 
@@ -236,6 +236,8 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
     for name in STAGES:
         if name in stages:
             timed(name, runs[name])
+    # a build killed before here keeps the samples for the stage it reruns
+    shutil.rmtree(out_dir / GENERATED_CACHE, ignore_errors=True)
     write_report()
     return report
 

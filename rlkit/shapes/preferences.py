@@ -12,7 +12,9 @@ Columns: ``prompt`` (str), ``latents_a`` / ``latents_b`` (C, h, w float16, trans
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -215,10 +217,105 @@ def sample_groups(generator: SD3Generator, num_samples: int, seed: int = 0, grou
         yield SampleGroup(start, prompt, guidance, latents.cpu(), reading)
 
 
+@dataclass
+class LabelledSamples:
+    """Base-generator samples in groups of one prompt, and the within-prompt pairs the annotators decided.
+
+    What :func:`generated_pairs` returns, kept in a form that can be stored: every sample's latent once, and each
+    pair as two indices into them.
+    """
+
+    latents: Tensor  # (N, C, h, w), samples in stream order
+    sample_group: Tensor  # (N,) the group of each sample
+    prompts: list[str]  # per group
+    guidance: Tensor  # (G,) per group
+    winners: Tensor  # (P,) sample indices
+    losers: Tensor  # (P,)
+
+    def pairs(self, source: str) -> list["PreferencePair"]:  # noqa: F821
+        from rlkit.data import PreferencePair
+
+        shape = tuple(self.latents.shape[1:])
+        out = []
+        for winner, loser in zip(self.winners.tolist(), self.losers.tolist()):
+            group = int(self.sample_group[winner])
+            out.append(PreferencePair(self.prompts[group], self.latents[winner], self.latents[loser], "latent", 1.0,
+                                      file=source, row=len(out), shapes=(shape, shape),
+                                      meta={"samples": (winner, loser), "guidance": float(self.guidance[group])}))
+        return out
+
+    def save(self, path: Path, key: str) -> None:
+        from safetensors.torch import save
+
+        from rlkit.runtime.checkpoint import write_bytes_atomic
+
+        tensors = {"latents": self.latents.contiguous(), "sample_group": self.sample_group, "guidance": self.guidance,
+                   "winners": self.winners, "losers": self.losers}
+        write_bytes_atomic(path, save(tensors, metadata={"key": key, "prompts": json.dumps(self.prompts)}))
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> "LabelledSamples | None":
+        """The samples stored at ``path``, or None when there are none or they were made with another ``key``."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return cls(prompts=json.loads(meta["prompts"]), **tensors)
+
+
+def generator_fingerprint(generator: SD3Generator) -> str:
+    """A hash of the weights that make and read the samples (transformer, VAE, text encoders)."""
+    digest = hashlib.sha256()
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(generator.pipeline, part, None)
+        for name, tensor in sorted((module.state_dict() if module is not None else {}).items()):
+            digest.update(f"{part}.{name}".encode())
+            digest.update(tensor.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def label_generated(generator: SD3Generator, num_samples: int, seed: int, judge: AnnotatorJudge,
+                    group_size: int, num_steps: int, guidance_range: tuple[float, float], progress: bool,
+                    ) -> LabelledSamples:
+    """Samples :func:`sample_groups` and keeps every within-prompt pair the annotators decide."""
+    from tqdm.auto import tqdm
+
+    label_rng = torch.Generator().manual_seed(seed + 6)
+    latents, sample_group, prompts, guidance, winners, losers = [], [], [], [], [], []
+    bar = tqdm(total=num_samples, desc=f"{GENERATED_SOURCE}:{num_samples}:{seed}", unit="sample",
+               disable=not progress)
+    for group in sample_groups(generator, num_samples, seed, group_size, num_steps, guidance_range):
+        n = len(group.latents)
+        utility = utility_of(group.reading)
+        first, second = torch.triu_indices(n, n, offset=1)
+        labels = judge.label(utility[first], utility[second], label_rng)
+        for i, j, label in zip(first.tolist(), second.tolist(), labels.tolist()):
+            if label == 0.5 or utility[i] == utility[j]:
+                continue
+            winner, loser = (i, j) if label == 1.0 else (j, i)
+            winners.append(group.start + winner)
+            losers.append(group.start + loser)
+        sample_group += [len(prompts)] * n
+        latents.append(group.latents)
+        prompts.append(group.prompt)
+        guidance.append(group.guidance)
+        bar.update(n)
+        bar.set_postfix(pairs=len(winners))
+    bar.close()
+    return LabelledSamples(torch.cat(latents), torch.tensor(sample_group, dtype=torch.long), prompts,
+                           torch.tensor(guidance, dtype=torch.float64), torch.tensor(winners, dtype=torch.long),
+                           torch.tensor(losers, dtype=torch.long))
+
+
 def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, annotators: AnnotatorConfig | None = None,
                     group_size: int = GENERATED_GROUP, num_steps: int = PreferenceConfig.num_steps,
                     guidance_range: tuple[float, float] = PreferenceConfig.guidance_range, progress: bool = True,
-                    ) -> list["PreferencePair"]:  # noqa: F821
+                    cache_dir: str | Path | None = None) -> list["PreferencePair"]:  # noqa: F821
     """Every within-prompt pair of many base-generator samples that the annotators do not call a tie.
 
     The stored preference set holds a few hundred pairs, and a few hundred are too few to learn which of two
@@ -227,34 +324,26 @@ def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, an
     samples into about ``n (group_size - 1) / 2`` comparisons, of which the annotators decide about a third.
     The samples come from :func:`sample_groups`, on the fly (``num_samples / 25`` seconds on two CPU cores), so
     the pairs cost no storage and depend only on ``seed``.
+
+    ``cache_dir``: the labelled samples are stored there and reused by a later call with the same arguments and
+    the same generator weights, so that several reward models (an ablation, a sweep) train on one sampling.
     """
-    from tqdm.auto import tqdm
-
-    from rlkit.data import PreferencePair
-
-    judge = AnnotatorJudge(annotators or PreferenceConfig().annotators)
-    label_rng = torch.Generator().manual_seed(seed + 6)
+    annotators = annotators or PreferenceConfig().annotators
     source = f"{GENERATED_SOURCE}:{num_samples}:{seed}"
-    pairs: list[PreferencePair] = []
-    bar = tqdm(total=num_samples, desc=source, unit="sample", disable=not progress)
-    for group in sample_groups(generator, num_samples, seed, group_size, num_steps, guidance_range):
-        latents, n = group.latents, len(group.latents)
-        utility = utility_of(group.reading)
-        first, second = torch.triu_indices(n, n, offset=1)
-        labels = judge.label(utility[first], utility[second], label_rng)
-        shape = tuple(latents.shape[1:])
-        for i, j, label in zip(first.tolist(), second.tolist(), labels.tolist()):
-            if label == 0.5 or utility[i] == utility[j]:
-                continue
-            winner, loser = (i, j) if label == 1.0 else (j, i)
-            pairs.append(PreferencePair(group.prompt, latents[winner], latents[loser], "latent", 1.0, file=source,
-                                        row=len(pairs), shapes=(shape, shape),
-                                        meta={"samples": (group.start + winner, group.start + loser),
-                                              "guidance": group.guidance}))
-        bar.update(n)
-        bar.set_postfix(pairs=len(pairs))
-    bar.close()
-    return pairs
+    path = key = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"generated_{num_samples}_{seed}.safetensors"
+        key = json.dumps({"num_samples": num_samples, "seed": seed, "annotators": asdict(annotators),
+                          "group_size": group_size, "num_steps": num_steps, "guidance_range": list(guidance_range),
+                          "generator": generator_fingerprint(generator)}, sort_keys=True)
+        stored = LabelledSamples.load(path, key)
+        if stored is not None:
+            return stored.pairs(source)
+    samples = label_generated(generator, num_samples, seed, AnnotatorJudge(annotators), group_size, num_steps,
+                              guidance_range, progress)
+    if path is not None:
+        samples.save(path, key)
+    return samples.pairs(source)
 
 
 SHAPES_SOURCES = {DRAWN_SOURCE: ("pairs", drawn_pairs), GENERATED_SOURCE: ("samples", generated_pairs)}
@@ -281,9 +370,15 @@ def parse_shapes_source(source: str) -> tuple[str, int, int]:
     return prefix, count, seed
 
 
-def shapes_source_pairs(generator: SD3Generator, source: str) -> list["PreferencePair"]:  # noqa: F821
-    """The pairs of a ``shapes:drawn`` or ``shapes:generated`` source, made with ``generator`` (its VAE)."""
+def shapes_source_pairs(generator: SD3Generator, source: str,
+                        cache_dir: str | Path | None = None) -> list["PreferencePair"]:  # noqa: F821
+    """The pairs of a ``shapes:drawn`` or ``shapes:generated`` source, made with ``generator`` (its VAE).
+
+    ``cache_dir`` keeps a ``shapes:generated`` source's labelled samples for the next call (drawn pairs are cheap).
+    """
     prefix, count, seed = parse_shapes_source(source)
+    if prefix == GENERATED_SOURCE:
+        return generated_pairs(generator, count, seed, cache_dir=cache_dir)
     return SHAPES_SOURCES[prefix][1](generator, count, seed)
 
 

@@ -173,7 +173,7 @@ def _load(sources: str | list[str], cfg: RewardModelConfig, what: str, gen) -> l
     for source in [sources] if isinstance(sources, str) else sources:
         if is_shapes_source(source):
             try:
-                found = shapes_source_pairs(gen, source)
+                found = shapes_source_pairs(gen, source, cache_dir=data.cache_dir)
             except ValueError as exc:
                 raise ValueError(f"reward_model.data.{what}: {exc}") from None
         else:
