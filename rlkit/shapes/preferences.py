@@ -346,7 +346,7 @@ def generated_pairs(generator: SD3Generator, num_samples: int, seed: int = 0, an
     return samples.pairs(source)
 
 
-SHAPES_SOURCES = {DRAWN_SOURCE: ("pairs", drawn_pairs), GENERATED_SOURCE: ("samples", generated_pairs)}
+SHAPES_SOURCES = {DRAWN_SOURCE: "pairs", GENERATED_SOURCE: "samples"}  # prefix -> what its count counts
 
 
 def is_shapes_source(source: str) -> bool:
@@ -358,15 +358,15 @@ def parse_shapes_source(source: str) -> tuple[str, int, int]:
     prefix = next((p for p in SHAPES_SOURCES if source == p or source.startswith(p + ":")), None)
     if prefix is None:
         raise ValueError(f"pair source {source!r}: expected one of " + ", ".join(
-            f"{p}:<{what}>[:<seed>]" for p, (what, _) in SHAPES_SOURCES.items()))
-    syntax = f"{prefix}:<{SHAPES_SOURCES[prefix][0]}>[:<seed>]"
+            f"{p}:<{what}>[:<seed>]" for p, what in SHAPES_SOURCES.items()))
+    syntax = f"{prefix}:<{SHAPES_SOURCES[prefix]}>[:<seed>]"
     parts = source[len(prefix):].lstrip(":").split(":")
     try:
         count, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
     except (ValueError, IndexError):
         raise ValueError(f"pair source {source!r}: expected {syntax}, e.g. {prefix}:4096") from None
     if count <= 0 or len(parts) > 2:
-        raise ValueError(f"pair source {source!r}: expected {syntax} with {SHAPES_SOURCES[prefix][0]} > 0")
+        raise ValueError(f"pair source {source!r}: expected {syntax} with {SHAPES_SOURCES[prefix]} > 0")
     return prefix, count, seed
 
 
@@ -379,7 +379,7 @@ def shapes_source_pairs(generator: SD3Generator, source: str,
     prefix, count, seed = parse_shapes_source(source)
     if prefix == GENERATED_SOURCE:
         return generated_pairs(generator, count, seed, cache_dir=cache_dir)
-    return SHAPES_SOURCES[prefix][1](generator, count, seed)
+    return drawn_pairs(generator, count, seed)
 
 
 def save_preferences(dataset, path: str | Path) -> Path:
