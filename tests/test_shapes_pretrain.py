@@ -55,6 +55,39 @@ def test_configs_are_validated():
         pretrain.GeneratorTrainConfig(caption_dropout=1.0)
     with pytest.raises(ValueError, match="batch_size"):
         pretrain.VAETrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="latent_noise"):
+        pretrain.DecoderTrainConfig(latent_noise=-0.1)
+
+
+def test_decoder_refinement_trains_only_the_decoder_and_lowers_reconstruction_error(tmp_path):
+    """The build's decoder stage: the encoder (the latent space the generator and DiNa-LRM live in) is untouched."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from rlkit.models.tiny import build_tiny_sd3_components
+    from rlkit.shapes import world
+
+    torch.manual_seed(0)
+    vae = build_tiny_sd3_components(pretrain.shapes_model_config())["vae"]
+    images = world.draw_batch(world.sample_scenes(16, np.random.default_rng(3)), seed=3) * 2 - 1
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((vae.decode(vae.encode(images).latent_dist.mode()).sample - images).pow(2).mean())
+
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder_out = vae.decoder.conv_out.weight.clone()
+    before = error()
+    config = pretrain.DecoderTrainConfig(steps=40, batch_size=8, lr=3e-3)
+    stats = pretrain.finetune_decoder(vae, config, log=lambda _: None)
+    assert stats["decoder_steps"] == 40 and error() < 0.5 * before, (before, error())
+    for name, value in vae.encoder.state_dict().items():
+        assert torch.equal(value, encoder[name]), name
+    assert not torch.equal(vae.decoder.conv_out.weight, decoder_out)
+    assert not any(p.requires_grad for p in vae.parameters())
+    saved = pretrain.save_pretrained_atomic(vae, tmp_path / "vae")
+    assert not (tmp_path / "vae.tmp").exists()
+    assert torch.equal(AutoencoderKL.from_pretrained(saved).decoder.conv_out.weight, vae.decoder.conv_out.weight)
 
 
 def test_shapes_generator_position_grid_tells_neighbouring_patches_apart():

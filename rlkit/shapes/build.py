@@ -31,8 +31,8 @@ from rlkit.shapes import world
 from rlkit.shapes.clip import ClipTrainConfig, ShapesClipModel, retrieval_accuracy, train_clip
 from rlkit.shapes.judges import ASSETS_DIR, ATTRIBUTES, read_scenes, realism_ratios
 from rlkit.shapes.preferences import PreferenceConfig, build_preferences, save_preferences
-from rlkit.shapes.pretrain import (GeneratorTrainConfig, PretrainConfig, VAETrainConfig, load_generator,
-                                   pretrain, sample_images)
+from rlkit.shapes.pretrain import (DecoderTrainConfig, GeneratorTrainConfig, PretrainConfig, VAETrainConfig,
+                                   load_generator, pretrain, sample_images)
 
 REPORT_NAME = "build_report.json"
 
@@ -61,7 +61,7 @@ def stage_configs(fast: bool) -> dict:
         "pretrain": PretrainConfig(
             vae=VAETrainConfig(steps=10, batch_size=16, max_minutes=1.0),
             generator=GeneratorTrainConfig(steps=10, batch_size=16, num_images=64, max_minutes=1.0),
-            decoder=VAETrainConfig(steps=5, batch_size=16, max_minutes=1.0),
+            decoder=DecoderTrainConfig(steps=5, batch_size=16, max_minutes=1.0),
         ),
         "clip": ClipTrainConfig(steps=10, batch_size=32, max_minutes=1.0),
         "evaluate": EvalConfig(samples_per_prompt=1, num_train_prompts=4, num_real=32, num_steps=3),

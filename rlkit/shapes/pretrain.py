@@ -88,7 +88,7 @@ def load_generator(path: str | Path | None = None, device: str = "cpu") -> SD3Ge
 
 @dataclass
 class VAETrainConfig:
-    steps: int = 600  # held-out reconstructions keep their shape 94% of the time (88% at 300 steps)
+    steps: int = 600  # the shipped build stopped at 420 (max_minutes); see DecoderTrainConfig
     batch_size: int = 32
     lr: float = 3e-3
     kl_weight: float = 1e-4
@@ -140,17 +140,47 @@ def train_vae(vae, config: VAETrainConfig, log=print) -> dict[str, float]:
     return {"vae_mse": float((recon - images).pow(2).mean()), "vae_steps": step + 1}
 
 
-def finetune_decoder(vae, config: VAETrainConfig, log=print) -> dict[str, float]:
-    """Trains only the VAE decoder on the frozen encoder's posterior means.
+@dataclass
+class DecoderTrainConfig(VAETrainConfig):
+    """Decoder-only refinement after the generator (``PretrainConfig.decoder``; off in the shipped build).
 
-    The latent space (and so a generator trained on it) stays valid; only the pictures decoded from
-    it get sharper. Cheap on a CPU, where the joint VAE training had to stop early.
+    Measured on the shipped generator (2026-11-28): the jointly trained decoder rounds small shapes, so the golden
+    judge reads held-out reconstructions' shapes right only 76% of the time (train 91%; triangles read as
+    circles). 3000 decoder steps (4.5 min on 2 cores) bring that to 97% / 99.6% and the base generator's
+    held-out score from 0.32 to 0.46. Trained on clean latents alone the sharper decoder also draws the
+    generator's latent noise (samples' high-frequency energy 1.65x real pictures); ``latent_noise`` adds
+    Gaussian noise of a per-sample std drawn from ``[0, latent_noise]`` latent standard deviations, which keeps
+    samples at 1.05x (0.3: 0.77x, held-out reconstructions 95%).
+
+    It is off because the annotators then label sharper pictures, and a DiNa-LRM trained on those labels is a
+    weaker reward: with ``latent_noise`` 0.1, held-out pair accuracy 0.555 against 0.60 and golden gains of
+    +0.01 (ReFL and Flow-GRPO-Fast, seed 0) against +0.07 / +0.08 for the shipped DiNa-LRM read through the
+    same decoder; with 0.3, pair accuracy 0.48.
+    """
+
+    steps: int = 3000
+    lr: float = 2e-3
+    max_minutes: float = 15.0
+    latent_noise: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.latent_noise < 0:
+            raise ValueError(f"DecoderTrainConfig.latent_noise must be >= 0, got {self.latent_noise}")
+
+
+def finetune_decoder(vae, config: DecoderTrainConfig, log=print) -> dict[str, float]:
+    """Trains only the VAE decoder on the frozen encoder's posterior means, noised by ``config.latent_noise``.
+
+    The latent space (and so a generator or latent reward trained on it) stays valid; only the pictures
+    decoded from it change (and with them what the annotators and the golden judge read).
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 13])
     params = list(vae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     budget = Budget(config.steps, config.max_minutes)
+    latent_std = 1.0 / vae.config.scaling_factor
     vae.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -160,16 +190,30 @@ def finetune_decoder(vae, config: VAETrainConfig, log=print) -> dict[str, float]
         images = world.draw_batch(world.sample_scenes(config.batch_size, rng), seed=int(rng.integers(2**31)))
         with torch.no_grad():
             z = vae.encode(images * 2 - 1).latent_dist.mode()
+            std = torch.rand(len(z), 1, 1, 1) * (config.latent_noise * latent_std)
+            z = z + std * torch.randn_like(z)
         rec = (vae.decode(z).sample - (images * 2 - 1)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         rec.backward()
         opt.step()
-        if step % 100 == 0 or budget.done(step):
-            log(f"decoder step {step}: mse {rec.item():.5f} (progress {budget.progress(step):.2f})")
+        if step % 500 == 0 or budget.done(step):
+            log(f"decoder step {step}: mse {rec.item() / 4:.5f} (progress {budget.progress(step):.2f})")
         if budget.done(step):
             break
     vae.eval().requires_grad_(False)
     return {"decoder_mse": float(rec.item()) / 4, "decoder_steps": step + 1}  # /4: [-1, 1] -> [0, 1] scale
+
+
+def save_pretrained_atomic(model, folder: str | Path) -> Path:
+    """``model.save_pretrained(folder)`` through a sibling temporary folder, so that a killed write leaves
+    either the old folder or the new one."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
 
 
 @dataclass
@@ -304,7 +348,7 @@ class PretrainConfig:
     model: TinySD3Config = field(default_factory=shapes_model_config)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     generator: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
-    decoder: VAETrainConfig | None = None  # optional decoder-only refinement after the generator
+    decoder: DecoderTrainConfig | None = None  # optional decoder-only refinement after the generator
     seed: int = 0
 
 
@@ -325,10 +369,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=prin
     else:
         stats.update(train_vae(components["vae"], config.vae, log))
         if work is not None:
-            tmp = work / "vae.tmp"
-            components["vae"].save_pretrained(tmp)
-            shutil.rmtree(work / "vae", ignore_errors=True)  # a VAE folder left half-written by a killed run
-            os.replace(tmp, work / "vae")
+            save_pretrained_atomic(components["vae"], work / "vae")
     components["vae"].requires_grad_(False)
     pipe = StableDiffusion3Pipeline(**components)
     pipe.set_progress_bar_config(disable=True)
