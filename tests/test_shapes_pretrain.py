@@ -60,7 +60,7 @@ def test_configs_are_validated():
 
 
 def test_decoder_refinement_trains_only_the_decoder_and_lowers_reconstruction_error(tmp_path):
-    """The build's decoder stage: the encoder (the latent space the generator and DiNa-LRM live in) is untouched."""
+    """``PretrainConfig.decoder``: the encoder (the latent space the generator and DiNa-LRM live in) is untouched."""
     import numpy as np
     from diffusers import AutoencoderKL
 
