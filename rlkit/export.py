@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from rlkit.runtime.checkpoint import write_folder_atomic
+
 
 def export_policy_lora(transformer: torch.nn.Module, adapter_name: str, out_dir: str | Path,
                        recipe_file: str | Path | None = None) -> Path:
@@ -14,22 +16,17 @@ def export_policy_lora(transformer: torch.nn.Module, adapter_name: str, out_dir:
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     config = transformer.peft_config[adapter_name]
-    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
-                                               transformer_lora_adapter_metadata=config.to_dict())
-    if recipe_file is not None and Path(recipe_file).is_file():
-        shutil.copy(recipe_file, tmp / "recipe.yaml")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+
+    def write(folder: Path) -> None:
+        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state,
+                                                   transformer_lora_adapter_metadata=config.to_dict())
+        if recipe_file is not None and Path(recipe_file).is_file():
+            shutil.copy(recipe_file, folder / "recipe.yaml")
+
+    return write_folder_atomic(out_dir, write)
 
 
 def export_full_transformer(transformer: torch.nn.Module, out_dir: str | Path,

@@ -85,7 +85,9 @@ def test_decoder_refinement_trains_only_the_decoder_and_lowers_reconstruction_er
         assert torch.equal(value, encoder[name]), name
     assert not torch.equal(vae.decoder.conv_out.weight, decoder_out)
     assert not any(p.requires_grad for p in vae.parameters())
-    saved = pretrain.save_pretrained_atomic(vae, tmp_path / "vae")
+    from rlkit.runtime.checkpoint import write_folder_atomic
+
+    saved = write_folder_atomic(tmp_path / "vae", vae.save_pretrained)
     assert not (tmp_path / "vae.tmp").exists()
     assert torch.equal(AutoencoderKL.from_pretrained(saved).decoder.conv_out.weight, vae.decoder.conv_out.weight)
 

@@ -70,6 +70,22 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
 
 
+def write_folder_atomic(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fills ``folder`` atomically: ``write`` fills a sibling ``.tmp`` folder, which then replaces ``folder``.
+
+    A write killed midway leaves the old folder (or none) and a ``.tmp`` leftover that the next call clears,
+    never a half-written ``folder``.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` that never leaves a half-written file."""
     import io

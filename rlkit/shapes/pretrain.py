@@ -18,7 +18,6 @@ Only the training split of :mod:`rlkit.shapes.world` is ever seen here.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from rlkit.models.sd3 import SD3Generator
 from rlkit.models.tiny import TinySD3Config, build_tiny_sd3_components
-from rlkit.runtime.checkpoint import torch_save_atomic
+from rlkit.runtime.checkpoint import torch_save_atomic, write_folder_atomic
 from rlkit.shapes import world
 
 MAX_SEQUENCE_LENGTH = 8  # T5 tokens of a Shapes caption (at most 7 words and the end token)
@@ -204,18 +203,6 @@ def finetune_decoder(vae, config: DecoderTrainConfig, log=print) -> dict[str, fl
     return {"decoder_mse": float(rec.item()) / 4, "decoder_steps": step + 1}  # /4: [-1, 1] -> [0, 1] scale
 
 
-def save_pretrained_atomic(model, folder: str | Path) -> Path:
-    """``model.save_pretrained(folder)`` through a sibling temporary folder, so that a killed write leaves
-    either the old folder or the new one."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
-
-
 @dataclass
 class GeneratorTrainConfig:
     steps: int = 9000
@@ -369,7 +356,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=prin
     else:
         stats.update(train_vae(components["vae"], config.vae, log))
         if work is not None:
-            save_pretrained_atomic(components["vae"], work / "vae")
+            write_folder_atomic(work / "vae", components["vae"].save_pretrained)
     components["vae"].requires_grad_(False)
     pipe = StableDiffusion3Pipeline(**components)
     pipe.set_progress_bar_config(disable=True)
