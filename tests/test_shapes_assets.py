@@ -113,6 +113,11 @@ def test_build_all_fast_writes_every_asset(tmp_path):
                  "shapes-clip / clean"):  # the size check of every reward
         assert set(rows[f"size bias / {name}"]) == {"utility", "area", "groups"}, name
     assert not (tmp_path / "_dina_lrm_fixed_variance").exists() and not (tmp_path / "generator_pretrain").exists()
+    # the dina_lrm stage trains the ablation beside the shipped model; the rewards stage rerun alone trains it itself
+    rerun = build_all(tmp_path, fast=True, num_threads=1, stages=("rewards",), log=lambda _: None)
+    assert 0.0 <= rerun["stats"]["rewards"]["dina-lrm (fixed variance) / reward"]["accuracy"] <= 1.0
+    assert rerun["seconds"]["dina_lrm"] == report["seconds"]["dina_lrm"]  # the other stages' numbers are kept
+    assert not (tmp_path / "_dina_lrm_fixed_variance").exists()
     from rlkit.shapes.build import format_report
 
     printed = format_report(report)

@@ -130,3 +130,25 @@ def test_reward_model_data_cache_dir_reaches_the_generated_source(tmp_path):
     cfg = RewardModelConfig(data=PreferenceDataConfig(train="shapes:generated:12:3", cache_dir=str(tmp_path)))
     pairs = _load(cfg.data.train, cfg, "train", load_generator())
     assert pairs and [f.name for f in tmp_path.iterdir()] == ["generated_12_3.safetensors"]
+
+
+def test_reward_model_training_reads_generated_pairs_sampled_before_it(tmp_path, monkeypatch):
+    """The build samples the generated pairs once and trains two DiNa-LRMs on them: the trainer must find the
+    samples cached from the bare generator, although its model then adds an adapter to the generator's blocks."""
+    from rlkit.config import load_recipe
+    from rlkit.shapes.build import DINA_RECIPE
+    from rlkit.shapes.pretrain import load_generator
+    from rlkit.trainers.reward_model import setup
+
+    source = "shapes:generated:12:3"
+    sampled = preferences.shapes_source_pairs(load_generator(), source, cache_dir=tmp_path)
+
+    def no_sampling(*_, **__):
+        raise AssertionError("sampled again although the cache holds these samples")
+
+    monkeypatch.setattr(preferences, "sample_latents", no_sampling)
+    recipe = load_recipe(DINA_RECIPE, [f"output_dir={tmp_path / 'run'}", f"reward_model.data.train=[{source}]",
+                                       "reward_model.data.eval=null", f"reward_model.data.cache_dir={tmp_path}"])
+    run = setup(recipe)
+    assert len(run.train_pairs) == len(sampled) > 0
+    assert all(torch.equal(a.chosen, b.chosen) for a, b in zip(run.train_pairs, sampled))

@@ -221,13 +221,14 @@ def setup(recipe: Recipe) -> RewardModelRun:
     cfg = recipe.reward_model
     accelerator = build_accelerator(recipe.launch, grad_clip=recipe.optim.grad_clip, grad_accum=cfg.grad_accum,
                                     micro_batch=cfg.batch_size)
-    torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
     gen = common.load_generator(recipe.model, device=accelerator.device)
-    model = _build_model(recipe, gen)
-    # shapes:generated sources sample the whole generator; then the model holds the embedders and the first N
+    # shapes:generated sources sample the whole generator, before the model's adapter joins its first N blocks (so
+    # that a cache of them matches the generator's own weights); then the model holds the embedders and those
     # blocks, and the rest is freed
     train_pairs = _load(cfg.data.train, cfg, "train", gen)
     eval_pairs = _load(cfg.data.eval, cfg, "eval", gen)[: cfg.eval_limit] if cfg.data.eval else []
+    torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
+    model = _build_model(recipe, gen)
     gen.transformer = None
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.launch.mixed_precision != "no" and not uses_deepspeed(accelerator):
