@@ -92,10 +92,11 @@ class VAETrainConfig:
 
     Measured (2026-11-28, step-bound on 2 idle cores; golden shape accuracy of reconstructions, held-out /
     train): 300 steps 0.36 / 0.60, and the base generator (7000 steps) then scores 0.18 on held-out prompts;
-    600 steps 0.86 / 0.94. The shipped build's VAE ran on a loaded CPU and stopped at 420 steps (0.76 / 0.91).
-    A world rebuilt with 600 VAE and 7000 generator steps (29 minutes) had a DiNa-LRM of equal pair accuracy
-    (0.59) but gave no golden gain (seed 0: ReFL -0.004, Flow-GRPO-Fast -0.067), as the sharper decoder of
-    :class:`DecoderTrainConfig` did.
+    420 steps 0.68 / 0.85; 600 steps 0.86 / 0.94. The shipped build's VAE ran on a loaded CPU and stopped at
+    420 of its 600 steps (0.76 / 0.91). Two worlds rebuilt with 7000 generator steps (about 27-29 minutes in all)
+    gave no golden gain on held-out prompts although their DiNa-LRMs ranked pairs as well or better (seed 0,
+    ReFL / Flow-GRPO-Fast): 600 VAE steps, pair accuracy 0.59, -0.004 / -0.067; 420 VAE steps, 0.64,
+    -0.063 / -0.052. The shipped world gains +0.07 / +0.13.
     """
 
     steps: int = 600  # the shipped build's VAE stopped at 420 (max_minutes, on a loaded CPU); see the docstring
