@@ -131,9 +131,11 @@ FIXED_VARIANCE = "_dina_lrm_fixed_variance"  # the ablation's checkpoint, from t
 ABLATION = ("reward_model.loss=thurstone_fixed",)
 
 
-def _dina_recipe(out_dir: Path, fast: bool, work: Path, extra: tuple[str, ...] = ()):
+def _dina_recipe(out_dir: Path, fast: bool, target: str = "dina_lrm", extra: tuple[str, ...] = ()):
+    """The DiNa-LRM recipe on ``out_dir``'s generator and pairs, run in ``out_dir / _<target>_run``."""
     from rlkit.config import load_recipe
 
+    work = out_dir / f"_{target}_run"
     stored = out_dir / "preferences" / "train.parquet"
     # the fast generator's samples may all tie, so its generated pairs would be empty: stored and drawn ones only
     train = f"reward_model.data.train=[{stored}, shapes:drawn:16]" if fast else f"reward_model.data.train.0={stored}"
@@ -156,12 +158,11 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
 
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    work = out_dir / f"_{target}_run"
-    recipe = _dina_recipe(out_dir, fast, work, extra)
+    recipe = _dina_recipe(out_dir, fast, target, extra)
     metrics = run(recipe)
     shutil.rmtree(out_dir / target, ignore_errors=True)
     shutil.copytree(recipe.run_dir / "final", out_dir / target)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(recipe.output_dir, ignore_errors=True)
     log(f"DiNa-LRM ({target}): {metrics}")
     return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
 
@@ -170,7 +171,7 @@ def sample_generated_pairs(out_dir: Path, fast: bool) -> None:
     """Samples and labels the recipe's ``shapes:generated`` pairs once, into the cache both DiNa-LRMs read."""
     from rlkit.shapes.preferences import GENERATED_SOURCE, is_shapes_source, parse_shapes_source, shapes_source_pairs
 
-    sources = _dina_recipe(out_dir, fast, out_dir / "_dina_lrm_run").reward_model.data.train
+    sources = _dina_recipe(out_dir, fast).reward_model.data.train
     generated = [s for s in ([sources] if isinstance(sources, str) else sources)
                  if is_shapes_source(s) and parse_shapes_source(s)[0] == GENERATED_SOURCE]
     if generated:
