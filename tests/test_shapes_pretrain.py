@@ -25,6 +25,24 @@ def test_budget_stops_by_the_clock():
     assert budget.done(0) and budget.lr_factor(0) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_budget_warns_only_when_the_clock_ends_the_run():
+    said = []
+    by_steps = pretrain.Budget(steps=5, max_minutes=60.0)
+    assert [by_steps.stop(s, "vae", said.append) for s in range(5)] == [False] * 4 + [True] and said == []
+    by_clock = pretrain.Budget(steps=600, max_minutes=1e-4)
+    time.sleep(0.01)
+    assert by_clock.stop(419, "vae", said.append)
+    assert len(said) == 1 and "vae" in said[0] and "420 of 600 steps" in said[0] and "minute cap" in said[0]
+
+
+def test_vae_training_cut_by_its_minute_cap_says_so(tiny_generator):
+    said = []
+    vae = tiny_generator.pipeline.vae.requires_grad_(True)
+    stats = pretrain.train_vae(vae, pretrain.VAETrainConfig(steps=50, batch_size=2, max_minutes=1e-6), said.append)
+    assert stats["vae_steps"] == 1
+    assert any("vae: stopped by its" in line and "1 of 50 steps" in line for line in said)
+
+
 def test_rectified_flow_loss_matches_the_definition(tiny_generator):
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)

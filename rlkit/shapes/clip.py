@@ -114,7 +114,7 @@ def train_clip(config: ClipTrainConfig, log=print) -> ShapesClipModel:
         opt.step()
         if step % 100 == 0 or budget.done(step):
             log(f"clip step {step}: loss {loss.item():.3f} (progress {budget.progress(step):.2f})")
-        if budget.done(step):
+        if budget.stop(step, "clip", log):
             break
     return model.eval()
 

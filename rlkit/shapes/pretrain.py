@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,6 +62,19 @@ class Budget:
 
     def done(self, step: int) -> bool:
         return self.progress(step + 1) >= 1.0
+
+    def stop(self, step: int, name: str, log: Callable[[str], None] = print) -> bool:
+        """Whether the run ends after ``step``; logs a warning when the clock, not the step count, ends it.
+
+        A run cut short by its minute cap trains a different model than the step-bound default (the shipped
+        Shapes VAE stopped at 420 of 600 steps on a busy CPU and draws small shapes rounder), so say so.
+        """
+        if not self.done(step):
+            return False
+        if step + 1 < self.steps:
+            log(f"{name}: stopped by its {self.seconds / 60:g}-minute cap after {step + 1} of {self.steps} steps; "
+                "the step-bound default trains a different model (free the CPU or raise max_minutes)")
+        return True
 
     def set_lr(self, opt: torch.optim.Optimizer, base_lr: float, step: int) -> None:
         for group in opt.param_groups:
@@ -140,7 +154,7 @@ def train_vae(vae, config: VAETrainConfig, log=print) -> dict[str, float]:
         opt.step()
         if step % 100 == 0 or budget.done(step):
             log(f"vae step {step}: mse {rec.item():.5f} kl/dim {kl.item():.3f}")
-        if budget.done(step):
+        if budget.stop(step, "vae", log):
             break
     vae.eval()
     with torch.no_grad():
@@ -209,7 +223,7 @@ def finetune_decoder(vae, config: DecoderTrainConfig, log=print) -> dict[str, fl
         opt.step()
         if step % 500 == 0 or budget.done(step):
             log(f"decoder step {step}: mse {rec.item() / 4:.5f} (progress {budget.progress(step):.2f})")
-        if budget.done(step):
+        if budget.stop(step, "decoder", log):
             break
     vae.eval().requires_grad_(False)
     return {"decoder_mse": float(rec.item()) / 4, "decoder_steps": step + 1}  # /4: [-1, 1] -> [0, 1] scale
@@ -300,7 +314,7 @@ def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=p
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step % 50 == 0 or budget.done(step):
             log(f"generator step {step}: loss {ema:.4f} (progress {budget.progress(step):.2f})")
-        if budget.done(step):
+        if budget.stop(step, "generator", log):
             break
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
             torch_save_atomic({"transformer": model.state_dict(), "optimizer": opt.state_dict(),
