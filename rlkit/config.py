@@ -21,6 +21,7 @@ from rlkit.confload import ConfigError, ConfigProblem
 Problems = Iterator[tuple[str, str]]
 
 ALGORITHMS = ("refl", "flow_grpo", "reward_model")
+# the attention projections of SD3 blocks: the default LoRA targets of the policy and of the DiNa-LRM
 SD3_ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 

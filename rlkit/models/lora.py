@@ -24,7 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-SD3_ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+from rlkit.config import SD3_ATTN_TARGETS  # defined with the recipe schema, which stays free of torch
+
 LORA_INITS = {"gaussian": "gaussian", "default": True, "random": False}  # our name -> peft init_lora_weights
 BLOCKS_PREFIX = "transformer_blocks"
 
