@@ -273,6 +273,11 @@ class FlowGRPOConfig:
             yield "noise_level", f"must be >= 0, got {self.noise_level}"
 
 
+def source_list(sources: str | list[str]) -> list[str]:
+    """A data field that names one source or several (``PreferenceDataConfig.train``), as a list."""
+    return [sources] if isinstance(sources, str) else list(sources)
+
+
 @dataclass
 class PreferenceDataConfig:
     # one source or several, concatenated (files, folders, hf:<id>, synthetic:..., shapes:drawn:<pairs>[:<seed>],

@@ -174,10 +174,10 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
 
 def sample_generated_pairs(out_dir: Path, fast: bool) -> None:
     """Samples and labels the recipe's ``shapes:generated`` pairs once, into the cache both DiNa-LRMs read."""
+    from rlkit.config import source_list
     from rlkit.shapes.preferences import GENERATED_SOURCE, is_shapes_source, parse_shapes_source, shapes_source_pairs
 
-    sources = _dina_recipe(out_dir, fast).reward_model.data.train
-    generated = [s for s in ([sources] if isinstance(sources, str) else sources)
+    generated = [s for s in source_list(_dina_recipe(out_dir, fast).reward_model.data.train)
                  if is_shapes_source(s) and parse_shapes_source(s)[0] == GENERATED_SOURCE]
     if generated:
         generator = load_generator(out_dir / "generator")
@@ -228,14 +228,13 @@ def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = pr
 
 def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = None,
               stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print) -> dict:
-    """Rebuilds the generator, the CLIP reward and the preference set under ``out_dir``; returns the report.
+    """Runs the build's stages (the module docstring lists them) into ``out_dir``; returns the report.
 
     ``num_threads``: torch threads (``None`` leaves torch's setting, all cores, alone); the two DiNa-LRM
     trainings run side by side with half as many each (at least one). On a CPU shared with other jobs, 1 is
-    several times faster than oversubscribed threads. The budgets bind by steps on 2 idle cores; their minute
-    caps only stop a far slower machine (the shipped VAE stopped at 420 of 600 steps on a loaded CPU). ``stages`` reruns
-    only some stages (later ones read the earlier ones' outputs from ``out_dir``); their numbers are
-    merged into an existing report.
+    several times faster than oversubscribed threads (the minute caps then bind: see the module docstring).
+    ``stages`` reruns only some stages (later ones read the earlier ones' outputs from ``out_dir``); their
+    numbers are merged into an existing report.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:

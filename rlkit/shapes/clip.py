@@ -112,9 +112,10 @@ def train_clip(config: ClipTrainConfig, log=print) -> ShapesClipModel:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0 or budget.done(step):
+        stop = budget.stop(step, "clip", log)
+        if step % 100 == 0 or stop:
             log(f"clip step {step}: loss {loss.item():.3f} (progress {budget.progress(step):.2f})")
-        if budget.stop(step, "clip", log):
+        if stop:
             break
     return model.eval()
 

@@ -64,11 +64,8 @@ class Budget:
         return self.progress(step + 1) >= 1.0
 
     def stop(self, step: int, name: str, log: Callable[[str], None] = print) -> bool:
-        """Whether the run ends after ``step``; logs a warning when the clock, not the step count, ends it.
-
-        A run cut short by its minute cap trains a different model than the step-bound default (the shipped
-        Shapes VAE stopped at 420 of 600 steps on a busy CPU and draws small shapes rounder), so say so.
-        """
+        """Whether the run ends after ``step``; logs a warning when the clock, not the step count, ends it: a
+        run cut short by its minute cap trains a different model than the step-bound default (VAETrainConfig)."""
         if not self.done(step):
             return False
         if step + 1 < self.steps:
@@ -152,9 +149,10 @@ def train_vae(vae, config: VAETrainConfig, log=print) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0 or budget.done(step):
+        stop = budget.stop(step, "vae", log)
+        if step % 100 == 0 or stop:
             log(f"vae step {step}: mse {rec.item():.5f} kl/dim {kl.item():.3f}")
-        if budget.stop(step, "vae", log):
+        if stop:
             break
     vae.eval()
     with torch.no_grad():
@@ -221,9 +219,10 @@ def finetune_decoder(vae, config: DecoderTrainConfig, log=print) -> dict[str, fl
         opt.zero_grad(set_to_none=True)
         rec.backward()
         opt.step()
-        if step % 500 == 0 or budget.done(step):
+        stop = budget.stop(step, "decoder", log)
+        if step % 500 == 0 or stop:
             log(f"decoder step {step}: mse {rec.item() / 4:.5f} (progress {budget.progress(step):.2f})")
-        if budget.stop(step, "decoder", log):
+        if stop:
             break
     vae.eval().requires_grad_(False)
     return {"decoder_mse": float(rec.item()) / 4, "decoder_steps": step + 1}  # /4: [-1, 1] -> [0, 1] scale
@@ -312,9 +311,10 @@ def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=p
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 50 == 0 or budget.done(step):
+        stop = budget.stop(step, "generator", log)
+        if step % 50 == 0 or stop:
             log(f"generator step {step}: loss {ema:.4f} (progress {budget.progress(step):.2f})")
-        if budget.stop(step, "generator", log):
+        if stop:
             break
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
             torch_save_atomic({"transformer": model.state_dict(), "optimizer": opt.state_dict(),

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
-from rlkit.config import Recipe, RewardModelConfig, save_resolved
+from rlkit.config import Recipe, RewardModelConfig, save_resolved, source_list
 from rlkit.data import BucketBatchSampler, LoadOptions, PreferencePair, collate_pairs, load_pairs, shape_key
 from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
@@ -170,7 +170,7 @@ def _load(sources: str | list[str], cfg: RewardModelConfig, what: str, gen) -> l
 
     data = cfg.data
     pairs: list[PreferencePair] = []
-    for source in [sources] if isinstance(sources, str) else sources:
+    for source in source_list(sources):
         if is_shapes_source(source):
             try:
                 found = shapes_source_pairs(gen, source, cache_dir=data.cache_dir)
