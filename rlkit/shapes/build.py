@@ -13,13 +13,12 @@ against the annotators). Everything is written under ``out_dir``::
     dina_lrm/              the DiNa-LRM checkpoint
     build_report.json      stage seconds, settings and measured numbers
 
-With the default settings the whole build takes 29.0 minutes on 2 idle cores (measured 2026-11-28: generator
-with its VAE 18.9, clip 0.3, evaluate 0.2, preferences 1.0, dina_lrm 7.9, rewards 0.7). Every training stage is
-bound by its step count there; its minute cap only binds on a slower or busy machine, which then builds a
-different world (the shipped assets were built so: their VAE stopped at 420 of 600 steps). The default world
-measured beside the shipped one (2026-11-28, 270 held-out samples, 3 seeds): its sharper decoder reads the base
-generator at 0.544 (shipped 0.32); ReFL gains +0.06 at 40 steps and +0.02 at the recipe's 60, Flow-GRPO-Fast -0.01
-(shipped +0.07 / +0.13), while both grow their shapes by about a third.
+With the default settings the whole build takes 26.2 minutes on 2 idle cores (measured 2026-11-28: generator
+with its VAE 18.3, clip 0.4, evaluate 0.2, preferences 1.3, dina_lrm 5.3, rewards 0.7); the shipped assets are
+that build. Every training stage is bound by its step count there; its minute cap only binds on a slower or busy
+machine, which then builds a different world (and says so). What the shipped world measures: base generator
+0.27 on held-out prompts (0.72 on training prompts), DiNa-LRM held-out pair accuracy 0.72 against the
+annotators' 0.77; the demo's numbers are in the README.
 
 ``rlkit shapes build`` calls :func:`main`; ``--evaluate`` only measures an existing folder.
 """
@@ -53,7 +52,7 @@ class EvalConfig:
     num_train_prompts: int = 54  # a random subset of training prompts, as many as held-out ones
     num_real: int = 512  # real pictures per split for the judge, the guards and CLIP
     num_steps: int = 20
-    guidance: float = 5.0  # the recipes sample at CFG 5: held-out 0.33 there, 0.27 at CFG 3 (2026-11 build)
+    guidance: float = 5.0  # as the recipes sample
     seed: int = 123
 
     def __post_init__(self) -> None:
