@@ -111,8 +111,8 @@ def test_decoder_refinement_trains_only_the_decoder_and_lowers_reconstruction_er
 
 
 def test_shapes_generator_position_grid_tells_neighbouring_patches_apart():
-    """The sin-cos grid spans the picture's own patches; the default grid (twice the latent side) nearly
-    repeats one embedding across neighbours, which left the generator unable to place strokes."""
+    """The sin-cos grid spans the latent's own patches; the default grid (twice the latent side, in patches)
+    squeezes neighbours into near copies of one embedding, which left the generator unable to place strokes."""
     from dataclasses import replace
 
     from rlkit.models.tiny import build_tiny_sd3_components
@@ -126,7 +126,7 @@ def test_shapes_generator_position_grid_tells_neighbouring_patches_apart():
         return float((grid[:, 1:] - grid[:, :-1]).norm(dim=-1).mean())
 
     ours, wide = neighbour_distance(cfg), neighbour_distance(replace(cfg, pos_embed_max_size=None))
-    assert ours > 5 * wide, (ours, wide)
+    assert ours > 3 * wide, (ours, wide)  # the default grid is 4x as wide here
     vae = build_tiny_sd3_components(cfg)["vae"]
     assert vae.encoder.down_blocks[0].resnets[0].norm1.num_groups == cfg.vae_norm_num_groups == 8
 

@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 
 from rewards.base import Reward, RewardInput, RewardOutput
 from rlkit.shapes import reward_report
-from rlkit.shapes.judges import utility_of
+from rlkit.shapes.judges import read_scenes, utility_of
 
 
 @pytest.mark.parametrize("x, y", [
@@ -29,16 +29,14 @@ def test_rank_correlation_is_nan_for_a_constant_side():
 
 
 class _AreaReward(Reward):
-    """Scores the decoded picture's count of pixels far from its mean colour: a pure size detector."""
+    """Scores the area of the blob the golden judge reads in the decoded picture: a pure size detector."""
 
     space = "pixel"
     noise_aware = False
     differentiable = False
 
     def forward(self, batch: RewardInput) -> RewardOutput:
-        images = batch.pixels()
-        far = (images - images.mean((2, 3), keepdim=True)).norm(dim=1) > 0.2
-        return RewardOutput(scores=far.flatten(1).float().sum(1))
+        return RewardOutput(scores=read_scenes(batch.pixels(), batch.prompts).area)
 
 
 def test_size_check_separates_a_size_detector_from_the_annotators():
@@ -56,7 +54,7 @@ def test_size_check_separates_a_size_detector_from_the_annotators():
     annotators, size = by_setting["annotators", "utility"], by_setting["size", "clean"]
     assert annotators.groups == 2 and annotators.utility == pytest.approx(1.0)
     # the size detector follows blob area far more closely than the annotators' utility does
-    assert size.area > 0.5 and size.area > annotators.area + 0.3
+    assert size.area > 0.9 and size.area > annotators.area + 0.3
     for row in rows:
         assert -1 <= row.utility <= 1 and -1 <= row.area <= 1
     # the annotators' row is the mean over groups of the correlation of utility with blob area, as read
