@@ -1,9 +1,10 @@
 """Pretraining of the Shapes generator: a tiny VAE, then a tiny SD3 transformer with the rectified-flow loss.
 
 The generator has the real ``SD3Transformer2DModel`` architecture (dual-attention blocks, qk RMS-norm)
-at 0.65 M parameters. Its layout is SD3's in miniature: a VAE that downsamples (here twice, to 16x16x4
-latents) and a transformer that reads them in 2x2 patches (64 tokens). The text encoders stay random and frozen: they only need to tell the captions apart. Captions
-are dropped (replaced by ``""``) a tenth of the time so that classifier-free guidance works.
+at 0.64 M parameters. Its layout is SD3's in miniature: a VAE that downsamples (here twice, to 16x16x4
+latents) and a transformer that reads them in 2x2 patches (64 tokens). The text encoders stay random and
+frozen: they only need to tell the captions apart. Captions are dropped (replaced by ``""``) a tenth of the
+time so that classifier-free guidance works.
 
 What the calibration runs measured (held-out prompts, CFG 5): colour and position are learnt within
 ~2000 steps of batch 64; shape stays at the "always one shape" rate (1/6 held out) until ~5000 steps and
@@ -15,8 +16,8 @@ The layout decides how far alignment can move the world (2026-11-28, seed 0, 264
 Flow-GRPO-Fast rewarded by the golden judge itself *on the evaluation prompts*, the most a reward can give):
 the earlier layout, a VAE that does not downsample read in 4x4 patches, peaked at +0.06 within 70 updates
 and reached +0.14 only after 120 with twice the prompts; this one gains +0.19 in 60, and trained on the
-training prompts alone +0.11 on held-out ones (earlier layout: -0.02). Its DiNa-LRM also ranks held-out pairs at 0.72-0.74 against the annotators' 0.77
-(earlier: 0.60).
+training prompts alone +0.11 on held-out ones (earlier layout: -0.02). Its DiNa-LRM also ranks held-out
+pairs at 0.72-0.74 against the annotators' 0.77 (earlier: 0.60).
 
 Only the training split of :mod:`rlkit.shapes.world` is ever seen here.
 """
@@ -171,12 +172,12 @@ def train_vae(vae, config: VAETrainConfig, log=print) -> dict[str, float]:
 class DecoderTrainConfig(VAETrainConfig):
     """Decoder-only refinement after the generator (``PretrainConfig.decoder``; off in the shipped build).
 
-    Measured on the earlier layout's generator (a VAE that does not downsample; 2026-11-28): the jointly trained decoder rounds small shapes, so the golden
-    judge reads held-out reconstructions' shapes right only 76% of the time (train 91%; triangles read as
-    circles). 3000 decoder steps (4.5 min on 2 cores) bring that to 97% / 99.6% and the base generator's
-    held-out score from 0.32 to 0.46. Trained on clean latents alone the sharper decoder also draws the
-    generator's latent noise (samples' high-frequency energy 1.65x real pictures); ``latent_noise`` adds
-    Gaussian noise of a per-sample std drawn from ``[0, latent_noise]`` latent standard deviations, which keeps
+    Measured on the earlier layout's generator (a VAE that does not downsample; 2026-11-28): the jointly trained
+    decoder rounds small shapes, so the golden judge reads held-out reconstructions' shapes right only 76% of the
+    time (train 91%; triangles read as circles). 3000 decoder steps (4.5 min on 2 cores) bring that to 97% / 99.6%
+    and the base generator's held-out score from 0.32 to 0.46. Trained on clean latents alone the sharper decoder
+    also draws the generator's latent noise (samples' high-frequency energy 1.65x real pictures); ``latent_noise``
+    adds Gaussian noise of a per-sample std drawn from ``[0, latent_noise]`` latent standard deviations, which keeps
     samples at 1.05x (0.3: 0.77x, held-out reconstructions 95%).
 
     It is off because the annotators then label sharper pictures, and a DiNa-LRM trained on those labels is a
