@@ -87,11 +87,14 @@ class Budget:
 
 def shapes_model_config() -> TinySD3Config:
     """The architecture of the shipped Shapes generator."""
+    vae_channels = (32, 32)  # each block after the first halves the side: 32x32 pictures, 16x16 latents
+    latent, patch = world.IMAGE_SIZE // 2 ** (len(vae_channels) - 1), 2
     return TinySD3Config(
-        sample_size=world.IMAGE_SIZE // 2, patch_size=2, latent_channels=4, num_layers=4, attention_head_dim=16,
+        sample_size=latent, patch_size=patch, latent_channels=4, num_layers=4, attention_head_dim=16,
         num_attention_heads=4, dual_attention_layers=(0, 1), qk_norm="rms_norm",
-        vae_block_out_channels=(32, 32), vae_norm_num_groups=8, vae_mid_attention=False,
-        pos_embed_max_size=world.IMAGE_SIZE // 4, words=world.VOCABULARY, max_clip_length=MAX_CLIP_LENGTH,
+        vae_block_out_channels=vae_channels, vae_norm_num_groups=8, vae_mid_attention=False,
+        pos_embed_max_size=latent // patch,  # the sin-cos grid spans the latent's own patches (module docstring)
+        words=world.VOCABULARY, max_clip_length=MAX_CLIP_LENGTH,
     )
 
 
