@@ -176,9 +176,9 @@ class DecoderTrainConfig(VAETrainConfig):
     """Decoder-only refinement after the generator (``PretrainConfig.decoder``; off in the shipped build).
 
     It sharpens the world's pictures, and the shipped world is better without it. Measured on the shipped layout
-    (2026-11-28; 3000 steps, ``latent_noise`` 0.1 and 0.2 alike): the golden judge reads held-out reconstructions'
-    shapes right 88% of the time (24% without), whose high-frequency energy rises from 0.16x to 0.73-0.79x that
-    of real pictures and whose foreground area falls from 1.17x to 1.00x. But then:
+    (2026-11-28; 3000 steps, ``latent_noise`` 0.1 and 0.2 alike): the golden judge reads the shapes of held-out
+    reconstructions right 88% of the time (24% without); the reconstructions' high-frequency energy rises from
+    0.16x to 0.73-0.79x that of real pictures and their foreground area falls from 1.17x to 1.00x. But then:
 
     - the shipped generator (9000 steps) scores 0.79 on held-out prompts and 1.0 on training ones (its latents
       held the shapes all along), which leaves alignment no room, and its samples are still 0.67x real pictures
