@@ -185,8 +185,9 @@ class DecoderTrainConfig(VAETrainConfig):
       in high-frequency energy;
     - a generator trained 2000 steps on the sharper VAE scores 0.32 / 0.61, but its samples are 1.23x real
       pictures in area and 0.62x in high-frequency energy, and a DiNa-LRM on its backbone ranks held-out
-      pairs at 0.62 against the annotators' 0.78 (shipped: 0.72), with no size bias (-0.16 at u = 0.1) and no
-      pull on the golden score either (seed 0: ReFL +0.01, Flow-GRPO-Fast -0.04).
+      pairs at 0.62 against the annotators' 0.78 (shipped: 0.72; on the 9000-step generator's backbone and the
+      same pairs, 0.60-0.64), with no size bias (-0.16 at u = 0.1) and no pull on the golden score either
+      (seed 0: ReFL +0.01, Flow-GRPO-Fast -0.04).
 
     The earlier layout (a VAE that does not downsample) measured alike: a DiNa-LRM trained on the sharper
     pictures' labels ranked held-out pairs at 0.555 against 0.60. There, trained on clean latents alone, the
