@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -45,6 +45,12 @@ def explain_missing(source: str, exc: BaseException, what: str = "model") -> Wei
             f"`huggingface-cli download {source}` (or set HF_HOME to a cache that holds it)"
         )
     return WeightsNotFoundError(f"cannot load {what} {source!r}: {hint}")
+
+
+def vae_scale_factor(block_out_channels: Sequence[int]) -> int:
+    """How many pixels one latent spans per side in a diffusers ``AutoencoderKL``: each block after the first halves
+    the side."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 @dataclass
@@ -111,7 +117,7 @@ class SD3Generator:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config.block_out_channels)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         s = resolution // self.vae_scale_factor

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from rlkit.models.sd3 import vae_scale_factor
+
 DEFAULT_WORDS = (
     "a an the of on in at and with image photo picture "
     "red green blue yellow purple orange white black gray pink cyan "
@@ -62,7 +64,7 @@ class TinySD3Config:
 
     @property
     def image_size(self) -> int:
-        return self.sample_size * 2 ** (len(self.vae_block_out_channels) - 1)
+        return self.sample_size * vae_scale_factor(self.vae_block_out_channels)
 
 
 def _clip_tokenizer(words: tuple[str, ...], max_length: int):

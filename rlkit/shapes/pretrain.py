@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlkit.models.sd3 import SD3Generator
+from rlkit.models.sd3 import SD3Generator, vae_scale_factor
 from rlkit.models.tiny import TinySD3Config, build_tiny_sd3_components
 from rlkit.runtime.checkpoint import torch_save_atomic, write_folder_atomic
 from rlkit.shapes import world
@@ -88,7 +88,7 @@ class Budget:
 def shapes_model_config() -> TinySD3Config:
     """The architecture of the shipped Shapes generator."""
     vae_channels = (32, 32)  # each block after the first halves the side: 32x32 pictures, 16x16 latents
-    latent, patch = world.IMAGE_SIZE // 2 ** (len(vae_channels) - 1), 2
+    latent, patch = world.IMAGE_SIZE // vae_scale_factor(vae_channels), 2
     return TinySD3Config(
         sample_size=latent, patch_size=patch, latent_channels=4, num_layers=4, attention_head_dim=16,
         num_attention_heads=4, dual_attention_layers=(0, 1), qk_norm="rms_norm",
