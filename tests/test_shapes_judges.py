@@ -157,10 +157,26 @@ def test_realism_guards(drawn):
     assert same["foreground_area"] == pytest.approx(1.0, abs=0.15)
     assert same["high_frequency"] == pytest.approx(1.0, abs=0.15)
     blurred = F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
-    assert judges.realism_ratios(blurred, images)["high_frequency"] < 0.5
+    ratios = judges.realism_ratios(blurred, images)
+    assert ratios["high_frequency"] < 0.5
+    assert ratios["foreground_area"] == pytest.approx(1.0, abs=0.1)  # blur spreads colour, moves no contour
     painted = images.clone()
     painted[:, :, 4:28, 4:28] = torch.tensor(world.COLORS["red"]).view(1, 3, 1, 1)
     assert judges.realism_ratios(painted, images)["foreground_area"] > 3.0
+
+
+def test_foreground_area_is_the_area_inside_the_half_contrast_contour():
+    background, square = torch.tensor([0.5, 0.5, 0.4]), torch.tensor(world.COLORS["red"])
+    images = background.view(1, 3, 1, 1).repeat(3, 1, 32, 32)
+    images[0, :, 8:18, 10:20] = square.view(3, 1, 1)  # 100 pixels
+    images[1] = F.avg_pool2d(images[:1], 3, stride=1, padding=1, count_include_pad=False)[0]
+    area = judges.foreground_area(images) * 32 * 32
+    assert area[0].item() == pytest.approx(100)
+    assert area[1].item() == pytest.approx(100, abs=8)  # the corners round off; the rim does not count
+    assert area[2].item() == 0  # a blank picture has no foreground
+    rimmed = images[1:2].clone()
+    rimmed[..., 7:19, 9:21] += 0.1 * (square - background).view(1, 3, 1, 1)  # a faint halo ...
+    assert (judges.foreground_area(rimmed) * 32 * 32).item() == pytest.approx(area[1].item(), abs=1)  # ... is no area
 
 
 def test_clip_training_lowers_the_contrastive_loss_and_reward_is_differentiable(tmp_path):

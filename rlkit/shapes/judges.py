@@ -32,7 +32,9 @@ COLOR_TOLERANCE = 0.33  # max RGB distance from the palette colour for a pixel t
 MIN_AREA = 12.0  # pixels: a smaller blob is no shape (the smallest drawn triangle covers ~35)
 MAX_AREA = 200.0  # pixels: a larger blob is no shape (the largest drawn square covers ~121)
 MIN_SHAPE_IOU = 0.55  # the best template must fit at least this well to name a shape
-FOREGROUND_TOLERANCE = 0.15  # RGB distance from the border colour that makes a pixel foreground
+FOREGROUND_TOLERANCE = 0.15  # RGB distance from the border colour below which a pixel is never foreground
+FOREGROUND_CONTRAST = 0.5  # ... and the share of the way to the picture's most distant colour it must reach
+FOREGROUND_PEAK_QUANTILE = 0.995  # "most distant colour": past a few outlying pixels
 ATTRIBUTES = ("color", "shape", "position")
 SHAPE_FIT_WEIGHT = 0.4  # share of the graded template fit in what annotators value
 
@@ -297,10 +299,21 @@ def _border_colour(images: Tensor) -> Tensor:
 
 
 def foreground_area(images: Tensor) -> Tensor:
-    """``(B,)`` fraction of pixels that differ from the picture's border colour (its background)."""
+    """``(B,)`` fraction of pixels inside the half-contrast contour between background and foreground.
+
+    A pixel is foreground when its RGB distance from the border colour (the background) is at least
+    ``FOREGROUND_CONTRAST`` of the distance of the picture's most distant colour, and above
+    ``FOREGROUND_TOLERANCE`` (so a blank picture has none). Blur spreads a shape's colour past its edge
+    but leaves that contour where it was, so this guard measures the size of what is drawn and leaves
+    sharpness to :func:`high_frequency_energy`. A fixed threshold near the background (the earlier guard)
+    counts the blurred rim as area: the shipped generator's soft samples of held-out prompts read 1.18x
+    real pictures that way, and 0.96x by the contour.
+    """
     background = _border_colour(images)
-    dist = (images - background[..., None, None]).norm(dim=1)
-    return (dist > FOREGROUND_TOLERANCE).float().flatten(1).mean(1)
+    dist = (images - background[..., None, None]).norm(dim=1).flatten(1)
+    peak = dist.quantile(FOREGROUND_PEAK_QUANTILE, dim=1, keepdim=True)
+    threshold = (FOREGROUND_CONTRAST * peak).clamp_min(FOREGROUND_TOLERANCE)
+    return (dist > threshold).float().mean(1)
 
 
 def high_frequency_energy(images: Tensor) -> Tensor:
