@@ -73,6 +73,23 @@ def test_runs_are_compared_at_the_wall_time_of_the_shortest(tmp_path):
     assert "0.400 (80 s)" in (tmp_path / "summary.md").read_text()
 
 
+def test_the_summary_names_the_guards_the_base_generator_already_fails(tmp_path):
+    from rlkit.shapes.demo import RunSummary, write_report
+
+    def run(seed, area_after):
+        return RunSummary("refl+dina-lrm", "refl", seed, tmp_path / str(seed), golden=[(0, 0.0, 0.3), (10, 5.0, 0.5)],
+                          guards={"foreground_area": area_after, "high_frequency": 0.0016},
+                          guards_before={"foreground_area": 0.096, "high_frequency": 0.0016})
+
+    text = write_report([run(0, 0.11), run(1, 0.15)], {"foreground_area": 0.1, "high_frequency": 0.01},
+                        tmp_path).read_text()
+    assert "before any training (the base generator): high_frequency 0.16." in text  # the area starts at 0.96
+    assert "| 0.96 -> 1.10 | 0.16 -> 0.16 | no |" in text
+    assert "| 0.96 -> 1.50 | 0.16 -> 0.16 | no |" in text
+    in_band = write_report([run(0, 0.11)], {"foreground_area": 0.1, "high_frequency": 0.0016}, tmp_path)
+    assert "before any training" not in in_band.read_text()
+
+
 @pytest.mark.parametrize("gain, se, verdict", [
     (0.20, 0.03, "gain"),  # beyond two standard errors of the difference
     (0.05, 0.03, "within noise"),

@@ -215,6 +215,11 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
                             for g in GUARDS)
         lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | {r.gain:+.3f} ± {2 * r.gain_se:.3f} | "
                      f"{r.golden_at(equal_time[r.algorithm]):.3f} ({equal_time[r.algorithm]:.0f} s) | {proxy} | {guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {r.verdict} |")
+    base_off = sorted({f"{g} {v:.2f}" for r in runs for g, v in r.guards_before.items() if abs(v - 1) > GUARD_TOLERANCE})
+    if base_off:
+        lines += ["", f"Off real pictures before any training (the base generator): {', '.join(base_off)}. A run "
+                  "that leaves such a guard where it was ends with `guards real` no; the verdict calls it hacking "
+                  "only when the run pushes that guard further off."]
     by_label: dict[str, list[float]] = {}
     for r in runs:
         by_label.setdefault(r.label, []).append(r.gain)
