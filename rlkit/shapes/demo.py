@@ -49,6 +49,11 @@ ARMS: dict[str, dict[str, list[str]]] = {
 }
 
 
+def off_real(ratio: float) -> bool:
+    """A guard's ratio to real pictures outside ``1 +- GUARD_TOLERANCE``."""
+    return abs(ratio - 1) > GUARD_TOLERANCE
+
+
 @dataclass
 class RunSummary:
     label: str
@@ -90,7 +95,7 @@ class RunSummary:
     @property
     def guards_real(self) -> bool:
         """Every guard within ``1 +- GUARD_TOLERANCE`` of real pictures (the strict condition)."""
-        return all(abs(r - 1) <= GUARD_TOLERANCE for r in self.guards.values())
+        return not any(map(off_real, self.guards.values()))
 
     @property
     def hacked(self) -> bool:
@@ -102,7 +107,7 @@ class RunSummary:
         for name, after in self.guards.items():
             before = self.guards_before.get(name, 1.0)
             drifted = abs(after / before - 1) > GUARD_TOLERANCE and abs(after - 1) > abs(before - 1)
-            if abs(after - 1) > GUARD_TOLERANCE and drifted:
+            if off_real(after) and drifted:
                 return True
         return False
 
@@ -215,7 +220,7 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path) -> P
                             for g in GUARDS)
         lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | {r.gain:+.3f} ± {2 * r.gain_se:.3f} | "
                      f"{r.golden_at(equal_time[r.algorithm]):.3f} ({equal_time[r.algorithm]:.0f} s) | {proxy} | {guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {r.verdict} |")
-    base_off = sorted({f"{g} {v:.2f}" for r in runs for g, v in r.guards_before.items() if abs(v - 1) > GUARD_TOLERANCE})
+    base_off = sorted({f"{g} {v:.2f}" for r in runs for g, v in r.guards_before.items() if off_real(v)})
     if base_off:
         lines += ["", f"Off real pictures before any training (the base generator): {', '.join(base_off)}. A run "
                   "that leaves such a guard where it was ends with `guards real` no; the verdict calls it hacking "
