@@ -68,9 +68,48 @@ def test_sampler_guidance_per_prompt_equals_scalar_guidance(tiny_generator):
     assert not torch.allclose(ones[1], fours[1], atol=1e-3)
 
 
+def test_position_noise_swaps_the_given_share_for_the_same_shape_at_another_position():
+    from rlkit.shapes import world
+
+    prompts = [world.caption("red", "circle", "top"), world.caption("blue", "cross", "center"), ""]
+    table, alternatives = pretrain.position_alternatives(prompts)
+    assert table[:3] == prompts and len(table) == 3 + 2 * 8 and alternatives.shape == (3, 8)
+    assert (alternatives[2] == -1).all()
+    for i in range(2):
+        scene = world.parse_caption(prompts[i])
+        others = [world.parse_caption(table[j]) for j in alternatives[i].tolist()]
+        assert {(o.color, o.shape) for o in others} == {(scene.color, scene.shape)}
+        assert {o.position for o in others} == set(world.POSITIONS) - {scene.position}
+
+    ids = torch.tensor([0, 1, 2] * 20000)
+    noisy = pretrain.noisy_positions(ids, alternatives, 0.4, torch.Generator().manual_seed(0))
+    swapped = noisy != ids
+    assert not swapped[ids == 2].any()  # the empty caption (CFG's unconditional) has no position to swap
+    assert swapped[ids != 2].float().mean().item() == pytest.approx(0.4, abs=0.01)
+    counts = torch.bincount(noisy[ids == 0][swapped[ids == 0]], minlength=len(table))[alternatives[0]]
+    assert (counts.float() / counts.sum()).sub(1 / 8).abs().max().item() < 0.02  # uniform over the eight others (5 sd)
+    assert torch.equal(pretrain.noisy_positions(ids, alternatives, 0.0, torch.Generator()), ids)
+
+
+def test_position_noise_changes_only_the_conditioning_of_pretraining(tiny_sd3_dir):
+    from rlkit.models.sd3 import SD3Generator
+
+    def trained(noise: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        generator = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+        config = pretrain.GeneratorTrainConfig(steps=3, batch_size=8, num_images=16, position_noise=noise)
+        pretrain.train_generator(generator, config, log=lambda _: None)
+        return generator.transformer.proj_out.weight
+
+    clean, noisy = trained(0.0), trained(0.5)
+    assert torch.equal(noisy, trained(0.5)) and not torch.allclose(clean, noisy)
+
+
 def test_configs_are_validated():
     with pytest.raises(ValueError, match="caption_dropout"):
         pretrain.GeneratorTrainConfig(caption_dropout=1.0)
+    with pytest.raises(ValueError, match="position_noise"):
+        pretrain.GeneratorTrainConfig(position_noise=1.5)
     with pytest.raises(ValueError, match="batch_size"):
         pretrain.VAETrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="latent_noise"):
