@@ -75,6 +75,7 @@ def test_position_noise_swaps_the_given_share_for_the_same_shape_at_another_posi
     table, alternatives = pretrain.position_alternatives(prompts)
     assert table[:3] == prompts and len(table) == 3 + 2 * 8 and alternatives.shape == (3, 8)
     assert (alternatives[2] == -1).all()
+    assert not any(world.is_heldout(world.parse_caption(t)) for t in table if t)  # noise never names a held-out pair
     for i in range(2):
         scene = world.parse_caption(prompts[i])
         others = [world.parse_caption(table[j]) for j in alternatives[i].tolist()]
