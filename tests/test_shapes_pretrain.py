@@ -92,7 +92,7 @@ def test_position_noise_swaps_the_given_share_for_the_same_shape_at_another_posi
     assert torch.equal(pretrain.noisy_positions(ids, alternatives, 0.0, torch.Generator()), ids)
 
 
-def test_position_noise_changes_only_the_conditioning_of_pretraining(tiny_sd3_dir):
+def test_position_noise_changes_pretraining_deterministically(tiny_sd3_dir):
     from rlkit.models.sd3 import SD3Generator
 
     def trained(noise: float) -> torch.Tensor:
