@@ -264,7 +264,6 @@ class GeneratorTrainConfig:
     # trained 2500 more steps at 0.4, a refined decoder, CFG 1, 270 held-out samples): base 0.26 (position 0.47);
     # Flow-GRPO-Fast with its DiNa-LRM +0.13 to +0.22 in 50 updates, position to 0.87; ReFL gains nothing there
     position_noise: float = 0.0
-    position_noise: float = 0.0
     max_minutes: float = 90.0
     seed: int = 0
 
