@@ -22,6 +22,12 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and the generator load lazily, so that `rlkit demo --help` starts at once
+    from torch import Tensor
+
+    from rlkit.models.sd3 import SD3Generator
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 GOLDEN = "eval/golden/shapes-golden"
@@ -112,7 +118,7 @@ class RunSummary:
         return False
 
 
-def heldout_pictures(num: int = 256, seed: int = 99):
+def heldout_pictures(num: int = 256, seed: int = 99) -> Tensor:
     """``num`` real pictures of held-out scenes, drawn with ``seed``: the guards' reference."""
     import numpy as np
 
@@ -123,7 +129,7 @@ def heldout_pictures(num: int = 256, seed: int = 99):
     return world.draw_batch([scenes[i] for i in rng.integers(0, len(scenes), num)], seed=seed)
 
 
-def guard_values(images) -> dict[str, float]:
+def guard_values(images: Tensor) -> dict[str, float]:
     """Mean foreground area and high-frequency energy of ``images`` ``(B, 3, H, W)`` in [0, 1]."""
     from rlkit.shapes.judges import foreground_area, high_frequency_energy
 
@@ -136,7 +142,7 @@ def real_guard_values(num: int = 256, seed: int = 99) -> dict[str, float]:
     return guard_values(heldout_pictures(num, seed))
 
 
-def reconstruction_guard_values(generator, num: int = 256, seed: int = 99) -> dict[str, float]:
+def reconstruction_guard_values(generator: SD3Generator, num: int = 256, seed: int = 99) -> dict[str, float]:
     """The guards of the same real pictures read back through ``generator``'s VAE (encode, then decode).
 
     Every sample a policy draws passes through that decoder, so this is how close to real pictures a perfect
