@@ -8,7 +8,7 @@
     rlkit eval-reward ...                   pairwise accuracy of any reward on a preference set
     rlkit cache-latents ...                 encode a preference set once with the generator's VAE
     rlkit shapes build ...                  rebuild the Shapes world's checkpoints from scratch
-    rlkit shapes rewards [FOLDER]           the Shapes rewards' accuracy against the annotators, size bias
+    rlkit shapes rewards [FOLDER]           the Shapes rewards' accuracy against the annotators, guard shortcuts
     rlkit sweep SWEEP.yaml                  run or export a reward-ablation sweep
     rlkit compare RUN_DIR ...               compare runs: table + curves
     rlkit bench                             cost benchmark (FLOPs, memory, wall time)

@@ -111,8 +111,8 @@ def test_build_all_fast_writes_every_asset(tmp_path):
                  "shapes-golden / reward", "dina-lrm, drawn / u=0.10", "shapes-golden, drawn / reward"):
         assert 0.0 <= rows[name]["accuracy"] <= 1.0 and rows[name]["pairs"] > 0, name
     for name in ("annotators / utility", "dina-lrm / u=0.70", "dina-lrm (fixed variance) / u=0.10",
-                 "shapes-clip / clean"):  # the size check of every reward
-        assert set(rows[f"size bias / {name}"]) == {"utility", "area", "groups"}, name
+                 "shapes-clip / clean"):  # the shortcut check of every reward
+        assert set(rows[f"shortcuts / {name}"]) == {"utility", "area", "high_frequency", "groups"}, name
     assert not (tmp_path / "_dina_lrm_fixed_variance").exists() and not (tmp_path / "generator_pretrain").exists()
     # the dina_lrm stage trains the ablation beside the shipped model; the rewards stage rerun alone trains it itself
     rerun = build_all(tmp_path, fast=True, num_threads=1, stages=("rewards",), log=lambda _: None)
@@ -123,4 +123,4 @@ def test_build_all_fast_writes_every_asset(tmp_path):
 
     printed = format_report(report)
     assert "held-out pair accuracy: annotators / second labelling" in printed
-    assert "rank correlation with utility / blob area: annotators / utility" in printed
+    assert "rank correlation with utility / blob area / high-frequency energy: annotators / utility" in printed

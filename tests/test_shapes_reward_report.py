@@ -1,4 +1,5 @@
-"""The reward report's size check: within-prompt rank correlations with utility and with blob area."""
+"""The reward report's shortcut check: within-prompt rank correlations with utility, blob area and high-frequency
+energy."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from scipy.stats import spearmanr
 
 from rewards.base import Reward, RewardInput, RewardOutput
 from rlkit.shapes import reward_report
-from rlkit.shapes.judges import read_scenes, utility_of
+from rlkit.shapes.judges import high_frequency_energy, read_scenes, utility_of
 
 
 @pytest.mark.parametrize("x, y", [
@@ -39,45 +40,58 @@ class _AreaReward(Reward):
         return RewardOutput(scores=read_scenes(batch.pixels(), batch.prompts).area)
 
 
-def test_size_check_separates_a_size_detector_from_the_annotators():
+class _EnergyReward(_AreaReward):
+    """Scores the decoded picture's high-frequency energy: a pure sharpness (or dither) detector."""
+
+    def forward(self, batch: RewardInput) -> RewardOutput:
+        return RewardOutput(scores=high_frequency_energy(batch.pixels()))
+
+
+def test_shortcut_check_separates_size_and_sharpness_detectors_from_the_annotators():
     import rewards
     from rlkit.shapes.pretrain import load_generator
 
     generator = load_generator()
     dina = rewards.build("dina-lrm", pretrained=str(reward_report.ASSETS_DIR / "dina_lrm"),
                          base_model=str(reward_report.ASSETS_DIR / "generator"))
-    rows = reward_report.size_bias_rows(generator, {"size": _AreaReward(), "dina-lrm": dina}, num_samples=24,
-                                        seed=2, levels=(0.1, 0.7), group_size=12)
+    detectors = {"size": _AreaReward(), "sharpness": _EnergyReward(), "dina-lrm": dina}
+    rows = reward_report.shortcut_rows(generator, detectors, num_samples=24, seed=2, levels=(0.1, 0.7), group_size=12)
     by_setting = {(r.reward, r.setting): r for r in rows}
-    assert list(by_setting) == [("annotators", "utility"), ("size", "clean"), ("dina-lrm", "u=0.10"),
-                                ("dina-lrm", "u=0.70")]
+    assert list(by_setting) == [("annotators", "utility"), ("size", "clean"), ("sharpness", "clean"),
+                                ("dina-lrm", "u=0.10"), ("dina-lrm", "u=0.70")]
     annotators, size = by_setting["annotators", "utility"], by_setting["size", "clean"]
+    sharpness = by_setting["sharpness", "clean"]
     assert annotators.groups == 2 and annotators.utility == pytest.approx(1.0)
-    # the size detector follows blob area far more closely than the annotators' utility does
+    # each detector follows its own statistic exactly, and far more closely than the annotators' utility does
     assert size.area > 0.9 and size.area > annotators.area + 0.3
+    assert sharpness.high_frequency == pytest.approx(1.0) and sharpness.high_frequency > annotators.high_frequency + 0.3
     for row in rows:
-        assert -1 <= row.utility <= 1 and -1 <= row.area <= 1
-    # the annotators' row is the mean over groups of the correlation of utility with blob area, as read
+        assert all(-1 <= v <= 1 for v in (row.utility, row.area, row.high_frequency))
+    # the annotators' row is the mean over groups of the correlations of utility with area and energy, as read
     groups = list(reward_report.sample_groups(generator, 24, 2, group_size=12))
-    expected = sum(reward_report.rank_correlation(utility_of(g.reading), g.reading.area) for g in groups) / 2
-    assert annotators.area == pytest.approx(expected)
-    markdown = reward_report.size_bias_markdown(rows)
-    assert "| dina-lrm | u=0.70 | 2 |" in markdown and "rank corr. with blob area" in markdown
+    utilities = [utility_of(g.reading) for g in groups]
+    area = sum(reward_report.rank_correlation(u, g.reading.area) for u, g in zip(utilities, groups)) / 2
+    energy = sum(reward_report.rank_correlation(u, high_frequency_energy(generator.decode(g.latents)))
+                 for u, g in zip(utilities, groups)) / 2
+    assert annotators.area == pytest.approx(area) and annotators.high_frequency == pytest.approx(energy)
+    markdown = reward_report.shortcut_markdown(rows)
+    assert "| dina-lrm | u=0.70 | 2 |" in markdown and "with high-frequency energy" in markdown
 
 
-def test_cli_prints_both_tables_and_writes_the_size_check_to_json(tmp_path, capsys):
+def test_cli_prints_both_tables_and_writes_the_shortcut_check_to_json(tmp_path, capsys):
     import json
 
     out = tmp_path / "rewards.json"
-    assert reward_report.main(["--limit", "8", "--size-samples", "8", "--json", str(out)]) == 0
+    assert reward_report.main(["--limit", "8", "--shortcut-samples", "8", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| annotators | second labelling |" in printed and "rank corr. with blob area" in printed
+    assert "| annotators | second labelling |" in printed and "with high-frequency energy" in printed
     result = json.loads(out.read_text())
     assert result["dina-lrm / u=0.10"]["pairs"] == 8
-    size = {(r["reward"], r["setting"]): r for r in result["size_bias"]}
-    assert size["annotators", "utility"]["groups"] == 1 and ("dina-lrm", "u=0.70") in size
+    shortcuts = {(r["reward"], r["setting"]): r for r in result["shortcuts"]}
+    assert shortcuts["annotators", "utility"]["groups"] == 1 and ("dina-lrm", "u=0.70") in shortcuts
+    assert set(shortcuts["dina-lrm", "u=0.70"]) == {"reward", "setting", "utility", "area", "high_frequency", "groups"}
 
 
-def test_cli_refuses_a_negative_size_sample_count():
+def test_cli_refuses_a_negative_shortcut_sample_count():
     with pytest.raises(SystemExit):
-        reward_report.main(["--size-samples", "-1"])
+        reward_report.main(["--shortcut-samples", "-1"])

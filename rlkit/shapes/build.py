@@ -207,22 +207,22 @@ def train_dina_lrms(out_dir: Path, fast: bool) -> dict:
 def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = print) -> dict:
     """Every reward against the annotators on the held-out pairs (:mod:`rlkit.shapes.reward_report`), with the
     DiNa-LRM trained like the shipped one but with a fixed Thurstone variance as the ablation (trained here when
-    the dina_lrm stage did not leave it; not kept), and every reward's size check (``size bias / <reward> /
-    <setting>``: rank correlations with utility and area)."""
-    from rlkit.shapes.reward_report import (SIZE_SAMPLES, reward_rows, size_bias_markdown, size_bias_to_dict,
+    the dina_lrm stage did not leave it; not kept), and every reward's shortcut check (``shortcuts / <reward> /
+    <setting>``: rank correlations with utility, blob area and high-frequency energy)."""
+    from rlkit.shapes.reward_report import (SHORTCUT_SAMPLES, reward_rows, shortcut_markdown, shortcuts_to_dict,
                                              to_dict, to_markdown)
 
     if not (out_dir / FIXED_VARIANCE / "config.json").is_file():
         train_dina_lrm(out_dir, fast, log, target=FIXED_VARIANCE, extra=ABLATION)
     try:
-        rows, size_rows = reward_rows(out_dir, compare={"dina-lrm (fixed variance)": out_dir / FIXED_VARIANCE},
+        rows, shortcuts = reward_rows(out_dir, compare={"dina-lrm (fixed variance)": out_dir / FIXED_VARIANCE},
                                       limit=16 if fast else None, progress=False,
-                                      size_samples=16 if fast else SIZE_SAMPLES)
+                                      shortcut_samples=16 if fast else SHORTCUT_SAMPLES)
     finally:
         shutil.rmtree(out_dir / FIXED_VARIANCE, ignore_errors=True)
     log(to_markdown(rows))
-    log(size_bias_markdown(size_rows))
-    return {**to_dict(rows), **size_bias_to_dict(size_rows)}
+    log(shortcut_markdown(shortcuts))
+    return {**to_dict(rows), **shortcuts_to_dict(shortcuts)}
 
 
 def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = None,
@@ -320,13 +320,14 @@ def format_report(report: dict) -> str:
         if report.get("stats", {}).get(name):
             lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in report["stats"][name].items()))
     rewards = report.get("stats", {}).get("rewards", {})
-    if rewards:  # pairwise accuracy against the annotators on held-out pairs, then the size check
+    if rewards:  # pairwise accuracy against the annotators on held-out pairs, then the shortcut check
         lines.append("held-out pair accuracy: " + ", ".join(
             f"{k} {v['accuracy']:.3f}" for k, v in rewards.items() if "accuracy" in v))
-        size = {k.removeprefix("size bias / "): v for k, v in rewards.items() if "area" in v}
-        if size:
-            lines.append("rank correlation with utility / blob area: " + ", ".join(
-                f"{k} {v['utility']:+.2f} / {v['area']:+.2f}" for k, v in size.items()))
+        shortcuts = {k.removeprefix("shortcuts / "): v for k, v in rewards.items() if k.startswith("shortcuts / ")}
+        if shortcuts:
+            lines.append("rank correlation with utility / blob area / high-frequency energy: " + ", ".join(
+                f"{k} {v['utility']:+.2f} / {v['area']:+.2f} / {v['high_frequency']:+.2f}"
+                for k, v in shortcuts.items()))
     if "sizes_mb" in report:
         lines.append("sizes (MB): " + ", ".join(f"{k} {v}" for k, v in report["sizes_mb"].items()))
     return "\n".join(lines)

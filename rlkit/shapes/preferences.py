@@ -200,7 +200,7 @@ def sample_groups(generator: SD3Generator, num_samples: int, seed: int = 0, grou
     """``num_samples`` base-generator samples in groups of ``group_size`` of one training prompt each.
 
     Training prompts are taken in a seeded order, one guidance scale drawn per group; the stream depends only on
-    ``seed``. Shared by :func:`generated_pairs` and the reward report's size check.
+    ``seed``. Shared by :func:`generated_pairs` and the reward report's shortcut check.
     """
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2, got {group_size}")

@@ -18,10 +18,14 @@ by side in one run:
 Every row comes from :func:`rlkit.eval_reward.evaluate_pairwise`, so the numbers equal those of
 ``rlkit eval-reward`` for the same seed.
 
-A second table checks each reward for a size shortcut (:func:`size_bias_rows`): within groups of samples of one
-prompt, how each reward ranks them by the annotators' utility and by the area of the prompt's blob, beside how
-the annotators' utility itself ranks them by area. A reward that follows blob area more than the annotators do
-pays a policy for growing its shapes.
+A second table checks each reward for shortcuts to the demo's realism guards (:func:`shortcut_rows`): within
+groups of samples of one prompt, how each reward ranks them by the annotators' utility, by the area of the
+prompt's blob and by high-frequency energy, beside how the annotators' utility itself ranks them by those two. A
+reward that follows blob area more than the annotators do pays a policy for growing its shapes; one that ranks
+high-frequency energy lower than they do pays it for softer, lower-contrast pictures. Measured on a sharper Shapes
+world (2026-11-29): a DiNa-LRM that ranks it at -0.085 read at u = 0.7 and at -0.046 read at u = 0.1; three
+Flow-GRPO-Fast runs (50 updates) with it kept 0.86-0.98x of the base's high-frequency energy at u = 0.7 and
+0.92-1.05x at u = 0.1.
 """
 
 from __future__ import annotations
@@ -36,15 +40,15 @@ import torch
 from torch import Tensor
 
 from rlkit.eval_reward import EvalReport, PairwiseResult, evaluate_pairwise, reward_mode
-from rlkit.shapes.judges import ASSETS_DIR, utility_of
+from rlkit.shapes.judges import ASSETS_DIR, high_frequency_energy, utility_of
 from rlkit.shapes.preferences import GENERATED_GROUP, SampleGroup, drawn_pairs, sample_groups
 
 LEVELS = (0.1, 0.4, 0.7, 0.9)
 ENSEMBLE = (0.2, 0.5, 0.7)
 DRAWN_EVAL_PAIRS = 256
 DRAWN_EVAL_SEED = 99  # the trainer's drawn pairs use seed 0 and training scenes
-SIZE_SAMPLES = 1024  # 32 groups of 32 samples of one prompt for the size check
-SIZE_SEED = 9  # other samples than the trainer's generated pairs (seed 0)
+SHORTCUT_SAMPLES = 1024  # 32 groups of 32 samples of one prompt for the shortcut check
+SHORTCUT_SEED = 9  # other samples than the trainer's generated pairs (seed 0)
 
 
 def annotator_agreement(path: str | Path, limit: int | None = None) -> PairwiseResult:
@@ -64,11 +68,11 @@ def annotator_agreement(path: str | Path, limit: int | None = None) -> PairwiseR
 
 def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None = None,
                 compare: dict[str, str | Path] | None = None, limit: int | None = None, seed: int = 0,
-                progress: bool = True, size_samples: int = 0,
-                ) -> tuple[list[tuple[str, PairwiseResult]], list["SizeBiasRow"]]:
+                progress: bool = True, shortcut_samples: int = 0,
+                ) -> tuple[list[tuple[str, PairwiseResult]], list["ShortcutRow"]]:
     """``(reward, row)`` for every reward of a Shapes assets ``folder`` on its held-out pairs, and with
-    ``size_samples`` the size check of every reward (:func:`size_bias_rows`; none when 0). The generator and the
-    rewards are loaded once for both."""
+    ``shortcut_samples`` the shortcut check of every reward (:func:`shortcut_rows`; none when 0). The generator and
+    the rewards are loaded once for both."""
     import rewards
     from rlkit.data import LoadOptions, load_pairs
     from rlkit.shapes.pretrain import load_generator
@@ -97,8 +101,8 @@ def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None =
         for name, reward in pixel_rewards.items():
             add(name + suffix, evaluate_pairwise(reward, data, decode=generator.decode, seed=seed, progress=progress,
                                                  name=name))
-    size_rows = size_bias_rows(generator, {**dinas, **pixel_rewards}, size_samples) if size_samples else []
-    return rows, size_rows
+    shortcuts = shortcut_rows(generator, {**dinas, **pixel_rewards}, shortcut_samples) if shortcut_samples else []
+    return rows, shortcuts
 
 
 def rank_correlation(x: Tensor, y: Tensor) -> float:
@@ -119,38 +123,40 @@ def rank_correlation(x: Tensor, y: Tensor) -> float:
 
 
 @dataclass
-class SizeBiasRow:
+class ShortcutRow:
     reward: str
     setting: str
     utility: float  # mean within-group rank correlation of the scores with the annotators' utility
-    area: float  # ... with the area of the prompt's blob
-    groups: int  # groups where both correlations are defined
+    area: float  # ... with the area of the prompt's blob (the foreground-area guard's shortcut)
+    high_frequency: float  # ... with high-frequency energy (the other guard's)
+    groups: int  # groups where every correlation is defined
 
 
 @torch.no_grad()
-def size_bias_rows(generator, rewards: dict, num_samples: int = SIZE_SAMPLES, seed: int = SIZE_SEED,
-                   levels: tuple[float, ...] = LEVELS, group_size: int = GENERATED_GROUP) -> list[SizeBiasRow]:
-    """Within-prompt rank correlations of each reward with the annotators' utility and with blob area.
+def shortcut_rows(generator, rewards: dict, num_samples: int = SHORTCUT_SAMPLES, seed: int = SHORTCUT_SEED,
+                  levels: tuple[float, ...] = LEVELS, group_size: int = GENERATED_GROUP) -> list[ShortcutRow]:
+    """Within-prompt rank correlations of each reward with the annotators' utility, blob area and high-frequency
+    energy.
 
     ``rewards`` maps names to rewards; a noise-aware latent reward gets one row per noise level (every sample
     noised with its own eps, read as a state at that level), any other reward one row on the decoded pictures.
-    The first row is the annotators' own utility: its correlation with area is the size preference their labels
-    carry. Groups where a side is constant (all samples equally right, say) are left out.
+    The first row is the annotators' own utility: its correlations with area and high-frequency energy are the
+    preferences their labels carry. Groups where a side is constant (all samples equally right, say) are left out.
     """
     from rewards.base import MemoDecode, RewardInput
 
     groups = list(sample_groups(generator, num_samples, seed, group_size))
     utilities = [utility_of(g.reading) for g in groups]
+    energies = [high_frequency_energy(generator.decode(g.latents)).cpu() for g in groups]
     eps_rng = torch.Generator().manual_seed(seed)
     eps = [torch.randn(g.latents.shape, generator=eps_rng) for g in groups]
 
-    def row(name: str, setting: str, scores: list[Tensor]) -> SizeBiasRow:
-        pairs = [(rank_correlation(s, u), rank_correlation(s, g.reading.area))
-                 for s, u, g in zip(scores, utilities, groups)]
-        pairs = [p for p in pairs if not (math.isnan(p[0]) or math.isnan(p[1]))]
-        count = len(pairs)
-        return SizeBiasRow(name, setting, sum(p[0] for p in pairs) / max(count, 1),
-                           sum(p[1] for p in pairs) / max(count, 1), count)
+    def row(name: str, setting: str, scores: list[Tensor]) -> ShortcutRow:
+        per_group = [(rank_correlation(s, u), rank_correlation(s, g.reading.area), rank_correlation(s, e))
+                     for s, u, g, e in zip(scores, utilities, groups, energies)]
+        per_group = [c for c in per_group if not any(math.isnan(v) for v in c)]
+        mean = [sum(column) / max(len(per_group), 1) for column in zip(*per_group)] or [0.0, 0.0, 0.0]
+        return ShortcutRow(name, setting, *mean, groups=len(per_group))
 
     def read(reward, group: SampleGroup, latents: Tensor, sigmas: Tensor | None) -> Tensor:
         out = reward(RewardInput(prompts=[group.prompt] * len(latents), latents=latents, sigmas=sigmas,
@@ -171,10 +177,11 @@ def size_bias_rows(generator, rewards: dict, num_samples: int = SIZE_SAMPLES, se
     return rows
 
 
-def size_bias_markdown(rows: list[SizeBiasRow]) -> str:
-    lines = ["| reward | setting | groups | rank corr. with utility | rank corr. with blob area |",
-             "|---|---|---:|---:|---:|"]
-    lines += [f"| {r.reward} | {r.setting} | {r.groups} | {r.utility:+.3f} | {r.area:+.3f} |" for r in rows]
+def shortcut_markdown(rows: list[ShortcutRow]) -> str:
+    lines = ["| reward | setting | groups | rank corr. with utility | with blob area | with high-frequency energy |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.reward} | {r.setting} | {r.groups} | {r.utility:+.3f} | {r.area:+.3f} | {r.high_frequency:+.3f} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -192,10 +199,12 @@ def to_dict(rows: list[tuple[str, PairwiseResult]]) -> dict[str, dict[str, float
                                       "pairs": r.pairs} for name, r in rows}
 
 
-def size_bias_to_dict(rows: list[SizeBiasRow]) -> dict[str, dict[str, float]]:
-    """``{"size bias / reward / setting": {"utility": ..., "area": ..., "groups": ...}}`` for a build report."""
-    return {f"size bias / {r.reward} / {r.setting}": {"utility": round(r.utility, 4), "area": round(r.area, 4),
-                                                     "groups": r.groups} for r in rows}
+def shortcuts_to_dict(rows: list[ShortcutRow]) -> dict[str, dict[str, float]]:
+    """``{"shortcuts / reward / setting": {"utility": ..., "area": ..., "high_frequency": ..., "groups": ...}}`` for
+    a build report."""
+    return {f"shortcuts / {r.reward} / {r.setting}": {"utility": round(r.utility, 4), "area": round(r.area, 4),
+                                                     "high_frequency": round(r.high_frequency, 4), "groups": r.groups}
+            for r in rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,25 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", nargs="*", default=[], metavar="NAME=PATH",
                         help="further DiNa-LRM checkpoints on the same generator, e.g. fixed-variance=runs/x/final")
     parser.add_argument("--limit", type=int, help="first N pairs only")
-    parser.add_argument("--size-samples", type=int, default=SIZE_SAMPLES, metavar="N",
-                        help=f"base-generator samples for the size check, in groups of one prompt (0: skip; "
-                             f"default {SIZE_SAMPLES})")
-    parser.add_argument("--json", help="also write the rows here (the size check under 'size_bias')")
+    parser.add_argument("--shortcut-samples", type=int, default=SHORTCUT_SAMPLES, metavar="N",
+                        help=f"base-generator samples for the shortcut check, in groups of one prompt (0: skip; "
+                             f"default {SHORTCUT_SAMPLES})")
+    parser.add_argument("--json", help="also write the rows here (the shortcut check under 'shortcuts')")
     args = parser.parse_args(argv)
-    if args.size_samples < 0:
-        parser.error(f"--size-samples must be >= 0, got {args.size_samples}")
+    if args.shortcut_samples < 0:
+        parser.error(f"--shortcut-samples must be >= 0, got {args.shortcut_samples}")
     compare = {}
     for item in args.compare:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             parser.error(f"--compare expects NAME=PATH, got {item!r}")
         compare[name] = path
-    rows, size_rows = reward_rows(args.folder, args.pairs, compare, args.limit, size_samples=args.size_samples)
+    rows, shortcuts = reward_rows(args.folder, args.pairs, compare, args.limit, shortcut_samples=args.shortcut_samples)
     print(to_markdown(rows))
     result = to_dict(rows)
-    if size_rows:
-        print("\nSize check (within-prompt groups of base-generator samples):\n" + size_bias_markdown(size_rows))
-        result["size_bias"] = [asdict(r) for r in size_rows]
+    if shortcuts:
+        print("\nShortcut check (within-prompt groups of base-generator samples):\n" + shortcut_markdown(shortcuts))
+        result["shortcuts"] = [asdict(r) for r in shortcuts]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
