@@ -147,7 +147,9 @@ def shortcut_rows(generator, rewards: dict, num_samples: int = SHORTCUT_SAMPLES,
 
     groups = list(sample_groups(generator, num_samples, seed, group_size))
     utilities = [utility_of(g.reading) for g in groups]
-    energies = [high_frequency_energy(generator.decode(g.latents)).cpu() for g in groups]
+    # one decode per group, shared by the energies and every reward that reads the clean pictures
+    decoded = [MemoDecode(generator.decode) for _ in groups]
+    energies = [high_frequency_energy(decode(g.latents)).cpu() for decode, g in zip(decoded, groups)]
     eps_rng = torch.Generator().manual_seed(seed)
     eps = [torch.randn(g.latents.shape, generator=eps_rng) for g in groups]
 
@@ -158,22 +160,24 @@ def shortcut_rows(generator, rewards: dict, num_samples: int = SHORTCUT_SAMPLES,
         mean = [sum(column) / max(len(per_group), 1) for column in zip(*per_group)] or [0.0, 0.0, 0.0]
         return ShortcutRow(name, setting, *mean, groups=len(per_group))
 
-    def read(reward, group: SampleGroup, latents: Tensor, sigmas: Tensor | None) -> Tensor:
+    def read(reward, group: SampleGroup, latents: Tensor, sigmas: Tensor | None, decode: MemoDecode) -> Tensor:
         out = reward(RewardInput(prompts=[group.prompt] * len(latents), latents=latents, sigmas=sigmas,
-                                 decode=MemoDecode(generator.decode), generator=torch.Generator().manual_seed(seed)))
+                                 decode=decode, generator=torch.Generator().manual_seed(seed)))
         return out.scores.detach().float().cpu()
 
     rows = [row("annotators", "utility", utilities)]
     for name, reward in rewards.items():
         reward.eval()
         if not (reward.noise_aware and reward.space == "latent"):
-            rows.append(row(name, "clean", [read(reward, g, g.latents, None) for g in groups]))
+            rows.append(row(name, "clean", [read(reward, g, g.latents, None, decode)
+                                            for g, decode in zip(groups, decoded)]))
             continue
         with reward_mode(reward, "state"):
             for u in levels:
-                rows.append(row(name, f"u={u:.2f}", [read(reward, g, (1 - u) * g.latents + u * noise,
-                                                          torch.full((len(g.latents),), u))
-                                                     for g, noise in zip(groups, eps)]))
+                noised = [(1 - u) * g.latents + u * noise for g, noise in zip(groups, eps)]
+                rows.append(row(name, f"u={u:.2f}", [read(reward, g, x, torch.full((len(x),), u),
+                                                          MemoDecode(generator.decode))
+                                                     for g, x in zip(groups, noised)]))
     return rows
 
 
