@@ -221,10 +221,13 @@ class ReFLConfig:
     loss: Literal["margin", "neg", "relu_margin"] = "margin"
     margin: float = 2.0  # margin - r, or relu(margin - r) * scale
     loss_scale: float = 1.0
+    kl_beta: float = 0.0  # trust region: + kl_beta * |v - v_base|^2 at the gradient-carrying steps (needs LoRA)
     pretrain: PretrainLossConfig = field(default_factory=PretrainLossConfig)
 
     def check(self) -> Problems:
         yield from _positive(self, "num_steps", "grad_steps", "batch_size", "grad_accum", "max_steps")
+        if self.kl_beta < 0:
+            yield "kl_beta", f"must be >= 0, got {self.kl_beta}"
         lo, hi = self.grad_step_range
         if not 0 <= lo <= hi < self.num_steps:
             yield "grad_step_range", f"must satisfy 0 <= lo <= hi < num_steps ({self.num_steps}), got {[lo, hi]}"
@@ -354,6 +357,10 @@ class Recipe:
             yield "rewards", f"algorithm {self.algorithm!r} needs at least one reward"
         if self.algorithm == "reward_model" and not self.reward_model.data.train:
             yield "reward_model.data.train", "reward-model training needs a preference data set"
+        policy = {"refl": self.refl, "flow_grpo": self.flow_grpo}.get(self.algorithm)
+        if policy is not None and policy.kl_beta > 0 and not self.lora.enabled:
+            yield f"{self.algorithm}.kl_beta", ("> 0 needs lora.enabled: the reference policy is the LoRA-disabled "
+                                                "model (set kl_beta: 0 for full fine-tuning)")
 
     @property
     def run_dir(self) -> Path:

@@ -229,13 +229,13 @@ def test_cfg_training_recomputes_the_rollout_log_probs_exactly(tiny_generator):
     data = rollout_epoch(run, cfg, plan, 0, 0, 32)
     ro = data.batches[0]
     assert ro.negative_text is not None and trained_positions(cfg, 0) == [0, 1, 2]
-    from rlkit.trainers.flow_grpo import _reference_context
+    from rlkit.trainers.common import reference_context
 
     for j in trained_positions(cfg, 0):
         out = step_log_probs(gen, ro, j, transformer=gen.transformer)
         assert torch.equal(out.log_prob, ro.log_probs[:, j])
         loss, stats = step_loss(gen, gen.transformer, ro, j, data.advantages[0], data.keep[0], data.informative, cfg,
-                                _reference_context(run))
+                                reference_context(run))
         assert stats["ratio_dev_max"] == 0.0 and stats["kl"] > 0  # a random LoRA moves the policy off the base
         loss.backward()
     missing = [n for n, p in gen.transformer.named_parameters()

@@ -40,15 +40,15 @@ def launch_two(recipe_path: Path, stage: int, overrides: list[str]) -> None:
     assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_equal_one_process_on_the_same_global_batch(stage, tmp_path, tiny_sd3_dir):
+@pytest.mark.parametrize("stage,kl_beta", [(2, 0.0), (3, 0.5)])  # ZeRO-3 with the trust region on
+def test_two_ranks_equal_one_process_on_the_same_global_batch(stage, kl_beta, tmp_path, tiny_sd3_dir):
     from rlkit.trainers import refl
 
-    one = recipe_from_dict(tiny_recipe(tmp_path / "one", tiny_sd3_dir, max_steps=2, batch_size=2),
+    one = recipe_from_dict(tiny_recipe(tmp_path / "one", tiny_sd3_dir, max_steps=2, batch_size=2, kl_beta=kl_beta),
                            ["checkpoint.every=0"])
     refl.train(one)
 
-    data = tiny_recipe(tmp_path / "two", tiny_sd3_dir, max_steps=2, batch_size=1)
+    data = tiny_recipe(tmp_path / "two", tiny_sd3_dir, max_steps=2, batch_size=1, kl_beta=kl_beta)
     data["checkpoint"]["every"] = 0
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -65,6 +65,9 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(stage, tmp_path, t
     r1 = [r["train/loss"] for r in read_log(one.run_dir) if "train/loss" in r]
     r2 = [r["train/loss"] for r in read_log(two.run_dir) if "train/loss" in r]
     assert len(r1) == len(r2) == 2
+    if kl_beta:  # the second update starts off the base (LoRA B moved), so the drift term is live there
+        kl = [r["train/kl"] for r in read_log(two.run_dir) if "train/kl" in r]
+        assert kl[0] == 0.0 and kl[1] > 0
 
 
 def test_shared_backbone_dina_lrm_runs_under_zero3(tmp_path, tiny_sd3_dir):

@@ -113,6 +113,79 @@ def test_reward_on_noisy_states_needs_a_noise_aware_reward(tmp_path, tiny_sd3_di
         train(recipe_from_dict(data))
 
 
+def test_trust_region_adds_kl_beta_times_the_velocity_drift_from_the_base(tmp_path, tiny_sd3_dir):
+    """kl_beta > 0 adds kl_beta |v - v_base|^2 per sample at the gradient-carrying steps, v_base being the
+    LoRA-disabled model's velocity at the same state; it is zero while LoRA is a no-op, and its gradient alone
+    pulls the policy back towards the base."""
+    from rlkit.models.lora import use_adapter
+    from rlkit.rollout import rollout
+    from rlkit.trainers.common import reference_context
+    from rlkit.trainers.loop import PolicyRun
+    from rlkit.trainers.refl import refl_forward
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_sd3_dir, kl_beta=2.0, grad_steps=2))
+    run = PolicyRun.setup(recipe, total_updates=1, micro_batch=2, grad_accum=1)
+    cfg, k = recipe.refl, 1
+    rng = run.step_generator(0, 0)
+    prompts, noise = run.sample_prompts(rng, 2), run.global_noise(rng, 2)
+    reference = reference_context(run)
+
+    def forward(ref):
+        return refl_forward(run.gen, run.model, run.reward, prompts, noise, cfg, k, reference=ref)
+
+    loss, stats = forward(reference)
+    assert stats["kl"] == 0.0 and torch.equal(loss, forward(None)[0])  # LoRA starts as a no-op (B = 0)
+    with torch.no_grad():  # move the policy off the base
+        for name, p in run.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    loss, stats = forward(reference)
+    plain, _ = forward(None)
+
+    # independent reference: the same states, policy and base velocities at steps k and k + 1
+    sigmas = run.gen.sigmas(cfg.num_steps)
+    with torch.no_grad():
+        ro = rollout(run.gen, prompts, num_steps=cfg.num_steps, generator=None, latents=noise, guidance_scale=1.0,
+                     stop_at=k, transformer=run.model)
+        x, drift = ro.state, torch.zeros(2)
+        for j in (k, k + 1):
+            s = sigmas[j].expand(2)
+            v = run.gen.velocity(x, s, ro.text, transformer=run.model)
+            with use_adapter(run.model, None):
+                v_base = run.gen.velocity(x, s, ro.text, transformer=run.model)
+            drift += ((v - v_base) ** 2).flatten(1).mean(1)
+            x = x + (sigmas[j + 1] - sigmas[j]) * v
+    assert drift.min() > 0
+    assert torch.allclose(loss - plain, 2.0 * drift, rtol=1e-4, atol=1e-7)
+    assert stats["kl"] == pytest.approx(drift.mean().item(), rel=1e-4)
+
+    # the drift term's own gradient is a descent direction for the drift: a step sized to cut the penalty by
+    # 10% to first order cuts it by about that much
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    penalty = (loss - plain).mean()  # the reward's gradients cancel: the same forward, with and without
+    penalty.backward()
+    grad_sq = sum((p.grad ** 2).sum() for p in params)
+    eps = 0.1 * penalty.item() / grad_sq.item()
+    with torch.no_grad():
+        for p in params:
+            p -= eps * p.grad
+    assert 0.85 * stats["kl"] < forward(reference)[1]["kl"] < 0.95 * stats["kl"]
+
+
+def test_trust_region_needs_lora_and_a_non_negative_beta(tmp_path, tiny_sd3_dir):
+    from rlkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"refl.kl_beta.*must be >= 0, got -0.5"):
+        recipe_from_dict(tiny_recipe(tmp_path, tiny_sd3_dir, kl_beta=-0.5))
+    data = tiny_recipe(tmp_path, tiny_sd3_dir, kl_beta=0.5)
+    data["lora"] = {"enabled": False}
+    with pytest.raises(ConfigError, match=r"refl.kl_beta.*needs lora.enabled"):
+        recipe_from_dict(data)
+    data["algorithm"], data["flow_grpo"] = "flow_grpo", {"kl_beta": 0.1}
+    with pytest.raises(ConfigError, match=r"flow_grpo.kl_beta.*needs lora.enabled"):
+        recipe_from_dict(data)
+
+
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir):
     from rlkit.trainers import refl

@@ -81,6 +81,15 @@ def build_named_rewards(specs: list[RewardSpec], gen: SD3Generator | None = None
     return out
 
 
+def reference_context(run) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context that turns ``run``'s policy into its reference, the base model (every LoRA adapter disabled)."""
+    from rlkit.models.lora import use_adapter
+
+    accelerator = getattr(run, "accelerator", None)
+    module = accelerator.unwrap_model(run.model) if accelerator is not None else run.model
+    return lambda: use_adapter(module, None)
+
+
 def require_noise_aware(reward: Reward, field: str, value: str, instead: str) -> None:
     """Refuses a recipe that scores noisy states at their own sigma (``field: value``) with a reward that reads
     only clean latents or pixels: it would score noise, silently."""

@@ -43,7 +43,7 @@ from rlkit.grpo import clipped_policy_loss, group_advantages, informative_mask, 
 from rlkit.models.decode import decode_if_needed
 from rlkit.rollout import Rollout, draw_window, rollout, step_log_probs
 from rlkit.runtime.seeding import derive_seed
-from rlkit.trainers.common import require_noise_aware
+from rlkit.trainers.common import reference_context, require_noise_aware
 
 MIXED_REWARD = "reward"  # key of the (weighted) training reward in the per-epoch score tables
 MIN_INFORMATIVE = 1e-12  # below this share of informative samples the update carries no policy signal
@@ -276,14 +276,6 @@ def _gather_fn(run) -> Callable[[Tensor], Tensor]:
     return accelerator.gather
 
 
-def _reference_context(run) -> Callable[[], contextlib.AbstractContextManager]:
-    from rlkit.models.lora import use_adapter
-
-    accelerator = getattr(run, "accelerator", None)
-    module = accelerator.unwrap_model(run.model) if accelerator is not None else run.model
-    return lambda: use_adapter(module, None)
-
-
 def train_update(run, cfg: FlowGRPOConfig, plan: EpochPlan, data: EpochData, epoch: int, update: int, seed: int
                  ) -> dict[str, float]:
     """One optimiser update (``update`` counts within the epoch): backward per (batch, trained step), then step."""
@@ -291,7 +283,7 @@ def train_update(run, cfg: FlowGRPOConfig, plan: EpochPlan, data: EpochData, epo
     g = torch.Generator().manual_seed(derive_seed(seed, "flow_grpo/order", epoch, inner))
     order = torch.randperm(plan.batches_per_rank, generator=g).tolist()
     chosen = order[part * plan.batches_per_update:(part + 1) * plan.batches_per_update]
-    reference = _reference_context(run) if cfg.kl_beta > 0 else None
+    reference = reference_context(run) if cfg.kl_beta > 0 else None
     totals: dict[str, float] = {}
     calls = 0
     for b in chosen:
@@ -310,14 +302,6 @@ def train_update(run, cfg: FlowGRPOConfig, plan: EpochPlan, data: EpochData, epo
 
 
 # -- the trainer --------------------------------------------------------------------------------------------
-def check_recipe(recipe: Recipe) -> None:
-    """Rules that need more than the flow_grpo section."""
-    cfg = recipe.flow_grpo
-    if cfg.kl_beta > 0 and not recipe.lora.enabled:
-        raise ValueError("flow_grpo.kl_beta > 0 needs lora.enabled: the reference policy is the LoRA-disabled "
-                         "model (set kl_beta: 0 for full fine-tuning)")
-
-
 def check_reward(reward: Reward, cfg: FlowGRPOConfig) -> None:
     if cfg.reward_at == "window_end":
         require_noise_aware(reward, "flow_grpo.reward_at", "window_end", "reward_at: final")
@@ -328,7 +312,6 @@ def train(recipe: Recipe) -> dict:
     from rlkit.trainers.loop import PolicyRun
 
     cfg = recipe.flow_grpo
-    check_recipe(recipe)
     plan = plan_epoch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     run = PolicyRun.setup(recipe, total_updates=cfg.max_epochs * plan.updates_per_epoch, micro_batch=cfg.batch_size,
                           grad_accum=plan.grad_accum)
@@ -481,7 +464,7 @@ def compare_epoch_costs(make_generator: Callable[[], object], reward: Reward, fa
 
 
 __all__ = [
-    "EpochCost", "EpochData", "EpochPlan", "LocalRun", "check_recipe", "check_reward", "compare_epoch_costs",
+    "EpochCost", "EpochData", "EpochPlan", "LocalRun", "check_reward", "compare_epoch_costs",
     "compute_advantages", "cost_variants", "epoch_cost", "epoch_layout", "plan_epoch", "rollout_epoch",
     "score_rollout", "step_loss", "train", "train_update", "trained_positions",
 ]

@@ -10,13 +10,16 @@ One update (ImageReward's ReFL, in the flow-matching form of the DiNa-LRM releas
 3. the reward reads the latent directly, no VAE decode for a latent reward: ``x0_hat`` at sigma 0 (DiNa-LRM
    in ``renoise`` mode re-noises it at ``u``), or the state ``x'`` at its own sigma (``reward_at: state``,
    DiNa-LRM in ``state`` mode);
-4. loss from the reward (``margin - r``, ``-r`` or ``relu(margin - r) * scale``), optionally combined with
-   a flow-matching pre-training loss as ``(L_reward + lambda L_pre) / (1 + lambda)``; backward into the policy.
+4. loss from the reward (``margin - r``, ``-r`` or ``relu(margin - r) * scale``), plus an optional trust region
+   ``kl_beta |v - v_base|^2`` at the gradient-carrying steps, optionally combined with a flow-matching
+   pre-training loss as ``(L_reward + lambda L_pre) / (1 + lambda)``; backward into the policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -24,7 +27,7 @@ from torch import Tensor
 from rewards.base import MemoDecode, Reward, RewardInput, TextConditioning
 from rlkit.config import ReFLConfig, Recipe
 from rlkit.models.sd3 import SD3Generator
-from rlkit.trainers.common import require_noise_aware
+from rlkit.trainers.common import reference_context, require_noise_aware
 
 
 def reward_loss(scores: Tensor, kind: str, margin: float, scale: float) -> Tensor:
@@ -57,10 +60,15 @@ def flow_matching_loss(gen: SD3Generator, transformer, x0: Tensor, text: TextCon
 
 
 def refl_forward(gen: SD3Generator, transformer, reward: Reward, prompts: list[str], noise: Tensor,
-                 cfg: ReFLConfig, k: int, reward_rng: torch.Generator | None = None) -> tuple[Tensor, dict]:
-    """One ReFL forward for a batch: returns the per-sample reward loss and the scores (for logging).
+                 cfg: ReFLConfig, k: int, reward_rng: torch.Generator | None = None,
+                 reference: Callable[[], contextlib.AbstractContextManager] | None = None) -> tuple[Tensor, dict]:
+    """One ReFL forward for a batch: returns the per-sample loss and the scores (for logging).
 
-    ``noise`` is the initial latent (B, C, h, w); ``k`` the first gradient-carrying step.
+    ``noise`` is the initial latent (B, C, h, w); ``k`` the first gradient-carrying step. ``reference`` (a context
+    that turns the policy into the base model) adds ``kl_beta |v - v_base|^2`` at each gradient-carrying step,
+    which is proportional per step to the KL between the two models' Gaussian transitions (their means differ by
+    ``dt (v - v_base)``): a trust region that keeps the reward's gradient from pulling the policy far from the
+    base, where a reward model learned from the base's own samples stops being right.
     """
     from rlkit.rollout import guided_velocity, rollout
 
@@ -69,9 +77,15 @@ def refl_forward(gen: SD3Generator, transformer, reward: Reward, prompts: list[s
     sigmas = gen.sigmas(cfg.num_steps).to(noise.device)
     text, uncond, x = ro.text, ro.negative_text, ro.state
     last = min(k + cfg.grad_steps, cfg.num_steps) - 1
+    drift = torch.zeros(noise.shape[0], device=noise.device)
     for j in range(k, last + 1):
         sigma, sigma_next = sigmas[j], sigmas[j + 1]
         v = guided_velocity(gen, x, sigma.expand(x.shape[0]), text, uncond, cfg.guidance_scale, transformer)
+        if reference is not None:
+            with torch.no_grad(), reference():
+                v_base = guided_velocity(gen, x.detach(), sigma.expand(x.shape[0]), text, uncond,
+                                         cfg.guidance_scale, transformer)
+            drift = drift + ((v - v_base) ** 2).flatten(1).mean(1)
         x0_hat = x - sigma * v
         x = x + (sigma_next - sigma) * v
     batch_size = noise.shape[0]
@@ -84,6 +98,9 @@ def refl_forward(gen: SD3Generator, transformer, reward: Reward, prompts: list[s
     scores = out.scores.to(latents.device)  # the loss lives with the policy, wherever the reward computed
     loss = reward_loss(scores, cfg.loss, cfg.margin, cfg.loss_scale)
     stats = {"reward": scores.detach().mean().item(), "grad_step": float(k), "sigma": sigmas[k].item()}
+    if reference is not None:
+        loss = loss + cfg.kl_beta * drift
+        stats["kl"] = drift.detach().mean().item()
     for name, value in out.extras.items():
         if value.ndim == 1:
             stats[f"reward/{name}"] = value.detach().float().mean().item()
@@ -100,6 +117,7 @@ def train(recipe: Recipe) -> dict:
     if cfg.reward_at == "state":
         require_noise_aware(run.reward, "refl.reward_at", "state", "reward_at: x0_hat")
     pool = run.pretrain_pool(cfg.pretrain) if cfg.pretrain.weight > 0 else None
+    reference = reference_context(run) if cfg.kl_beta > 0 else None
     while not run.finished:
         step = run.step
         t0 = time.perf_counter()
@@ -112,7 +130,8 @@ def train(recipe: Recipe) -> dict:
             k = int(torch.randint(lo, hi + 1, (1,), generator=rng))
             with run.accumulate():
                 l_reward, stats = refl_forward(run.gen, run.model, run.reward, prompts, noise, cfg, k,
-                                               reward_rng=run.rank_generator(step, micro, "reward"))
+                                               reward_rng=run.rank_generator(step, micro, "reward"),
+                                               reference=reference)
                 l_pre = None
                 if pool is not None:
                     x0, pool_prompts = pool.draw(run.rank_generator(step, micro, "pretrain"), cfg.batch_size)
