@@ -80,11 +80,11 @@ def refl_forward(gen: SD3Generator, transformer, reward: Reward, prompts: list[s
     drift = torch.zeros(noise.shape[0], device=noise.device)
     for j in range(k, last + 1):
         sigma, sigma_next = sigmas[j], sigmas[j + 1]
-        v = guided_velocity(gen, x, sigma.expand(x.shape[0]), text, uncond, cfg.guidance_scale, transformer)
+        sigma_b = sigma.expand(x.shape[0])
+        v = guided_velocity(gen, x, sigma_b, text, uncond, cfg.guidance_scale, transformer)
         if reference is not None:
             with torch.no_grad(), reference():
-                v_base = guided_velocity(gen, x.detach(), sigma.expand(x.shape[0]), text, uncond,
-                                         cfg.guidance_scale, transformer)
+                v_base = guided_velocity(gen, x, sigma_b, text, uncond, cfg.guidance_scale, transformer)
             drift = drift + ((v - v_base) ** 2).flatten(1).mean(1)
         x0_hat = x - sigma * v
         x = x + (sigma_next - sigma) * v
@@ -129,16 +129,16 @@ def train(recipe: Recipe) -> dict:
             lo, hi = cfg.grad_step_range
             k = int(torch.randint(lo, hi + 1, (1,), generator=rng))
             with run.accumulate():
-                l_reward, stats = refl_forward(run.gen, run.model, run.reward, prompts, noise, cfg, k,
-                                               reward_rng=run.rank_generator(step, micro, "reward"),
-                                               reference=reference)
+                l_refl, stats = refl_forward(run.gen, run.model, run.reward, prompts, noise, cfg, k,
+                                             reward_rng=run.rank_generator(step, micro, "reward"),
+                                             reference=reference)
                 l_pre = None
                 if pool is not None:
                     x0, pool_prompts = pool.draw(run.rank_generator(step, micro, "pretrain"), cfg.batch_size)
                     l_pre = flow_matching_loss(run.gen, run.model, x0, run.gen.encode_prompts(pool_prompts),
                                                run.rank_generator(step, micro, "fm"))
                     stats["loss_pretrain"] = l_pre.item()
-                loss = combine_losses(l_reward.mean(), l_pre, cfg.pretrain.weight)
+                loss = combine_losses(l_refl.mean(), l_pre, cfg.pretrain.weight)
                 stats["loss"] = loss.item()
                 run.backward(loss)
             for key, value in stats.items():
