@@ -307,6 +307,10 @@ class RewardModelConfig:
     timestep_sampling: Literal["uniform", "logit_normal", "mode", "constant", "beta"] = "uniform"
     timestep_args: dict[str, float] = field(default_factory=dict)
     snap_to_grid: bool = True
+    # > 0: each micro-batch also trains on its noisy latents moved this far (per-latent RMS) along the pair loss's
+    # gradient, the nearby latents the model ranks worst; makes the reward's own gradient (what ReFL follows) carry
+    # what the labels carry (rlkit.trainers.reward_model.adversarial_latents)
+    adversarial_eps: float = 0.0
     batch_size: int = 4  # pairs per process
     grad_accum: int = 1
     max_steps: int = 1000
@@ -321,6 +325,8 @@ class RewardModelConfig:
         yield from _positive(self, "batch_size", "grad_accum", "max_steps", "eval_limit", "eval_batch_size")
         if self.epochs is not None and self.epochs <= 0:
             yield "epochs", f"must be > 0 or null, got {self.epochs}"
+        if self.adversarial_eps < 0:
+            yield "adversarial_eps", f"must be >= 0, got {self.adversarial_eps}"
         scheme_args = {"uniform": (), "logit_normal": ("mean", "std"), "mode": ("scale",), "constant": ("value",),
                        "beta": ("alpha", "beta")}[self.timestep_sampling]
         for key in self.timestep_args:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from rlkit.config import load_recipe, recipe_from_dict
@@ -83,12 +84,45 @@ def test_pair_loss_hard_labels_equal_the_loss_family_and_ties_are_symmetric():
         assert torch.allclose(d.grad, torch.zeros(3), atol=1e-6)  # a tie is satisfied by equal scores
 
 
-def test_recipe_rejects_timestep_args_of_another_scheme():
+def test_recipe_rejects_timestep_args_of_another_scheme_and_a_negative_adversarial_eps():
     from rlkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward_model.adversarial_eps: must be >= 0, got -0.1"):
+        recipe_from_dict({"algorithm": "reward_model", "reward_model": {"data": {"train": TRAIN},
+                                                                        "adversarial_eps": -0.1}})
 
     with pytest.raises(ConfigError, match="timestep_args.alpha"):
         recipe_from_dict({"algorithm": "reward_model", "reward_model": {
             "data": {"train": TRAIN}, "timestep_sampling": "logit_normal", "timestep_args": {"alpha": 1.0}}})
+
+
+def test_adversarial_latents_step_eps_along_the_loss_gradient():
+    weight = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def score(z):  # a smooth toy scorer, one score per latent
+        return torch.tanh((z * weight[: len(z)]).flatten(1).sum(1) / 8)
+
+    def loss_of(scores):
+        return -(scores[0] - scores[1])
+
+    latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for eps in (1e-3, 0.05):
+        moved = rm.adversarial_latents(score, latents, eps, loss_of)
+        rms = (moved - latents).flatten(1).pow(2).mean(1).sqrt()
+        assert torch.allclose(rms, torch.full((2,), eps), rtol=1e-5)  # every latent moves by eps (RMS)
+        probe = latents.clone().requires_grad_(True)
+        loss_of(score(probe)).backward()
+        grad = probe.grad
+        step = moved - latents
+        cosine = F.cosine_similarity(step.flatten(1), grad.flatten(1), dim=1)
+        assert torch.allclose(cosine, torch.ones(2), atol=1e-5)  # along each latent's own loss gradient
+        with torch.no_grad():
+            rise = loss_of(score(moved)) - loss_of(score(latents))
+        first_order = (grad * step).sum()
+        assert rise > 0
+        if eps < 0.01:  # a small step raises the loss by the first-order prediction
+            assert float(rise / first_order) == pytest.approx(1.0, abs=0.01)
+    assert not moved.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -284,6 +318,48 @@ def test_ema_differs_from_raw_and_is_what_is_saved(trained):
     assert lora and (run.run_dir / rm.FINAL_DIR / "config.json").is_file()
 
 
+def attacked_accuracy(run, eps: float, u: float = 0.1) -> float:
+    """Held-out pairwise accuracy (EMA weights) once every pair's noisy latents are moved ``eps`` against the model
+    (``eps`` 0: the plain accuracy)."""
+    from rewards.base import TextConditioning
+    from rlkit.data import collate_pairs
+
+    batch = collate_pairs(run.eval_pairs)
+    noise = torch.randn(batch.chosen.shape, generator=torch.Generator().manual_seed(5))
+    sigma = torch.full((len(batch.prompts),), u)
+    noisy = torch.cat([(1 - u) * batch.chosen + u * noise, (1 - u) * batch.rejected + u * noise])
+    text = rm._encode_text(run, batch.prompts)
+    text, t = TextConditioning.cat([text, text]), 1000.0 * torch.cat([sigma, sigma])
+
+    def loss_of(scores):
+        return rm.pair_loss(run.cfg.loss, *scores.chunk(2), sigma, batch.labels)
+
+    with rm.ema_weights(run):
+        run.model.eval()
+        latents = rm.adversarial_latents(lambda z: run.model(z, t, text), noisy, eps, loss_of) if eps else noisy
+        with torch.no_grad():
+            chosen, rejected = run.model(latents, t, text).chunk(2)
+        run.model.train()
+    return float((chosen > rejected).float().mean())
+
+
+@pytest.mark.slow
+def test_adversarial_training_keeps_accuracy_and_resists_the_attack_it_trains_on(trained, tiny_sd3_dir, tmp_path):
+    plain = trained[0]
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, tmp_path, steps=40) + [
+        "reward_model.adversarial_eps=0.1"])
+    robust = rm.setup(recipe)
+    rm.train_loop(robust)
+    logged = [r["adversarial_accuracy"] for r in robust.history]
+    assert len(logged) == 40 and not any("adversarial_accuracy" in r for r in plain.history)
+    assert sum(logged[-10:]) / 10 > sum(logged[:10]) / 10 + 0.2  # it learns to rank the attacked pairs too
+    print(f"\nheld-out accuracy, clean / attacked at eps 0.1: plain {attacked_accuracy(plain, 0.0):.3f} / "
+          f"{attacked_accuracy(plain, 0.1):.3f}, adversarial {attacked_accuracy(robust, 0.0):.3f} / "
+          f"{attacked_accuracy(robust, 0.1):.3f}")
+    assert attacked_accuracy(plain, 0.0) >= 0.95 and attacked_accuracy(robust, 0.0) >= 0.95
+    assert attacked_accuracy(robust, 0.1) >= attacked_accuracy(plain, 0.1) + 0.06
+
+
 @pytest.mark.slow
 def test_checkpoint_loads_through_the_registry_and_scores_the_same(trained, tiny_sd3_dir):
     import rewards
@@ -410,12 +486,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_zero2_equal_one_process_on_the_same_global_batch(tiny_sd3_dir, tmp_path):
+@pytest.mark.parametrize("adversarial_eps", [0.0, 0.05])
+def test_two_processes_zero2_equal_one_process_on_the_same_global_batch(adversarial_eps, tiny_sd3_dir, tmp_path):
     base = yaml.safe_load(TINY_RECIPE.read_text())
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(base))
     common = [o for o in tiny_overrides(tiny_sd3_dir, tmp_path, steps=3) if "batch_size" not in o] + [
-        "reward_model.data.eval=", "optim.warmup_steps=1", "ema.decay=0.5", f"optim.eps={ADAM_EPS}"]
+        "reward_model.data.eval=", "optim.warmup_steps=1", "ema.decay=0.5", f"optim.eps={ADAM_EPS}",
+        f"reward_model.adversarial_eps={adversarial_eps}"]
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
