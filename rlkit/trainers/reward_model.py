@@ -113,8 +113,8 @@ def adversarial_latents(score: Callable[[Tensor], Tensor], latents: Tensor, eps:
     (``reward_model.adversarial_eps``) is adversarial training; it costs one more forward and backward per
     micro-batch. ReFL follows the reward's gradient, and a model trained only on clean pairs has directions
     that raise its score without what the labels prefer. In a Shapes world with a sharper decoder than the
-    shipped one (issue #8), ReFL with ``kl_beta`` 3 gained +0.11 / +0.14 in 50 steps (seeds 0 / 1) with a
-    DiNa-LRM trained at eps 0.02, and +0.03 (seed 0) with one trained on the same pairs without it.
+    shipped one (issue #8), ReFL with ``kl_beta`` 3 gained +0.107 / +0.140 / +0.114 in 50 steps (seeds 0 / 1 / 2)
+    with a DiNa-LRM trained at eps 0.02, and +0.026 (seed 0) with one trained on the same pairs without it.
     """
     probe = latents.detach().requires_grad_(True)
     with torch.enable_grad():
