@@ -7,8 +7,9 @@ One optimiser step, top to bottom:
 2. per pair one noise level ``sigma`` (uniform / logit-normal / mode / constant / beta, snapped to the
    scheduler's sigma table or continuous) and one ``eps``, drawn for the global batch and shared by the
    chosen and the rejected latent: ``x = (1 - sigma) x0 + sigma eps``;
-3. both latents scored in one forward, loss from the DiNa-LRM family (noise-calibrated Thurstone fidelity by
-   default), backward under accelerate (DDP or DeepSpeed ZeRO-2/3);
+3. both latents scored in one forward (with ``adversarial_eps`` > 0, beside both moved against the model,
+   :func:`adversarial_latents`), loss from the DiNa-LRM family (noise-calibrated Thurstone fidelity by
+   default), backward under accelerate (DDP or DeepSpeed ZeRO-2; ZeRO-3 is not yet tested for this trainer);
 4. clip (DeepSpeed clips inside its engine), AdamW step, warmup + schedule, EMA of the trainable weights.
 
 Evaluation (pairwise accuracy per noise level on the held-out pairs, :func:`rlkit.eval_reward.evaluate_pairwise`)
