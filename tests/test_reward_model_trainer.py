@@ -353,11 +353,12 @@ def test_adversarial_training_keeps_accuracy_and_resists_the_attack_it_trains_on
     logged = [r["adversarial_accuracy"] for r in robust.history]
     assert len(logged) == 40 and not any("adversarial_accuracy" in r for r in plain.history)
     assert sum(logged[-10:]) / 10 > sum(logged[:10]) / 10 + 0.2  # it learns to rank the attacked pairs too
-    print(f"\nheld-out accuracy, clean / attacked at eps 0.1: plain {attacked_accuracy(plain, 0.0):.3f} / "
-          f"{attacked_accuracy(plain, 0.1):.3f}, adversarial {attacked_accuracy(robust, 0.0):.3f} / "
-          f"{attacked_accuracy(robust, 0.1):.3f}")
-    assert attacked_accuracy(plain, 0.0) >= 0.95 and attacked_accuracy(robust, 0.0) >= 0.95
-    assert attacked_accuracy(robust, 0.1) >= attacked_accuracy(plain, 0.1) + 0.06
+    (plain_clean, plain_attacked), (robust_clean, robust_attacked) = (
+        [attacked_accuracy(r, eps) for eps in (0.0, 0.1)] for r in (plain, robust))
+    print(f"\nheld-out accuracy, clean / attacked at eps 0.1: plain {plain_clean:.3f} / {plain_attacked:.3f}, "
+          f"adversarial {robust_clean:.3f} / {robust_attacked:.3f}")
+    assert plain_clean >= 0.95 and robust_clean >= 0.95
+    assert robust_attacked >= plain_attacked + 0.06
 
 
 @pytest.mark.slow

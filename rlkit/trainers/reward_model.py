@@ -332,21 +332,24 @@ def _micro_step(run: RewardModelRun, global_idx: list[int], micro: int) -> dict[
     def loss_of(scores: Tensor) -> Tensor:
         return pair_loss(cfg.loss, *scores.chunk(2), sigma, labels)
 
+    def accuracy_of(scores: Tensor) -> float:
+        chosen, rejected = scores.detach().chunk(2)
+        return float((chosen > rejected).float().mean())
+
     if cfg.adversarial_eps > 0:
         # the unwrapped model: an input gradient through DeepSpeed's engine would fire its gradient-reduction hooks
         attacked = adversarial_latents(lambda z: run.model(z, t, text), noisy, cfg.adversarial_eps, loss_of)
         scores, attacked_scores = run.engine(torch.cat([noisy, attacked]), torch.cat([t, t]),
                                              TextConditioning.cat([text, text])).chunk(2)
         loss = 0.5 * (loss_of(scores) + loss_of(attacked_scores))
-        a_pos, a_neg = attacked_scores.detach().chunk(2)
-        extra = {"adversarial_accuracy": float((a_pos > a_neg).float().mean())}
+        extra = {"adversarial_accuracy": accuracy_of(attacked_scores)}
     else:
         scores = run.engine(noisy, t, text)
         loss, extra = loss_of(scores), {}
-    s_pos, s_neg = scores.chunk(2)
+    s_pos, s_neg = scores.detach().chunk(2)
     run.accelerator.backward(loss)
-    return {"loss": float(loss.detach()), "accuracy": float((s_pos > s_neg).float().mean()),
-            "sigma_mean": float(sigma.mean()), "margin": float((s_pos - s_neg).detach().mean()), **extra}
+    return {"loss": float(loss.detach()), "accuracy": accuracy_of(scores), "sigma_mean": float(sigma.mean()),
+            "margin": float((s_pos - s_neg).mean()), **extra}
 
 
 def _optimizer_step(run: RewardModelRun) -> dict[str, float]:
