@@ -1,7 +1,7 @@
 """DiNa-LRM trainer: noise-level schemes, losses with labels, EMA; a tiny model trained on CPU to >= 95%
 held-out accuracy at low noise with accuracy falling toward chance as the noise approaches 1; EMA weights
 saved in the release layout and loaded back through the registry; a run stopped by SIGTERM resumes
-bit-identically (skipping a truncated checkpoint); 2 processes (ZeRO-2) = 1 process."""
+bit-identically (skipping a truncated checkpoint); 2 processes (ZeRO-2, and ZeRO-3) = 1 process."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import yaml
 
 from rlkit.config import load_recipe, recipe_from_dict
 from rlkit.data import load_pairs
+from rlkit.runtime.checkpoint import step_dir_name
 from rlkit.runtime.tracking import METRICS_FILE
 from rlkit.trainers import reward_model as rm
 from rlkit.trainers.common import lr_factor
@@ -487,8 +488,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("adversarial_eps", [0.0, 0.05])
-def test_two_processes_zero2_equal_one_process_on_the_same_global_batch(adversarial_eps, tiny_sd3_dir, tmp_path):
+@pytest.mark.parametrize("stage,adversarial_eps", [(2, 0.0), (2, 0.05), (3, 0.05)])
+def test_two_processes_under_zero_equal_one_process_on_the_same_global_batch(stage, adversarial_eps, tiny_sd3_dir,
+                                                                             tmp_path):
     base = yaml.safe_load(TINY_RECIPE.read_text())
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(base))
@@ -502,7 +504,7 @@ def test_two_processes_zero2_equal_one_process_on_the_same_global_batch(adversar
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "rlkit", "train", str(path), *common, "name=two",
-                          "reward_model.batch_size=2", "launch.num_processes=2", "launch.deepspeed=2",
+                          "reward_model.batch_size=2", "launch.num_processes=2", f"launch.deepspeed={stage}",
                           f"launch.main_process_port={_free_port()}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -517,6 +519,11 @@ def test_two_processes_zero2_equal_one_process_on_the_same_global_batch(adversar
     h1 = torch.load(tmp_path / "one" / rm.FINAL_DIR / ckpt / "rm_head.pt", weights_only=True)
     h2 = torch.load(tmp_path / "two" / rm.FINAL_DIR / ckpt / "rm_head.pt", weights_only=True)
     assert h1.keys() == h2.keys()
+    # the checkpoint holds the same EMA export (gathered on every rank under ZeRO-3), and nothing staged is left
+    checkpoints = tmp_path / "two" / rm.CHECKPOINT_DIR
+    assert [p.name for p in checkpoints.iterdir()] == [step_dir_name(3)]
+    inside = torch.load(checkpoints / step_dir_name(3) / rm.EXPORT_DIR / ckpt / "rm_head.pt", weights_only=True)
+    assert all(torch.equal(inside[k], h2[k]) for k in h2)
     # Adam normalises each element's update: with eps 1e-8, all-reduce rounding (~1e-9) in elements whose
     # gradient is ~0 flips whole lr-sized steps. A larger eps keeps such updates proportional to the gradient.
     tol = dict(atol=2e-5, rtol=0.0)

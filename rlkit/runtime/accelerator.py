@@ -18,8 +18,10 @@ Traps handled here:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -118,6 +120,37 @@ def zero_stage(accelerator) -> int | None:
     if not uses_deepspeed(accelerator):
         return None
     return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+@contextlib.contextmanager
+def full_weights_loading(accelerator) -> Iterator[None]:
+    """Loads models whole even under ZeRO-3.
+
+    With a ZeRO-3 accelerator alive, transformers/diffusers ``from_pretrained`` build models inside
+    ``deepspeed.zero.Init`` and partition them. Only what is handed to ``prepare`` gets an engine that gathers
+    it; frozen parts (text encoders, VAE) would stay partitioned with nothing to gather them.
+    """
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
+    """Whole ``params`` inside the context when ZeRO-3 partitions them, a no-op otherwise. Every rank must enter
+    it (it gathers); with ``modifier_rank`` the values that rank writes are re-partitioned on exit."""
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def set_deepspeed_batch_size(accelerator, micro_batch: int) -> None:

@@ -9,7 +9,6 @@ supported way to change partitioned weights.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,16 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlkit.runtime.accelerator import gathered
+
 MODIFIER_RANK = 0  # under ZeRO-3, the rank whose swapped values are re-partitioned (all ranks hold the same)
-
-
-def _gathered(params: list[nn.Parameter], modify: bool = False):
-    """Whole parameters inside the context under ZeRO-3; a no-op otherwise."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=MODIFIER_RANK if modify else None)
 
 
 class EMA:
@@ -42,7 +34,7 @@ class EMA:
         self.update_every = update_every
         self.calls = 0  # update() calls
         self.num_updates = 0  # averaging steps actually taken
-        with torch.no_grad(), _gathered(self.params):
+        with torch.no_grad(), gathered(self.params):
             self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -54,7 +46,7 @@ class EMA:
         self.calls += 1
         if self.calls % self.update_every:
             return False
-        with _gathered(self.params):
+        with gathered(self.params):
             for shadow, param in zip(self.shadow, self.params):
                 shadow.lerp_(param.detach().float(), 1.0 - self.decay)
         self.num_updates += 1
@@ -63,7 +55,7 @@ class EMA:
     @torch.no_grad()
     def swap(self) -> None:
         """Exchanges the live weights and the EMA weights (call again to undo). Every rank must call it."""
-        with _gathered(self.params, modify=True):
+        with gathered(self.params, modifier_rank=MODIFIER_RANK):
             for shadow, param in zip(self.shadow, self.params):
                 current = param.detach().float().clone()
                 param.data.copy_(shadow.to(param.dtype))

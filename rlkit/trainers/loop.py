@@ -11,39 +11,17 @@ takes its slice, so a run on 2 processes sees the same data as one process with 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from rlkit.config import PretrainLossConfig, Recipe, save_resolved
+from rlkit.runtime.accelerator import full_weights_loading, gathered
 from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
-
-
-@contextlib.contextmanager
-def full_weights_loading(accelerator) -> Iterator[None]:
-    """Loads models whole even under ZeRO-3.
-
-    With a ZeRO-3 accelerator alive, transformers/diffusers ``from_pretrained`` build models inside
-    ``deepspeed.zero.Init`` and partition them. Only the policy is handed to ``prepare`` (which partitions
-    it); frozen parts (text encoders, VAE) would stay partitioned with nothing to gather them.
-    """
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or int(plugin.zero_stage) != 3:
-        yield
-        return
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()
 
 
 @dataclass
@@ -228,17 +206,6 @@ class PolicyRun(common.Processes):
         self.guard.close()
         return metrics
 
-    def _gathered(self):
-        """Under ZeRO-3 every rank must join to gather the partitioned trainable weights."""
-        from rlkit.runtime.accelerator import zero_stage
-
-        if zero_stage(self.accelerator) != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        params = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
     def export(self) -> Path | None:
         """The policy (EMA weights when enabled) for diffusers; called on every rank, written by the main one."""
         from rlkit.export import export_full_transformer, export_policy_lora
@@ -246,7 +213,7 @@ class PolicyRun(common.Processes):
         model = self.accelerator.unwrap_model(self.model)
         recipe_file = self.run_dir / "recipe.yaml"
         out = self.run_dir / "export"
-        with common.ema_weights(self.ema), self._gathered():
+        with common.ema_weights(self.ema), gathered(p for p in model.parameters() if p.requires_grad):
             if not self.accelerator.is_main_process:
                 return None
             if self.recipe.lora.enabled:

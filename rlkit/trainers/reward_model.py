@@ -9,7 +9,7 @@ One optimiser step, top to bottom:
    chosen and the rejected latent: ``x = (1 - sigma) x0 + sigma eps``;
 3. both latents scored in one forward (with ``adversarial_eps`` > 0, beside both moved against the model,
    :func:`adversarial_latents`), loss from the DiNa-LRM family (noise-calibrated Thurstone fidelity by
-   default), backward under accelerate (DDP or DeepSpeed ZeRO-2; ZeRO-3 is not yet tested for this trainer);
+   default), backward under accelerate (DDP or DeepSpeed ZeRO-2/3);
 4. clip (DeepSpeed clips inside its engine), AdamW step, warmup + schedule, EMA of the trainable weights.
 
 Evaluation (pairwise accuracy per noise level on the held-out pairs, :func:`rlkit.eval_reward.evaluate_pairwise`)
@@ -28,6 +28,8 @@ continues from the newest complete checkpoint bit-identically to one that was ne
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +43,7 @@ from torch import Tensor
 from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
 from rlkit.config import Recipe, RewardModelConfig, save_resolved, source_list
 from rlkit.data import BucketBatchSampler, LoadOptions, PreferencePair, collate_pairs, load_pairs, shape_key
+from rlkit.runtime.accelerator import build_accelerator, full_weights_loading, gathered, uses_deepspeed
 from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
 
@@ -231,7 +234,6 @@ def _build_model(recipe: Recipe, gen):
 def setup(recipe: Recipe) -> RewardModelRun:
     """Accelerator, generator (text encoders + backbone), model, data, optimiser, EMA; resumed from the newest
     complete checkpoint when ``checkpoint.resume`` is set and there is one."""
-    from rlkit.runtime.accelerator import build_accelerator, uses_deepspeed
     from rlkit.runtime.checkpoint import CheckpointManager
     from rlkit.runtime.ema import EMA
     from rlkit.runtime.guards import TrainingGuard
@@ -240,14 +242,16 @@ def setup(recipe: Recipe) -> RewardModelRun:
     cfg = recipe.reward_model
     accelerator = build_accelerator(recipe.launch, grad_clip=recipe.optim.grad_clip, grad_accum=cfg.grad_accum,
                                     micro_batch=cfg.batch_size)
-    gen = common.load_generator(recipe.model, device=accelerator.device)
-    # shapes:generated sources sample the whole generator, before the model's adapter joins its first N blocks (so
-    # that a cache of them matches the generator's own weights); then the model holds the embedders and those
-    # blocks, and the rest is freed
-    train_pairs = _load(cfg.data.train, cfg, "train", gen)
-    eval_pairs = _load(cfg.data.eval, cfg, "eval", gen)[: cfg.eval_limit] if cfg.data.eval else []
-    torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
-    model = _build_model(recipe, gen)
+    # whole on every rank (ZeRO-3 partitions only what ``prepare`` gets: the model). shapes:generated sources
+    # sample the whole generator, before the model's adapter joins its first N blocks (so that a cache of them
+    # matches the generator's own weights); then the model holds the embedders and those blocks, and the rest
+    # is freed
+    with full_weights_loading(accelerator):
+        gen = common.load_generator(recipe.model, device=accelerator.device)
+        train_pairs = _load(cfg.data.train, cfg, "train", gen)
+        eval_pairs = _load(cfg.data.eval, cfg, "eval", gen)[: cfg.eval_limit] if cfg.data.eval else []
+        torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
+        model = _build_model(recipe, gen)
     gen.transformer = None
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.launch.mixed_precision != "no" and not uses_deepspeed(accelerator):
@@ -396,30 +400,34 @@ def evaluate(run: RewardModelRun, levels: list[float] | None = None, pairs: list
     return metrics
 
 
-def _write_export(run: RewardModelRun, folder: Path) -> Path:
-    """The EMA weights in the release's layout (call on the main process)."""
+def export(run: RewardModelRun, folder: Path) -> Path:
+    """The EMA weights in the release's layout, written by the main process; every process calls it (under ZeRO-3
+    each rank holds a shard of what is saved, gathered here)."""
     from rewards.dina_lrm import save_dina_lrm
 
-    with ema_weights(run):
-        save_dina_lrm(run.model, folder)
-    return folder
-
-
-def export(run: RewardModelRun, folder: Path) -> Path:
-    """The EMA weights in the release's layout, written by the main process; every process calls it."""
-    if run.accelerator.is_main_process:
-        _write_export(run, folder)
+    saved = run.model.parameters() if run.model.config.save_mode == "full" else run.params
+    with ema_weights(run), gathered(saved):
+        if run.accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            save_dina_lrm(run.model, folder)
     run.accelerator.wait_for_everyone()
     return folder
 
 
 def save(run: RewardModelRun) -> Path:
-    """A resumable checkpoint of the run (every process calls it), with the EMA export inside."""
+    """A resumable checkpoint of the run (every process calls it), with the EMA export inside.
+
+    The export is written beside the checkpoint first and moved in: it gathers on every rank, and the checkpoint's
+    ``write`` runs on the main one only.
+    """
+    from rlkit.runtime.checkpoint import TMP_SUFFIX, step_dir_name
+
     data = {"epoch": run.epoch, "batches_taken": run.batches_taken, "pairs": len(run.train_pairs),
             "batches_per_epoch": len(run.sampler)}
+    staged = export(run, run.checkpoints.directory / f"{step_dir_name(run.step)}_{EXPORT_DIR}{TMP_SUFFIX}")
     folder = common.save_training_state(run.checkpoints, run.accelerator, run.step, scheduler=run.scheduler,
                                         ema=run.ema, guard=run.guard, data=data,
-                                        write=lambda tmp: _write_export(run, tmp / EXPORT_DIR))
+                                        write=lambda tmp: os.replace(staged, tmp / EXPORT_DIR))
     run.saved_step = run.step
     return folder
 
