@@ -208,10 +208,12 @@ class DecoderTrainConfig(VAETrainConfig):
     latent_noise: float = 0.1
     # weight of ``(log HF(decoded) - log HF(pictures))^2`` beside the MSE, with HF the batch's mean
     # :func:`rlkit.shapes.judges.high_frequency_energy`: MSE alone draws the mean of the pictures a latent could
-    # be, and that mean is blurred. Measured 2026-12-07 on the shipped generator: 1500 more steps at 0.03 after
-    # 3000 at 0 lift held-out reconstructions from 0.71x to 0.93x real pictures' high-frequency energy (MSE
-    # 0.00045 -> 0.00042), and the base's held-out samples from 0.73x to 0.96x at CFG 1 (0.66x -> 0.87x at
-    # CFG 5), golden and area unchanged (0.62 / 0.94x at CFG 1, 108 samples)
+    # be, and that mean is blurred. Measured 2026-12-07 on the shipped generator (108 held-out samples): 1500 more
+    # steps at 0.03 after 3000 at 0 lift held-out reconstructions from 0.71x to 0.93x real pictures'
+    # high-frequency energy, and the base's samples from 0.73x to 0.96x at CFG 1 (0.66x -> 0.87x at CFG 5), with
+    # golden 0.62 -> 0.60 and area 0.94x at CFG 1. With this decoder the base at CFG 1 is the first inside both
+    # realism guards with room left (270 samples: golden 0.55, 0.90x / 0.92x), but ReFL and Flow-GRPO-Fast with
+    # a DiNa-LRM trained on it lost golden score while growing the shapes (issue #8's notes)
     hf_weight: float = 0.0
 
     def __post_init__(self) -> None:
