@@ -104,7 +104,7 @@ def test_build_all_fast_writes_every_asset(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert report["stats"]["preferences"]["pairs"] == 8
     assert all(report["seconds"][s] > 0 for s in ("generator", "clip", "evaluate", "preferences", "rewards"))
-    assert report["stats"]["generator"]["decoder_steps"] == 5  # the optional decoder refinement ran
+    assert report["stats"]["generator"]["decoder_steps"] == 10  # both decoder refinement phases ran
     rows = report["stats"]["rewards"]  # every reward against the annotators, the fixed-variance ablation too
     for name in ("annotators / second labelling", "dina-lrm / reward", "dina-lrm / u=0.40",
                  "dina-lrm / ensemble(0.2,0.5,0.7)", "dina-lrm (fixed variance) / reward", "shapes-clip / reward",

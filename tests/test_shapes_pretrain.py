@@ -92,13 +92,14 @@ def test_position_noise_swaps_the_given_share_for_the_same_shape_at_another_posi
     assert torch.equal(pretrain.noisy_positions(ids, alternatives, 0.0, torch.Generator()), ids)
 
 
-def test_position_noise_changes_pretraining_deterministically(tiny_sd3_dir):
+@pytest.mark.parametrize("field", ["position_noise", "undersized_share"])
+def test_data_noise_changes_pretraining_deterministically(tiny_sd3_dir, field):
     from rlkit.models.sd3 import SD3Generator
 
-    def trained(noise: float) -> torch.Tensor:
+    def trained(share: float) -> torch.Tensor:
         torch.manual_seed(0)
         generator = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
-        config = pretrain.GeneratorTrainConfig(steps=3, batch_size=8, num_images=16, position_noise=noise)
+        config = pretrain.GeneratorTrainConfig(steps=3, batch_size=8, num_images=16, **{field: share})
         pretrain.train_generator(generator, config, log=lambda _: None)
         return generator.transformer.proj_out.weight
 
@@ -111,6 +112,8 @@ def test_configs_are_validated():
         pretrain.GeneratorTrainConfig(caption_dropout=1.0)
     with pytest.raises(ValueError, match="position_noise"):
         pretrain.GeneratorTrainConfig(position_noise=1.5)
+    with pytest.raises(ValueError, match="undersized_share"):
+        pretrain.GeneratorTrainConfig(undersized_share=-0.1)
     with pytest.raises(ValueError, match="batch_size"):
         pretrain.VAETrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="latent_noise"):

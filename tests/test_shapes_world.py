@@ -79,8 +79,27 @@ def test_every_caption_word_is_one_clip_token():
     assert longest + 2 <= MAX_CLIP_LENGTH and longest + 1 <= MAX_SEQUENCE_LENGTH
 
 
+def test_undersized_share_draws_that_share_of_small_shapes_and_zero_draws_the_pictures_as_before():
+    from rlkit.shapes.judges import foreground_area
+
+    scenes = world.sample_scenes(300, np.random.default_rng(0))
+    normal = world.draw_batch(scenes, seed=1)
+    assert torch.equal(normal, world.draw_batch(scenes, seed=1, config=world.DrawConfig(undersized_share=0.0)))
+    small = foreground_area(world.draw_batch(scenes, seed=1, config=world.DrawConfig(undersized_share=1.0)))
+    area = foreground_area(normal)
+    # radius 2.0-2.6 against 4.0-5.5 px: about a quarter of the area, on every picture
+    assert 0.15 < float(small.mean() / area.mean()) < 0.35 and float((small < 0.6 * area).float().mean()) > 0.95
+    mixed = foreground_area(world.draw_batch(scenes, seed=1, config=world.DrawConfig(undersized_share=0.4)))
+    share = float((mixed < 0.6 * area).float().mean())
+    assert 0.3 < share < 0.5, share
+
+
 def test_draw_config_is_validated():
     with pytest.raises(ValueError, match="radius_range"):
         world.DrawConfig(radius_range=(5.0, 4.0))
+    with pytest.raises(ValueError, match="undersized_radius_range"):
+        world.DrawConfig(undersized_radius_range=(0.0, 2.0))
+    with pytest.raises(ValueError, match="undersized_share"):
+        world.DrawConfig(undersized_share=1.5)
     with pytest.raises(ValueError, match="cell_centers"):
         world.DrawConfig(cell_centers=(2.0, 16.0, 25.0))

@@ -70,7 +70,8 @@ def stage_configs(fast: bool) -> dict:
         "pretrain": PretrainConfig(
             vae=VAETrainConfig(steps=10, batch_size=16, max_minutes=1.0),
             generator=GeneratorTrainConfig(steps=10, batch_size=16, num_images=64, max_minutes=1.0),
-            decoder=DecoderTrainConfig(steps=5, batch_size=16, max_minutes=1.0),
+            decoder=(DecoderTrainConfig(steps=5, batch_size=16, max_minutes=1.0),
+                     DecoderTrainConfig(steps=5, batch_size=16, max_minutes=1.0, hf_weight=0.03, seed=1)),
         ),
         "clip": ClipTrainConfig(steps=10, batch_size=32, max_minutes=1.0),
         "evaluate": EvalConfig(samples_per_prompt=1, num_train_prompts=4, num_real=32, num_steps=3),

@@ -116,11 +116,20 @@ class DrawConfig:
     background_tint: float = 0.06  # per-channel jitter of the background around its grey
     softness_range: tuple[float, float] = (0.6, 1.2)  # edge width
     pixel_noise: float = 0.005  # small: at 0.02 the noise outweighs the edges in high-frequency energy
+    # share of pictures whose shape is drawn at ``undersized_radius_range`` instead: pretraining data in which a
+    # caption does not pin the size down (GeneratorTrainConfig.undersized_share says why). 0 draws exactly the
+    # pictures drawn before the field existed (no extra random draw)
+    undersized_share: float = 0.0
+    undersized_radius_range: tuple[float, float] = (2.0, 2.6)
 
     def __post_init__(self) -> None:
-        lo, hi = self.radius_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"DrawConfig.radius_range must be 0 < low <= high, got {self.radius_range}")
+        for name in ("radius_range", "undersized_radius_range"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"DrawConfig.{name} must be 0 < low <= high, got {getattr(self, name)}")
+        if not 0 <= self.undersized_share <= 1:
+            raise ValueError(f"DrawConfig.undersized_share must be in [0, 1], got {self.undersized_share}")
+        hi = max(self.radius_range[1], self.undersized_radius_range[1])
         if min(self.cell_centers) - self.position_jitter - hi < 0 or max(self.cell_centers) + self.position_jitter + hi > self.size:
             raise ValueError("DrawConfig.cell_centers: a shape at the edge cells would leave the picture")
         if self.pixel_noise < 0 or self.color_jitter < 0:
@@ -163,7 +172,8 @@ def draw(scene: Scene, rng: np.random.Generator, config: DrawConfig = DrawConfig
     row, col = POSITIONS[scene.position]
     cx = config.cell_centers[col] + rng.uniform(-config.position_jitter, config.position_jitter)
     cy = config.cell_centers[row] + rng.uniform(-config.position_jitter, config.position_jitter)
-    r = rng.uniform(*config.radius_range)
+    undersized = config.undersized_share > 0 and rng.random() < config.undersized_share
+    r = rng.uniform(*(config.undersized_radius_range if undersized else config.radius_range))
     if scene.shape == "triangle":  # move the triangle so that its centroid (not its box centre) is at (cx, cy)
         cy -= r / 3
     softness = rng.uniform(*config.softness_range)
