@@ -237,3 +237,22 @@ def test_generator_pretraining_killed_midway_resumes_to_the_same_weights(tiny_sd
     for (name, a), b in zip(whole.transformer.state_dict().items(), resumed.transformer.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(fresh().transformer.proj_out.weight, resumed.transformer.proj_out.weight)
+
+
+def test_a_continuation_leg_equals_continuing_the_saved_generator(tmp_path):
+    """``PretrainConfig.continuation``: one build trains the generator, then each leg on its own data and schedule,
+    exactly as :func:`pretrain.continue_pretraining` of the saved first leg would."""
+    from dataclasses import replace
+
+    first = pretrain.PretrainConfig(vae=pretrain.VAETrainConfig(steps=4, batch_size=8),
+                                    generator=pretrain.GeneratorTrainConfig(steps=4, batch_size=8, num_images=32))
+    leg = pretrain.GeneratorTrainConfig(steps=3, batch_size=8, num_images=32, lr=1e-3, seed=1, undersized_share=0.5)
+    quiet = lambda _: None  # noqa: E731
+    whole, stats = pretrain.pretrain(replace(first, continuation=(leg,)), tmp_path / "whole", quiet)
+    assert stats["generator_steps"] == 7 and not (tmp_path / "whole_pretrain").exists()
+    pretrain.pretrain(first, tmp_path / "first", quiet)
+    continued, _ = pretrain.continue_pretraining(tmp_path / "first", leg, log=quiet)
+    for (name, a), b in zip(whole.transformer.state_dict().items(), continued.transformer.state_dict().values()):
+        assert torch.equal(a, b), name
+    unchanged = pretrain.load_generator(tmp_path / "first").transformer.proj_out.weight
+    assert not torch.equal(unchanged, whole.transformer.proj_out.weight)
