@@ -79,6 +79,13 @@ def test_shipped_preferences_hold_latents_and_labels(generator):
     assert not set(pairs["prompt"]) & set(world.heldout_prompts())
 
 
+def test_build_rejects_settings_of_an_unknown_stage(tmp_path):
+    from rlkit.shapes.build import build_all
+
+    with pytest.raises(ValueError, match=r"unknown stage settings \['generator'\]"):
+        build_all(tmp_path, fast=True, stages=("clip",), configs={"generator": None})
+
+
 def test_build_report_records_stages_and_numbers():
     report = json.loads((ASSETS_DIR / "build_report.json").read_text())
     assert set(report["seconds"]) >= {"generator", "clip", "evaluate", "preferences", "total"}
@@ -92,13 +99,21 @@ def test_build_report_records_stages_and_numbers():
 
 @pytest.mark.slow
 def test_build_all_fast_writes_every_asset(tmp_path):
-    from rlkit.shapes.build import build_all
+    from dataclasses import replace
 
+    from rlkit.shapes.build import build_all, stage_configs
+    from rlkit.shapes.pretrain import GeneratorTrainConfig
+
+    # another world through ``configs``: a continuation leg on undersized pictures after the generator
+    leg = GeneratorTrainConfig(steps=3, batch_size=16, num_images=64, max_minutes=1.0, seed=1, undersized_share=0.4)
+    pretraining = replace(stage_configs(True)["pretrain"], continuation=(leg,))
     threads = torch.get_num_threads()
     try:
-        report = build_all(tmp_path, fast=True, num_threads=1, log=lambda _: None)
+        report = build_all(tmp_path, fast=True, num_threads=1, log=lambda _: None, configs={"pretrain": pretraining})
     finally:
         torch.set_num_threads(threads)
+    assert report["stats"]["generator"]["generator_steps"] == 10 + 3
+    assert report["settings"]["pretrain"]["continuation"][0]["undersized_share"] == 0.4
     for name in ("generator/model_index.json", "clip/config.json", "clip/model.safetensors",
                  "preferences/train.parquet", "build_report.json"):
         assert (tmp_path / name).is_file(), name

@@ -227,14 +227,16 @@ def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = pr
 
 
 def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = None,
-              stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print) -> dict:
+              stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print,
+              configs: dict | None = None) -> dict:
     """Runs the build's stages (the module docstring lists them) into ``out_dir``; returns the report.
 
     ``num_threads``: torch threads (``None`` leaves torch's setting, all cores, alone); the two DiNa-LRM
     trainings run side by side with half as many each (at least one). On a CPU shared with other jobs, 1 is
     several times faster than oversubscribed threads (the minute caps then bind: see the module docstring).
     ``stages`` reruns only some stages (later ones read the earlier ones' outputs from ``out_dir``); their
-    numbers are merged into an existing report.
+    numbers are merged into an existing report. ``configs`` replaces some of :func:`stage_configs`' settings (keys
+    ``pretrain``, ``clip``, ``evaluate``, ``preferences``): another world, built and measured the same way.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -243,7 +245,10 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
         torch.set_num_threads(num_threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs = stage_configs(fast)
+    unknown = set(configs or {}) - set(stage_configs(fast))
+    if unknown:
+        raise ValueError(f"unknown stage settings {sorted(unknown)}; expected some of {sorted(stage_configs(fast))}")
+    configs = {**stage_configs(fast), **(configs or {})}
     report: dict = {"fast": fast, "seconds": {}, "stats": {}, "settings": {k: asdict(v) for k, v in configs.items()}}
     previous = out_dir / REPORT_NAME
     if set(stages) != set(STAGES) and previous.is_file():
