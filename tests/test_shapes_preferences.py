@@ -148,7 +148,8 @@ def test_reward_model_training_reads_generated_pairs_sampled_before_it(tmp_path,
 
     monkeypatch.setattr(preferences, "sample_latents", no_sampling)
     recipe = load_recipe(DINA_RECIPE, [f"output_dir={tmp_path / 'run'}", f"reward_model.data.train=[{source}]",
-                                       "reward_model.data.eval=null", f"reward_model.data.cache_dir={tmp_path}"])
+                                       "reward_model.data.eval=null", f"reward_model.data.cache_dir={tmp_path}",
+                                       "reward_model.batch_size=4"])
     run = setup(recipe)
     assert len(run.train_pairs) == len(sampled) > 0
     assert all(torch.equal(a.chosen, b.chosen) for a, b in zip(run.train_pairs, sampled))

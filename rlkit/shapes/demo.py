@@ -33,12 +33,12 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 GOLDEN = "eval/golden/shapes-golden"
 GUARDS = ("foreground_area", "high_frequency")
 GUARD_TOLERANCE = 0.20  # a guard outside [0.8, 1.2] of real pictures is off; see RunSummary.hacked
-# CI's shortened demo: long enough for the golden score to rise on 108 held-out samples (ReFL 24 steps,
-# Flow-GRPO-Fast 40 updates; about 4 minutes on 2 CPU cores together)
+# CI's shortened demo: long enough for the golden score to rise on 108 held-out samples (ReFL 20 steps,
+# Flow-GRPO-Fast 20 updates; about 3 minutes on 2 CPU cores together)
 QUICK_EVAL = ["eval.num_prompts=54", "eval.images_per_prompt=2", "eval.batch_size=54", "eval.grid_images=9"]
 QUICK = {
-    "refl": ["refl.max_steps=24", "eval.every=12", *QUICK_EVAL],
-    "flow_grpo": ["flow_grpo.max_epochs=20", "eval.every=20", *QUICK_EVAL],
+    "refl": ["refl.max_steps=20", "eval.every=10", *QUICK_EVAL],
+    "flow_grpo": ["flow_grpo.max_epochs=10", "eval.every=10", *QUICK_EVAL],
 }
 PIXEL_REWARD = ["rewards.0.name=shapes-clip", "rewards.0.args={}"]
 ORACLE = "utility-oracle"

@@ -173,20 +173,20 @@ def train_vae(vae, config: VAETrainConfig, log=print) -> dict[str, float]:
 
 @dataclass
 class DecoderTrainConfig(VAETrainConfig):
-    """Decoder-only refinement after the generator (``PretrainConfig.decoder``: one config per phase, run in order;
-    off in the shipped build).
+    """Decoder-only refinement after the generator (``PretrainConfig.decoder``: one config per phase, run in order).
 
-    It sharpens the world's pictures, and the shipped world is better without it. Measured on the shipped layout
-    (2026-11-28; 3000 steps, ``latent_noise`` 0.1 and 0.2 alike): the golden judge reads the shapes of held-out
-    reconstructions right 88% of the time (24% without); the reconstructions' high-frequency energy rises from
-    0.16x to 0.73-0.79x that of real pictures and their foreground area falls from 1.17x to 1.00x. But then:
+    It sharpens the world's pictures. The shipped build runs 3000 steps of it, then 1500 with ``hf_weight`` 0.03.
+    With MSE alone the world had no room for alignment. Measured on the 2026-11-28 shipped generator (3000 steps,
+    ``latent_noise`` 0.1 and 0.2 alike): the golden judge reads the shapes of held-out reconstructions right 88%
+    of the time (24% without); the reconstructions' high-frequency energy rises from 0.16x to 0.73-0.79x that of
+    real pictures and their foreground area falls from 1.17x to 1.00x. But then:
 
-    - the shipped generator (9000 steps) scores 0.79 on held-out prompts and 1.0 on training ones (its latents
+    - that generator (9000 steps) scores 0.79 on held-out prompts and 1.0 on training ones at CFG 5 (its latents
       held the shapes all along), which leaves alignment no room, and its samples are still 0.67x real pictures
       in high-frequency energy;
     - a generator trained 2000 steps on the sharper VAE scores 0.32 / 0.61, but its samples are 1.23x real
       pictures in area and 0.62x in high-frequency energy, and a DiNa-LRM on its backbone ranks held-out
-      pairs at 0.62 against the annotators' 0.78 (shipped: 0.72; on the 9000-step generator's backbone and the
+      pairs at 0.62 against the annotators' 0.78 (then shipped: 0.72; on the 9000-step generator's backbone and the
       same pairs, 0.60-0.64), with no size bias (-0.16 at u = 0.1) and no pull on the golden score either
       (seed 0: ReFL +0.01, Flow-GRPO-Fast -0.04);
     - with 16 latent channels (as SD3.5's VAE) instead of 4, the refined decoder's reconstructions reach 0.84x
@@ -214,8 +214,8 @@ class DecoderTrainConfig(VAETrainConfig):
     # high-frequency energy, and the base's samples from 0.73x to 0.96x at CFG 1 (0.66x -> 0.87x at CFG 5), with
     # golden 0.62 -> 0.60 and area 0.94x at CFG 1. That generator with this decoder sits inside both realism
     # guards at CFG 1 (270 samples: golden 0.55, 0.90x / 0.92x), but ReFL and Flow-GRPO-Fast with a DiNa-LRM
-    # trained on it lost golden score while growing the shapes; GeneratorTrainConfig.undersized_share has what
-    # undersized pretraining pictures do on top of it (issue #8's notes)
+    # trained on it lost golden score while growing the shapes; the shipped world adds a continuation leg on
+    # undersized pictures (GeneratorTrainConfig.undersized_share), which gives alignment room (issue #8's notes)
     hf_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -288,12 +288,12 @@ class GeneratorTrainConfig:
     # share of training pictures drawn with an undersized shape (radius 2.0-2.6 px instead of 4.0-5.5; captions
     # unchanged; world.DrawConfig.undersized_share). The generator then draws small shapes for part of every
     # prompt, which the golden judge and the annotators both mark down: room that the preference set rewards and
-    # that carries to held-out prompts. Measured 2026-12-07 (issue #8; the shipped generator trained 2500 more
-    # steps at 0.4, the energy-term decoder, pairs at CFG 1-2, 270 held-out samples at CFG 1): base 0.34, a
+    # that carries to held-out prompts. Measured 2026-12-07 (issue #8; the shipped world: 9000 steps at 0, then
+    # 2500 more at 0.4, the energy-term decoder, pairs at CFG 1-2, 270 held-out samples at CFG 1): base 0.34, a
     # DiNa-LRM on it ranks held-out pairs at 0.88 (the annotators' 0.88), Flow-GRPO-Fast +0.18 in 30 updates
     # over 3 seeds inside both realism guards. Without it, the same decoder gives a base of 0.55 whose DiNa-LRM
-    # reaches 0.64 and from which no trainer gains. But the share does not do it alone: a generator pretrained from
-    # scratch at 0.4 (9000 steps, then the decoder phases 3000 + 1500 at hf_weight 0.03, pairs at CFG 1-2, an
+    # reaches 0.64 and from which no trainer gains. The order matters: a generator pretrained from scratch at 0.4
+    # (9000 steps, then the decoder phases 3000 + 1500 at hf_weight 0.03, pairs at CFG 1-2, an
     # adversarially trained DiNa-LRM) samples alike (base 0.33, 0.77x / 0.63x) while its DiNa-LRM ranks held-out
     # pairs at 0.82-0.84 against the annotators' 0.87, and Flow-GRPO-Fast gains +0.12 / +0.03 / +0.09 in 30
     # updates, ReFL +0.05 on each of 3 seeds in 40 steps
@@ -466,11 +466,11 @@ class PretrainConfig:
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     generator: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
     # further legs of rectified-flow training after ``generator``, each with its own schedule, seed and data: the
-    # measured world of GeneratorTrainConfig.undersized_share was the shipped generator plus a leg of 2500 steps
-    # at lr 1e-3, seed 1, undersized_share 0.4 (none in the shipped build)
+    # shipped build runs one leg of 2500 steps at lr 1e-3, seed 1, undersized_share 0.4
+    # (rlkit.shapes.build.SHIPPED_CONTINUATION)
     continuation: tuple[GeneratorTrainConfig, ...] = ()
     # decoder-only refinement after the generator, in phases run one after the other, each with its own schedule
-    # (none in the shipped build; issue #8's measured worlds ran MSE refinement, then the energy term)
+    # (the shipped build: MSE refinement, then the energy term; rlkit.shapes.build.SHIPPED_DECODER)
     decoder: tuple[DecoderTrainConfig, ...] = ()
     seed: int = 0
 

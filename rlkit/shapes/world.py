@@ -168,11 +168,11 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def draw(scene: Scene, rng: np.random.Generator, config: DrawConfig = DrawConfig()) -> np.ndarray:
     """One picture ``(3, H, W)`` float32 in [0, 1] of ``scene``, jittered by ``rng``."""
+    undersized = config.undersized_share > 0 and rng.random() < config.undersized_share
     xs, ys = _grid(config.size)
     row, col = POSITIONS[scene.position]
     cx = config.cell_centers[col] + rng.uniform(-config.position_jitter, config.position_jitter)
     cy = config.cell_centers[row] + rng.uniform(-config.position_jitter, config.position_jitter)
-    undersized = config.undersized_share > 0 and rng.random() < config.undersized_share
     r = rng.uniform(*(config.undersized_radius_range if undersized else config.radius_range))
     if scene.shape == "triangle":  # move the triangle so that its centroid (not its box centre) is at (cx, cy)
         cy -= r / 3
