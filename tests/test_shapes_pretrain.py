@@ -247,7 +247,10 @@ def test_a_continuation_leg_equals_continuing_the_saved_generator(tmp_path):
     first = pretrain.PretrainConfig(vae=pretrain.VAETrainConfig(steps=4, batch_size=8),
                                     generator=pretrain.GeneratorTrainConfig(steps=4, batch_size=8, num_images=32))
     leg = pretrain.GeneratorTrainConfig(steps=3, batch_size=8, num_images=32, lr=1e-3, seed=1, undersized_share=0.5)
-    quiet = lambda _: None  # noqa: E731
+
+    def quiet(_: str) -> None:
+        pass
+
     whole, stats = pretrain.pretrain(replace(first, continuation=(leg,)), tmp_path / "whole", quiet)
     assert stats["generator_steps"] == 7 and not (tmp_path / "whole_pretrain").exists()
     pretrain.pretrain(first, tmp_path / "first", quiet)
