@@ -209,7 +209,7 @@ class DecoderTrainConfig(VAETrainConfig):
     latent_noise: float = 0.1
     # weight of ``(log HF(decoded) - log HF(pictures))^2`` beside the MSE, with HF the batch's mean
     # :func:`rlkit.shapes.judges.high_frequency_energy`: MSE alone draws the mean of the pictures a latent could
-    # be, and that mean is blurred. Measured 2026-12-07 on the shipped generator (108 held-out samples): 1500 more
+    # be, and that mean is blurred. Measured 2026-12-07 on the 2026-11-28 generator (108 held-out samples): 1500 more
     # steps at 0.03 after 3000 at 0 lift held-out reconstructions from 0.71x to 0.93x real pictures'
     # high-frequency energy, and the base's samples from 0.73x to 0.96x at CFG 1 (0.66x -> 0.87x at CFG 5), with
     # golden 0.62 -> 0.60 and area 0.94x at CFG 1. That generator with this decoder sits inside both realism
@@ -290,9 +290,10 @@ class GeneratorTrainConfig:
     # prompt, which the golden judge and the annotators both mark down: room that the preference set rewards and
     # that carries to held-out prompts. Measured 2026-12-07 (issue #8; the shipped world: 9000 steps at 0, then
     # 2500 more at 0.4, the energy-term decoder, pairs at CFG 1-2, 270 held-out samples at CFG 1): base 0.34, a
-    # DiNa-LRM on it ranks held-out pairs at 0.88 (the annotators' 0.88), Flow-GRPO-Fast +0.18 in 30 updates
-    # over 3 seeds inside both realism guards. Without it, the same decoder gives a base of 0.55 whose DiNa-LRM
-    # reaches 0.64 and from which no trainer gains. The order matters: a generator pretrained from scratch at 0.4
+    # DiNa-LRM on it ranks held-out pairs at 0.88 (the annotators' ceiling 0.88), Flow-GRPO-Fast +0.18 in 30
+    # updates over 3 seeds inside both realism guards (+0.21 with the adversarially trained DiNa-LRM it ships).
+    # Without it, the same decoder gives a base of 0.55 whose DiNa-LRM reaches 0.64 and from which no trainer
+    # gains. The order matters: a generator pretrained from scratch at 0.4
     # (9000 steps, then the decoder phases 3000 + 1500 at hf_weight 0.03, pairs at CFG 1-2, an
     # adversarially trained DiNa-LRM) samples alike (base 0.33, 0.77x / 0.63x) while its DiNa-LRM ranks held-out
     # pairs at 0.82-0.84 against the annotators' 0.87, and Flow-GRPO-Fast gains +0.12 / +0.03 / +0.09 in 30
