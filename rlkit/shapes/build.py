@@ -265,10 +265,11 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
         torch.set_num_threads(num_threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unknown = set(configs or {}) - set(stage_configs(fast))
+    defaults = stage_configs(fast)
+    unknown = set(configs or {}) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown stage settings {sorted(unknown)}; expected some of {sorted(stage_configs(fast))}")
-    configs = {**stage_configs(fast), **(configs or {})}
+        raise ValueError(f"unknown stage settings {sorted(unknown)}; expected some of {sorted(defaults)}")
+    configs = {**defaults, **(configs or {})}
     report: dict = {"fast": fast, "seconds": {}, "stats": {}, "settings": {k: asdict(v) for k, v in configs.items()}}
     previous = out_dir / REPORT_NAME
     if set(stages) != set(STAGES) and previous.is_file():

@@ -476,6 +476,12 @@ class PretrainConfig:
     seed: int = 0
 
 
+def _merge_phase(stats: dict[str, float], phase: dict[str, float]) -> None:
+    """Adds one training phase's stats to ``stats``: ``*_steps`` summed over the phases, the rest the last one's."""
+    for key, value in phase.items():
+        stats[key] = stats.get(key, 0) + value if key.endswith("_steps") else value
+
+
 def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=print) -> tuple[SD3Generator, dict]:
     """Builds, trains and (when ``out_dir`` is given) saves the Shapes generator pipeline folder."""
     from diffusers import StableDiffusion3Pipeline
@@ -498,15 +504,11 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=prin
     pipe = StableDiffusion3Pipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     generator = SD3Generator(pipeline=pipe, max_sequence_length=MAX_SEQUENCE_LENGTH)
-    for i, leg in enumerate((config.generator, *config.continuation)):  # the last leg's loss, every leg's steps
+    for i, leg in enumerate((config.generator, *config.continuation)):
         name = "generator.pt" if i == 0 else f"generator_leg{i}.pt"
-        leg_stats = train_generator(generator, leg, log, checkpoint=work / name if work is not None else None)
-        stats["generator_steps"] = stats.get("generator_steps", 0) + leg_stats["generator_steps"]
-        stats["generator_loss"] = leg_stats["generator_loss"]
-    for phase in config.decoder:  # the last phase's error, every phase's steps
-        phase_stats = finetune_decoder(components["vae"], phase, log)
-        stats["decoder_steps"] = stats.get("decoder_steps", 0) + phase_stats["decoder_steps"]
-        stats["decoder_mse"] = phase_stats["decoder_mse"]
+        _merge_phase(stats, train_generator(generator, leg, log, checkpoint=work / name if work is not None else None))
+    for phase in config.decoder:
+        _merge_phase(stats, finetune_decoder(components["vae"], phase, log))
     if out_dir is not None:
         pipe.save_pretrained(out_dir)
         shutil.rmtree(work, ignore_errors=True)
