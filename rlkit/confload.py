@@ -192,6 +192,23 @@ def resolve_package_path(value: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 
+def package_path(value: Any) -> Any:
+    """The inverse of :func:`resolve_package_path` over a recipe's values: absolute paths inside the rlkit package
+    become ``pkg://rlkit/...`` again, so that a checkpoint built into the package records paths that hold on
+    every machine it is installed on. Other values are returned as they are."""
+    if isinstance(value, list):
+        return [package_path(v) for v in value]
+    if isinstance(value, dict):
+        return {k: package_path(v) for k, v in value.items()}
+    if not isinstance(value, str) or not value.startswith("/"):
+        return value
+    root = Path(resolve_package_path(f"{PACKAGE_SCHEME}rlkit"))
+    path = Path(value)
+    if root in path.parents:
+        return f"{PACKAGE_SCHEME}rlkit/{path.relative_to(root).as_posix()}"
+    return value
+
+
 def _resolve_any(value: Any) -> Any:
     if isinstance(value, str):
         return resolve_package_path(value)

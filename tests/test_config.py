@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from rlkit.config import ConfigError, Recipe, load_recipe, recipe_from_dict, save_resolved
+from rlkit.confload import package_path
 
 RECIPES = sorted(p for p in Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml")
                  if "accelerate" not in p.parts and "sweeps" not in p.parts)
@@ -80,3 +81,17 @@ def test_package_paths_resolve_to_the_installed_package(tmp_path):
     root = Path(rlkit.__file__).parent
     assert r.model.pretrained == str(root / "shapes/assets/generator")
     assert r.rewards[0].args == {"pretrained": str(root / "x"), "u": 0.4}
+
+
+def test_package_path_turns_paths_inside_the_package_back_into_pkg_names():
+    import rlkit
+
+    root = Path(rlkit.__file__).parent
+    recipe = recipe_from_dict({"algorithm": "refl", "model": {"pretrained": "pkg://rlkit/shapes/assets/generator"},
+                               "rewards": [{"name": "dina-lrm", "args": {"pretrained": "/elsewhere/dina"}}]})
+    recorded = package_path(recipe.to_dict())
+    assert recorded["model"]["pretrained"] == "pkg://rlkit/shapes/assets/generator"
+    assert recorded["rewards"][0]["args"]["pretrained"] == "/elsewhere/dina"  # outside the package: unchanged
+    assert package_path([str(root / "a" / "b.parquet"), "shapes:drawn:16", 3]) == [
+        "pkg://rlkit/a/b.parquet", "shapes:drawn:16", 3]
+    assert package_path(str(root.parent / "rlkitx" / "y")) == str(root.parent / "rlkitx" / "y")  # a sibling folder

@@ -257,6 +257,8 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
     ``stages`` reruns only some stages (later ones read the earlier ones' outputs from ``out_dir``); their
     numbers are merged into an existing report. ``configs`` replaces some of :func:`stage_configs`' settings (keys
     ``pretrain``, ``clip``, ``evaluate``, ``preferences``): another world, built and measured the same way.
+    The ``dina_lrm`` stage starts processes by ``spawn``, which import the calling script again: a script that
+    calls this function does so under ``if __name__ == "__main__":``.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -300,6 +302,7 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
 
     def stage_clip() -> dict:
         train_clip(configs["clip"], log).save_pretrained(str(out_dir / "clip"))
+        (out_dir / "clip" / "README.md").unlink(missing_ok=True)  # the hub mixin's placeholder model card
         return {}
 
     def stage_preferences() -> dict:

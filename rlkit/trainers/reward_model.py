@@ -42,6 +42,7 @@ from torch import Tensor
 
 from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
 from rlkit.config import Recipe, RewardModelConfig, save_resolved, source_list
+from rlkit.confload import package_path
 from rlkit.data import BucketBatchSampler, LoadOptions, PreferencePair, collate_pairs, load_pairs, shape_key
 from rlkit.runtime.accelerator import build_accelerator, full_weights_loading, gathered, uses_deepspeed
 from rlkit.runtime.seeding import derive_seed, make_generator
@@ -224,7 +225,7 @@ def _build_model(recipe: Recipe, gen):
         model = DiNaLRM.build(arch, gen.transformer, share=False)
     model.set_trainable(lora=cfg.trainable == "lora_head", head=True, backbone=cfg.trainable == "full")
     model.config = replace(model.config, extra={
-        **model.config.extra, "rlkit_recipe": recipe.to_dict(),
+        **model.config.extra, "rlkit_recipe": package_path(recipe.to_dict()),
         "training": {**dict(model.config.extra.get("training") or {}), "ema_decay": recipe.ema.decay,
                      "use_ema": recipe.ema.enabled, "t_weighting_scheme": cfg.timestep_sampling,
                      "learning_rate": recipe.optim.lr, "warmup_steps": recipe.optim.warmup_steps}})
