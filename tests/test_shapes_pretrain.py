@@ -234,6 +234,7 @@ def test_generator_pretraining_killed_midway_resumes_to_the_same_weights(tiny_sd
     resumed = fresh()
     stats = pretrain.train_generator(resumed, config, log=messages.append, checkpoint=checkpoint, checkpoint_every=2)
     assert stats["generator_steps"] == 6 and "resuming from step 2" in messages[0]
+    assert 0 < stats["generator_seconds_per_step"] < 60  # counts the steps before the kill, and their time
     for (name, a), b in zip(whole.transformer.state_dict().items(), resumed.transformer.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(fresh().transformer.proj_out.weight, resumed.transformer.proj_out.weight)

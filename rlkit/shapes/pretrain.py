@@ -426,7 +426,9 @@ def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=p
                                "rng": gen.get_state(), "step": step + 1, "loss_ema": ema,
                                "seconds": budget.elapsed()}, checkpoint)
     model.eval().requires_grad_(False)
-    return {"generator_loss": float(ema), "generator_steps": step + 1}
+    # the machine's pace, which sets the build's time (a resumed run counts the time spent before it was killed)
+    return {"generator_loss": float(ema), "generator_steps": step + 1,
+            "generator_seconds_per_step": round(budget.elapsed() / max(step + 1, 1), 4)}
 
 
 @torch.no_grad()
