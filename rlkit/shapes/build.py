@@ -17,14 +17,15 @@ The generator stage runs the VAE, 9000 steps of pretraining, a continuation leg 
 40% have an undersized shape, and the decoder refinement in two phases (``SHIPPED_CONTINUATION``,
 ``SHIPPED_DECODER``); the preference pairs are sampled at CFG 1-2 and the DiNa-LRM is trained adversarially
 (``recipes/dina_lrm_shapes.yaml``). The shipped assets were made by these stages run one at a time (2026-11-28 and
-2026-12-07): the first 9000 steps are the 2026-11-28 build's generator, whose stage took 18.3 minutes on 2 idle cores;
-the continuation leg, the decoder phases, the pairs and the DiNa-LRM were trained by the same functions afterwards
-(the MSE decoder phase by an equivalent loop with other random draws). The whole build in one run is not timed yet:
-from stage times measured on a slower machine (2026-12-07, 0.19 s per generator step at 2 threads), about 74 minutes
-there (generator stage 48, dina_lrm 22, the rest 4), over the 30-minute target. Every training stage is bound by its
-step count; its minute cap only binds on a slower or busy machine, which then builds a different world (and says so).
-What the shipped world measures at CFG 1: base generator 0.34 on held-out prompts (0.94 at CFG 5), DiNa-LRM held-out
-pair accuracy 0.88, where the annotators' second labelling agrees with their first on 0.71 (0.85 counting its ties as
+2026-12-07): the first 9000 steps are the 2026-11-28 build's generator, whose stage took 18.3 minutes on 2 idle
+cores; the continuation leg, the decoder phases, the pairs and the DiNa-LRM were trained by the same functions
+afterwards (the MSE decoder phase by an equivalent loop with other random draws). One build of these settings in one
+run (2026-12-07, 2 threads, 0.19 s per generator step) took about 76 minutes (generator 48.5, dina_lrm 23, the rest
+4) and gave a transformer bit-identical to the shipped one, with other decoder weights; the 30-minute target holds
+only on a machine about 1.5x faster per step (2026-11-28: 0.115 s). Every training stage is bound by its step count;
+its minute cap only binds on a slower or busy machine, which then builds a different world (and says so). What the
+shipped world measures at CFG 1: base generator 0.34 on held-out prompts (0.94 at CFG 5), DiNa-LRM held-out pair
+accuracy 0.88, where the annotators' second labelling agrees with their first on 0.71 (0.85 counting its ties as
 half); the demo's numbers are in the README. ``build_report.json`` says which run made each asset.
 
 ``rlkit shapes build`` calls :func:`main`; ``--evaluate`` only measures an existing folder.
