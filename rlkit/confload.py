@@ -13,7 +13,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 
@@ -192,31 +192,33 @@ def resolve_package_path(value: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """``fn`` applied to every string in a recipe's nested lists and dicts."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    return value
+
+
 def package_path(value: Any) -> Any:
     """The inverse of :func:`resolve_package_path` over a recipe's values: absolute paths inside the rlkit package
     become ``pkg://rlkit/...`` again, so that a checkpoint built into the package records paths that hold on
     every machine it is installed on. Other values are returned as they are."""
-    if isinstance(value, list):
-        return [package_path(v) for v in value]
-    if isinstance(value, dict):
-        return {k: package_path(v) for k, v in value.items()}
-    if not isinstance(value, str) or not value.startswith("/"):
-        return value
     root = Path(resolve_package_path(f"{PACKAGE_SCHEME}rlkit"))
-    path = Path(value)
-    if root in path.parents:
-        return f"{PACKAGE_SCHEME}rlkit/{path.relative_to(root).as_posix()}"
-    return value
+
+    def relative(text: str) -> str:
+        if text.startswith("/") and root in Path(text).parents:
+            return f"{PACKAGE_SCHEME}rlkit/{Path(text).relative_to(root).as_posix()}"
+        return text
+
+    return _map_strings(value, relative)
 
 
 def _resolve_any(value: Any) -> Any:
-    if isinstance(value, str):
-        return resolve_package_path(value)
-    if isinstance(value, list):
-        return [_resolve_any(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _resolve_any(v) for k, v in value.items()}
-    return value
+    return _map_strings(value, resolve_package_path)
 
 
 def parse_override(text: str) -> tuple[list[str | int], Any]:
