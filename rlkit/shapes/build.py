@@ -21,12 +21,14 @@ The generator stage runs the VAE, 9000 steps of pretraining, a continuation leg 
 cores; the continuation leg, the decoder phases, the pairs and the DiNa-LRM were trained by the same functions
 afterwards (the MSE decoder phase by an equivalent loop with other random draws). One build of these settings in one
 run (2026-12-07, 2 threads, 0.19 s per generator step) took about 76 minutes (generator 48.5, dina_lrm 23, the rest
-4) and gave a transformer bit-identical to the shipped one, with other decoder weights; the 30-minute target holds
-only on a machine about 1.5x faster per step (2026-11-28: 0.115 s). Every training stage is bound by its step count;
-its minute cap only binds on a slower or busy machine, which then builds a different world (and says so). What the
-shipped world measures at CFG 1: base generator 0.34 on held-out prompts (0.94 at CFG 5), DiNa-LRM held-out pair
-accuracy 0.88, where the annotators' second labelling agrees with their first on 0.71 (0.85 counting its ties as
-half); the demo's numbers are in the README. ``build_report.json`` says which run made each asset.
+4) and gave a transformer bit-identical to the shipped one, with other decoder weights, in a world where the full
+demo gains +0.153 (ReFL) and +0.193 (Flow-GRPO-Fast) over 3 seeds within the guards. The time scales with the pace
+per step: the 30-minute target needs a machine about 2.5x faster than that (on 2026-11-28 this one ran 0.115 s per
+step, which makes about 46 minutes). Every training stage is bound by its step count; its minute cap only binds on a
+slower or busy machine, which then builds a different world (and says so). What the shipped world measures at CFG 1:
+base generator 0.34 on held-out prompts (0.94 at CFG 5), DiNa-LRM held-out pair accuracy 0.88, where the annotators'
+second labelling agrees with their first on 0.71 (0.85 counting its ties as half); the demo's numbers are in the
+README. ``build_report.json`` says which run made each asset.
 
 ``rlkit shapes build`` calls :func:`main`; ``--evaluate`` only measures an existing folder.
 """
