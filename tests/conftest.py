@@ -31,6 +31,19 @@ def tiny_generator(tiny_sd3_dir):
 
 
 @pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (its mixed precision cannot change within it); reset it around a
+    test that builds its own ``Accelerator``."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture()
 def placed_reward(monkeypatch):
     """Registers reward ``test-placed`` for this test and returns its class: a latent reward with one weight
     (``value``, its score) that records every device it is moved to (``moves``)."""

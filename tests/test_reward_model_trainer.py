@@ -268,18 +268,8 @@ def test_train_sources_are_concatenated_and_drawn_pairs_are_encoded_by_the_gener
         rm.setup(bad)
 
 
-@pytest.fixture()
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change; reset it around the test."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.slow
-def test_bf16_backbone_trains_fp32_weights_under_autocast(tiny_sd3_dir, tmp_path, fresh_accelerator_state):
+def test_bf16_backbone_trains_fp32_weights_under_autocast(tiny_sd3_dir, tmp_path, fresh_accelerate_state):
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, tmp_path, steps=3) + [
         "model.dtype=bf16", "launch.mixed_precision=bf16", "reward_model.data.eval="])
     run = rm.setup(recipe)

@@ -19,15 +19,7 @@ from rlkit.runtime.accelerator import (
 from rlkit.runtime.seeding import Generators, derive_seed, make_generator, seed_everything
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_single_process_accelerator_and_frozen_helper():
