@@ -30,6 +30,9 @@ def test_quick_demo_trains_both_algorithms_and_writes_the_report(tmp_path, capsy
         assert all(0.0 <= g[2] <= 1.0 for g in r["golden"])
         assert all(math.isfinite(v) and v > 0 for v in r["guards"].values())
         assert len(r["proxy"]) == len(r["golden"])
+        # the guards at every evaluation, as ratios to real pictures: the last one is the final verdict's
+        assert [g[:2] for g in r["guard_curve"]] == [g[:2] for g in r["golden"]]
+        assert r["guard_curve"][0][2] == r["guards_before"] and r["guard_curve"][-1][2] == r["guards"]
         # training optimised the proxy (DiNa-LRM on held-out prompts), and the golden judge, which shares
         # none of its blind spots, agrees on the same 108 held-out samples (seeded, so before and after are paired)
         assert r["proxy"][-1][2] > r["proxy"][0][2]
@@ -65,13 +68,38 @@ def test_a_guard_is_reward_hacking_only_when_the_run_pushes_it_off(before, after
 def test_runs_are_compared_at_the_wall_time_of_the_shortest(tmp_path):
     from rlkit.shapes.demo import RunSummary, write_report
 
-    latent = RunSummary("refl+dina-lrm", "refl", 0, tmp_path / "a", golden=[(0, 0.0, 0.2), (10, 50.0, 0.4), (20, 100.0, 0.5)])
+    latent = RunSummary("refl+dina-lrm", "refl", 0, tmp_path / "a",
+                        golden=[(0, 0.0, 0.2), (10, 50.0, 0.4), (20, 100.0, 0.5)])
     pixel = RunSummary("refl+pixel-clip", "refl", 0, tmp_path / "b", golden=[(0, 0.0, 0.2), (10, 80.0, 0.3)])
     assert latent.golden_at(80.0) == 0.4 and latent.golden_at(10.0) == 0.2 and pixel.golden_at(80.0) == 0.3
     write_report([latent, pixel], {"foreground_area": 1.0, "high_frequency": 1.0}, tmp_path)
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert [(r["golden_at_equal_time"], r["equal_time_s"]) for r in rows] == [(0.4, 80.0), (0.3, 80.0)]
     assert "0.400 (80 s)" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_curves_plot_golden_proxy_and_every_guard_at_every_evaluation(tmp_path):
+    from rlkit.runtime.tracking import METRICS_FILE
+    from rlkit.shapes.demo import GOLDEN, curve_panels, read_run, write_report
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [{"step": 0, "time/elapsed_s": 1.0, GOLDEN: 0.3, f"{GOLDEN}/foreground_area": 0.05,
+                f"{GOLDEN}/high_frequency": 0.002, "eval/proxy/dina-lrm": 1.5},
+               {"step": 5, "train/loss": 0.1},  # a training record: no evaluation
+               {"step": 10, "time/elapsed_s": 30.0, GOLDEN: 0.5, f"{GOLDEN}/foreground_area": 0.09,
+                f"{GOLDEN}/high_frequency": 0.003, "eval/proxy/dina-lrm": 2.5}]
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = read_run("refl+dina-lrm", "refl", 0, run_dir, wall_s=31.0)
+    assert run.golden == [(0, 1.0, 0.3), (10, 30.0, 0.5)] and run.proxy == [(0, 1.0, 1.5), (10, 30.0, 2.5)]
+    assert [(step, wall) for step, wall, _ in run.guard_curve] == [(0, 1.0), (10, 30.0)]
+    write_report([run], {"foreground_area": 0.1, "high_frequency": 0.004}, tmp_path)  # scales guards to ratios
+    panels = {title: series["refl+dina-lrm s0"] for title, _, series in curve_panels([run])}
+    assert list(panels) == ["golden judge (held-out prompts)", "proxy reward (held-out prompts)",
+                            "foreground area / real pictures", "high frequency / real pictures"]
+    assert panels["foreground area / real pictures"] == [(0, 1.0, pytest.approx(0.5)), (10, 30.0, pytest.approx(0.9))]
+    assert panels["high frequency / real pictures"] == [(0, 1.0, pytest.approx(0.5)), (10, 30.0, pytest.approx(0.75))]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_the_summary_names_the_guards_the_base_generator_already_fails(tmp_path):

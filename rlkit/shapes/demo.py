@@ -71,6 +71,7 @@ class RunSummary:
     proxy: list[tuple[int, float, float]] = field(default_factory=list)
     guards: dict[str, float] = field(default_factory=dict)  # final value (a ratio to real pictures once reported)
     guards_before: dict[str, float] = field(default_factory=dict)  # the base generator's, at the first evaluation
+    guard_curve: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)  # (step, wall s, guards)
     wall_s: float = 0.0
 
     @property
@@ -185,40 +186,61 @@ def read_run(label: str, algorithm: str, seed: int, run_dir: Path, wall_s: float
             if proxy:
                 summary.proxy.append((record["step"], wall, proxy[0]))
             summary.guards = {g: record[f"{GOLDEN}/{g}"] for g in GUARDS if f"{GOLDEN}/{g}" in record}
+            summary.guard_curve.append((record["step"], wall, dict(summary.guards)))
             if not summary.guards_before:
                 summary.guards_before = dict(summary.guards)
     return summary
 
 
+def curve_panels(runs: list[RunSummary]) -> list[tuple[str, str, dict[str, list[tuple[int, float, float]]]]]:
+    """What ``curves.png`` plots: per panel a title, a y label and each run's ``(step, wall s, value)`` points.
+
+    The golden score, the proxy reward and each realism guard (as a ratio to real pictures once
+    :func:`write_report` has scaled them); each is drawn against updates and against wall time.
+    """
+    def name(r: RunSummary) -> str:
+        return f"{r.label} s{r.seed}"
+
+    panels = [("golden judge (held-out prompts)", "all attributes correct", {name(r): r.golden for r in runs}),
+              ("proxy reward (held-out prompts)", "reward", {name(r): r.proxy for r in runs})]
+    for guard in GUARDS:
+        panels.append((f"{guard.replace('_', ' ')} / real pictures", "ratio",
+                       {name(r): [(step, wall, g[guard]) for step, wall, g in r.guard_curve if guard in g]
+                        for r in runs}))
+    return panels
+
+
 def plot_curves(runs: list[RunSummary], path: Path) -> None:
+    """``curves.png``: :func:`curve_panels` against updates (left) and wall time (right), a colour per run label
+    and a line style per seed; the guards' panels shade the band within ``GUARD_TOLERANCE`` of real pictures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for r in runs:
-        steps, walls, golden = zip(*r.golden)
-        axes[0, 0].plot(steps, golden, marker="o", label=f"{r.label} s{r.seed}")
-        axes[0, 1].plot(walls, golden, marker="o", label=f"{r.label} s{r.seed}")
-        if r.proxy:
-            ps, _, pv = zip(*r.proxy)
-            axes[1, 0].plot(ps, pv, marker=".", label=f"{r.label} s{r.seed}")
-    axes[0, 0].set(title="golden judge (held-out prompts)", xlabel="update", ylabel="all attributes correct")
-    axes[0, 1].set(title="golden judge vs wall time", xlabel="seconds", ylabel="all attributes correct")
-    axes[1, 0].set(title="proxy reward (held-out prompts)", xlabel="update", ylabel="reward")
-    labels = [f"{r.label} s{r.seed}" for r in runs]
-    for i, guard in enumerate(GUARDS):
-        axes[1, 1].bar([x + 0.4 * i for x in range(len(runs))], [r.guards.get(guard, float("nan")) for r in runs],
-                       width=0.4, label=guard)
-    axes[1, 1].axhspan(1 - GUARD_TOLERANCE, 1 + GUARD_TOLERANCE, color="green", alpha=0.1)
-    axes[1, 1].set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=7)
-    axes[1, 1].set(title="realism guards / real pictures (final)")
-    for ax in axes.flat:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(r.label for r in runs))}
+    dashes = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(dict.fromkeys(r.seed for r in runs))}
+    panels = curve_panels(runs)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    for row, (title, ylabel, series) in zip(axes, panels):
+        for r, (name, points) in zip(runs, series.items()):
+            if points:
+                steps, walls, values = zip(*points)
+                style = dict(marker=".", color=colours[r.label], linestyle=dashes[r.seed], label=name)
+                row[0].plot(steps, values, **style)
+                row[1].plot(walls, values, **style)
+        row[0].set(title=title, xlabel="update", ylabel=ylabel)
+        row[1].set(title=f"{title} vs wall time", xlabel="seconds", ylabel=ylabel)
+        if ylabel == "ratio":
+            for ax in row:
+                ax.axhspan(1 - GUARD_TOLERANCE, 1 + GUARD_TOLERANCE, color="green", alpha=0.1)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    rows = math.ceil(len(labels) / 3)
+    legend_height = (0.25 + 0.2 * rows) / fig.get_figheight()  # inches of legend as a fraction of the figure
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -229,6 +251,8 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
     for r in runs:
         r.guards = {g: v / real[g] for g, v in r.guards.items()}
         r.guards_before = {g: v / real[g] for g, v in r.guards_before.items()}
+        r.guard_curve = [(step, wall, {g: v / real[g] for g, v in guards.items()})
+                         for step, wall, guards in r.guard_curve]
     plot_curves(runs, out / "curves.png")
     for r in runs:
         samples = sorted((r.run_dir / "samples").glob("step_*.png"))
@@ -243,16 +267,18 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
              "reward hacking. `guards real` says whether both end within the band.", "",
              "`golden @ equal time`: each algorithm's runs compared at the wall time of its shortest run "
              "(the last evaluation finished by then), so a reward that decodes through the VAE pays for it.", "",
-             "| run | seed | golden before | golden after | gain ± 2 SE | golden @ equal time | proxy before | proxy after | "
-             "fg area | high freq | guards real | wall s | verdict |",
+             "| run | seed | golden before | golden after | gain ± 2 SE | golden @ equal time | proxy before | "
+             "proxy after | fg area | high freq | guards real | wall s | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     equal_time = {r.algorithm: min(q.golden[-1][1] for q in runs if q.algorithm == r.algorithm) for r in runs}
     for r in runs:
         proxy = (f"{r.proxy[0][2]:.3f} | {r.proxy[-1][2]:.3f}" if r.proxy else "- | -")
         guards = " | ".join(f"{r.guards_before.get(g, float('nan')):.2f} -> {r.guards.get(g, float('nan')):.2f}"
                             for g in GUARDS)
-        lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | {r.gain:+.3f} ± {2 * r.gain_se:.3f} | "
-                     f"{r.golden_at(equal_time[r.algorithm]):.3f} ({equal_time[r.algorithm]:.0f} s) | {proxy} | {guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {r.verdict} |")
+        equal = equal_time[r.algorithm]
+        lines.append(f"| {r.label} | {r.seed} | {r.golden[0][2]:.3f} | {r.golden[-1][2]:.3f} | "
+                     f"{r.gain:+.3f} ± {2 * r.gain_se:.3f} | {r.golden_at(equal):.3f} ({equal:.0f} s) | {proxy} | "
+                     f"{guards} | {'yes' if r.guards_real else 'no'} | {r.wall_s:.0f} | {r.verdict} |")
     base_off = sorted({f"{g} {v:.2f}" for r in runs for g, v in r.guards_before.items() if off_real(v)})
     if base_off:
         lines += ["", f"Off real pictures before any training (the base generator): {', '.join(base_off)}. A run "
@@ -284,8 +310,9 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
     summary.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps([
         {"label": r.label, "algorithm": r.algorithm, "seed": r.seed, "golden": r.golden, "proxy": r.proxy,
-         "guards": r.guards, "guards_before": r.guards_before, "guards_real": r.guards_real, "wall_s": r.wall_s,
-         "gain": r.gain, "gain_se": r.gain_se, "verdict": r.verdict, "hacked": r.hacked, "golden_at_equal_time": r.golden_at(equal_time[r.algorithm]),
+         "guards": r.guards, "guards_before": r.guards_before, "guard_curve": r.guard_curve,
+         "guards_real": r.guards_real, "wall_s": r.wall_s, "gain": r.gain, "gain_se": r.gain_se, "verdict": r.verdict,
+         "hacked": r.hacked, "golden_at_equal_time": r.golden_at(equal_time[r.algorithm]),
          "equal_time_s": equal_time[r.algorithm]} for r in runs], indent=1))
     return summary
 
