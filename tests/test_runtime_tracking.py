@@ -34,12 +34,24 @@ def test_image_grid_layout_and_pixels(tmp_path):
         y, x = PADDING + (i // 3) * cell, PADDING + (i % 3) * cell
         assert tuple(grid[y + 3, x + 3]) == (round(255 * i / 5), 0, 255)
     assert tuple(grid[PADDING + cell + 3, PADDING + 2 * cell + 3]) == (255, 255, 255)  # empty sixth cell
-    captioned = make_image_grid(_images(2, size=32), captions=["red circle", "a blue square on the left"])
-    assert captioned.size[1] > 32 + 2 * PADDING  # room for caption text below the tiles
+    captioned = np.asarray(make_image_grid(_images(2, size=32), captions=["red circle", "a blue square on the left"]))
+    # 32-pixel tiles are enlarged 3x for their captions, pixel for pixel; the captions get room below the tiles
+    assert captioned.shape[1] == 2 * (96 + PADDING) + PADDING and captioned.shape[0] > 96 + 2 * PADDING
+    second = captioned[PADDING:PADDING + 96, 2 * PADDING + 96:2 * PADDING + 192]
+    assert (second == np.array([round(255 * 1 / 2), 0, 255], dtype=np.uint8)).all()
     with pytest.raises(ValueError, match="captions"):
         make_image_grid(images, captions=["one"])
     with pytest.raises(ValueError, match="shape"):
         make_image_grid(torch.zeros(2, 1, 8, 8))
+
+
+def test_captions_wrap_whole_words_and_say_when_they_are_cut():
+    from rlkit.runtime.images import caption_lines
+
+    assert caption_lines("a blue circle at the top left", 96) == ["a blue circle at", "the top left"]
+    long = caption_lines("a green triangle at the bottom right, drawn small on a dark background", 96)
+    assert len(long) == 3 and all(len(line) <= 16 for line in long) and long[-1].endswith("...")
+    assert caption_lines("", 96) == []
 
 
 def test_jsonl_and_tensorboard(tmp_path):
