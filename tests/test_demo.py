@@ -38,7 +38,10 @@ def test_quick_demo_trains_both_algorithms_and_writes_the_report(tmp_path, capsy
         assert r["proxy"][-1][2] > r["proxy"][0][2]
         golden = [g[2] for g in r["golden"]]
         assert golden[-1] > golden[0], f"{r['label']}: golden {golden}"
-    assert "read back through the generator's own VAE" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "read back through the generator's own VAE" in summary
+    grids = "| refl+dina-lrm | ![before](refl+dina-lrm_s0_before.png) | ![after](refl+dina-lrm_s0_after.png) |"
+    assert grids in summary
 
 
 def test_demo_without_checkpoints_says_how_to_rebuild(tmp_path, monkeypatch, capsys):

@@ -254,11 +254,14 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
         r.guard_curve = [(step, wall, {g: v / real[g] for g, v in guards.items()})
                          for step, wall, guards in r.guard_curve]
     plot_curves(runs, out / "curves.png")
+    grids: dict[str, tuple[str, str]] = {}  # run label -> its first seed's before / after grid files
     for r in runs:
         samples = sorted((r.run_dir / "samples").glob("step_*.png"))
         if samples:
-            shutil.copy(samples[0], out / f"{r.label}_s{r.seed}_before.png")
-            shutil.copy(samples[-1], out / f"{r.label}_s{r.seed}_after.png")
+            before, after = f"{r.label}_s{r.seed}_before.png", f"{r.label}_s{r.seed}_after.png"
+            shutil.copy(samples[0], out / before)
+            shutil.copy(samples[-1], out / after)
+            grids.setdefault(r.label, (before, after))
     lines = ["# rlkit demo: the Shapes proving ground", "",
              "Golden judge: fraction of held-out samples with colour, shape and position all correct "
              "(analytic, not learned). Guards: foreground area and high-frequency energy of the samples "
@@ -306,6 +309,11 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
                   "reward model of the preference set would return, so reward accuracy sets no limit there (a share "
                   "is shown where the oracle gained)."]
     lines += ["", "![curves](curves.png)", ""]
+    if grids:
+        lines += ["## Held-out samples before and after (the same prompts and noise)", "",
+                  "| run | before | after |", "|---|---|---|"]
+        lines += [f"| {label} | ![before]({before}) | ![after]({after}) |" for label, (before, after) in grids.items()]
+        lines += ["", "Every seed's grids are beside this file (`<run>_s<seed>_before.png`, `..._after.png`).", ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps([
