@@ -247,7 +247,8 @@ def plot_curves(runs: list[RunSummary], path: Path) -> None:
 def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
                  reconstruction: dict[str, float] | None = None) -> Path:
     """Writes ``summary.md``, ``summary.json``, ``curves.png`` and the grids; ``real`` and ``reconstruction``
-    are :func:`real_guard_values` and :func:`reconstruction_guard_values`."""
+    are :func:`real_guard_values` and :func:`reconstruction_guard_values`. The runs' guard values (``guards``,
+    ``guards_before``, ``guard_curve``) become ratios to ``real`` in place, so call it once per set of runs."""
     for r in runs:
         r.guards = {g: v / real[g] for g, v in r.guards.items()}
         r.guards_before = {g: v / real[g] for g, v in r.guards_before.items()}
