@@ -82,7 +82,9 @@ def test_cli_prints_both_tables_and_writes_the_shortcut_check_to_json(tmp_path, 
     import json
 
     out = tmp_path / "rewards.json"
-    assert reward_report.main(["--limit", "8", "--shortcut-samples", "8", "--json", str(out)]) == 0
+    plot = tmp_path / "accuracy.png"
+    assert reward_report.main(["--limit", "8", "--shortcut-samples", "8", "--json", str(out), "--plot", str(plot)]) == 0
+    assert plot.stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "| annotators | second labelling |" in printed and "with high-frequency energy" in printed
     result = json.loads(out.read_text())
@@ -90,6 +92,28 @@ def test_cli_prints_both_tables_and_writes_the_shortcut_check_to_json(tmp_path, 
     shortcuts = {(r["reward"], r["setting"]): r for r in result["shortcuts"]}
     assert shortcuts["annotators", "utility"]["groups"] == 1 and ("dina-lrm", "u=0.70") in shortcuts
     assert set(shortcuts["dina-lrm", "u=0.70"]) == {"reward", "setting", "utility", "area", "high_frequency", "groups"}
+
+
+def test_accuracy_series_split_level_rows_from_the_rest_and_drawn_pairs_from_the_annotators(tmp_path):
+    from rlkit.eval_reward import summarize
+
+    def row(setting, margins):
+        return summarize(setting, torch.tensor(margins, dtype=torch.float32))
+
+    rows = [("annotators", row("second labelling", [1, 1, -1, 0])),
+            ("dina-lrm", row("reward", [1, 1, 1, -1])), ("dina-lrm", row("u=0.10", [1, 1, 1, 1])),
+            ("dina-lrm", row("u=0.90", [1, -1, 0, -1])), ("dina-lrm", row("ensemble(0.2,0.5)", [1, 1, -1, -1])),
+            ("shapes-clip", row("reward", [1, -1, -1, -1])), ("dina-lrm, drawn", row("u=0.10", [1, 1, 1, -1]))]
+    annotated = reward_report.accuracy_series(rows, drawn=False)
+    assert list(annotated) == ["annotators", "dina-lrm", "shapes-clip"]
+    assert annotated["annotators"].lines == [("second labelling", 0.625)]  # a tie counts as half
+    dina = annotated["dina-lrm"]
+    assert [level[:2] for level in dina.levels] == [(0.1, 1.0), (0.9, 0.375)]
+    assert all(low <= acc <= high for _, acc, low, high in dina.levels)
+    assert dina.lines == [("reward", 0.75), ("ensemble(0.2,0.5)", 0.5)]
+    drawn = reward_report.accuracy_series(rows, drawn=True)
+    assert list(drawn) == ["dina-lrm"] and drawn["dina-lrm"].levels[0][:2] == (0.1, 0.75)
+    assert reward_report.plot_accuracy(rows, tmp_path / "a.png").stat().st_size > 10_000
 
 
 def test_cli_refuses_a_negative_shortcut_sample_count():

@@ -94,7 +94,7 @@ def reward_rows(folder: str | Path = ASSETS_DIR, pairs_file: str | Path | None =
     # then drawn pairs of held-out scenes (one attribute wrong): what each reward reads in clean pictures
     drawn = drawn_pairs(generator, min(limit or DRAWN_EVAL_PAIRS, DRAWN_EVAL_PAIRS), DRAWN_EVAL_SEED,
                         split="heldout")
-    for suffix, data, ensemble in (("", pairs, ENSEMBLE), (", drawn", drawn, ())):
+    for suffix, data, ensemble in (("", pairs, ENSEMBLE), (DRAWN_SUFFIX, drawn, ())):
         for name, reward in dinas.items():
             add(name + suffix, evaluate_pairwise(reward, data, levels=LEVELS, ensemble=ensemble, seed=seed,
                                                  progress=progress, name=name))
@@ -197,6 +197,74 @@ def to_markdown(rows: list[tuple[str, PairwiseResult]]) -> str:
     return "\n".join(lines)
 
 
+DRAWN_SUFFIX = ", drawn"  # rows on drawn pairs of held-out scenes (see reward_rows)
+
+
+@dataclass
+class AccuracySeries:
+    """One reward's rows on one kind of pairs, as :func:`plot_accuracy` draws them (accuracies count ties as half)."""
+
+    levels: list[tuple[float, float, float, float]]  # (noise level u, accuracy, 95% low, 95% high) per level row
+    lines: list[tuple[str, float]]  # (setting, accuracy) of every other row: as configured, ensemble, clean
+
+
+def accuracy_series(rows: list[tuple[str, PairwiseResult]], drawn: bool) -> dict[str, AccuracySeries]:
+    """:func:`reward_rows`' rows on the annotators' held-out pairs (``drawn`` False) or on drawn pairs, per reward.
+
+    A level row's interval is the accuracy's, moved with it when ties count as half (so it always holds the point).
+    """
+    out: dict[str, AccuracySeries] = {}
+    for name, r in rows:
+        if name.endswith(DRAWN_SUFFIX) != drawn:
+            continue
+        series = out.setdefault(name.removesuffix(DRAWN_SUFFIX), AccuracySeries([], []))
+        acc = r.accuracy_ties_half
+        if r.setting.startswith("u="):
+            shift = acc - r.accuracy
+            series.levels.append((float(r.setting[2:]), acc, r.ci_low + shift, r.ci_high + shift))
+        else:
+            series.lines.append((r.setting, acc))
+    return out
+
+
+def plot_accuracy(rows: list[tuple[str, PairwiseResult]], path: str | Path) -> Path:
+    """``path`` (PNG): :func:`accuracy_series` on the annotators' held-out pairs (left) and on drawn pairs (right).
+
+    Noise-aware rewards are drawn against the noise level ``u`` they read, with 95% intervals; their other rows
+    (as configured, dashed; the ensemble, dotted) and every other reward are horizontal lines. The annotators'
+    second labelling, the ceiling, is black.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    names = list(dict.fromkeys(name.removesuffix(DRAWN_SUFFIX) for name, _ in rows))
+    colours = {name: "black" if name == "annotators" else f"C{i % 10}" for i, name in enumerate(names)}
+    for ax, drawn in zip(axes, (False, True)):
+        for name, series in accuracy_series(rows, drawn).items():
+            if series.levels:
+                u, acc, low, high = zip(*series.levels)
+                err = [[a - lo for a, lo in zip(acc, low)], [hi - a for a, hi in zip(acc, high)]]
+                ax.errorbar(u, acc, yerr=err, marker="o", capsize=3, color=colours[name], label=f"{name} (per level)")
+            for setting, acc in series.lines:
+                style = ":" if setting.startswith("ensemble") else ("--" if series.levels else "-")
+                ax.axhline(acc, color=colours[name], linestyle=style, label=f"{name}: {setting}")
+        ax.axhline(0.5, color="grey", linewidth=0.8)
+        ax.set(title="drawn pairs of held-out scenes (one attribute wrong)" if drawn else
+               "held-out pairs of generated samples, the annotators' labels",
+               xlabel="noise level u the reward reads", xlim=(0, 1))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower left")
+    axes[0].set_ylabel("pairwise accuracy (ties as half)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def to_dict(rows: list[tuple[str, PairwiseResult]]) -> dict[str, dict[str, float]]:
     """``{"reward / setting": {"accuracy": ..., "ties_half": ..., "pairs": ...}}`` for a build report."""
     return {f"{name} / {r.setting}": {"accuracy": round(r.accuracy, 4), "ties_half": round(r.accuracy_ties_half, 4),
@@ -222,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"base-generator samples for the shortcut check, in groups of one prompt (0: skip; "
                              f"default {SHORTCUT_SAMPLES})")
     parser.add_argument("--json", help="also write the rows here (the shortcut check under 'shortcuts')")
+    parser.add_argument("--plot", metavar="PNG", help="also plot every reward's accuracy against the noise level here")
     args = parser.parse_args(argv)
     if args.shortcut_samples < 0:
         parser.error(f"--shortcut-samples must be >= 0, got {args.shortcut_samples}")
@@ -239,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         result["shortcuts"] = [asdict(r) for r in shortcuts]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        print(f"plot: {plot_accuracy(rows, args.plot)}")
     return 0
 
 
