@@ -63,8 +63,9 @@ def test_demo_without_checkpoints_says_how_to_rebuild(tmp_path, monkeypatch, cap
 def test_a_guard_is_reward_hacking_only_when_the_run_pushes_it_off(before, after, hacked, real):
     from rlkit.shapes.demo import RunSummary
 
-    r = RunSummary("refl", "refl", 0, Path("."), guards={"high_frequency": after, "foreground_area": 1.0},
-                   guards_before={"high_frequency": before, "foreground_area": 1.0})
+    r = RunSummary("refl", "refl", 0, Path("."),
+                   guard_curve=[(0, 0.0, {"high_frequency": before, "foreground_area": 1.0}),
+                                (10, 5.0, {"high_frequency": after, "foreground_area": 1.0})])
     assert r.hacked is hacked and r.guards_real is real
 
 
@@ -110,8 +111,8 @@ def test_the_summary_names_the_guards_the_base_generator_already_fails(tmp_path)
 
     def run(seed, area_after):
         return RunSummary("refl+dina-lrm", "refl", seed, tmp_path / str(seed), golden=[(0, 0.0, 0.3), (10, 5.0, 0.5)],
-                          guards={"foreground_area": area_after, "high_frequency": 0.0016},
-                          guards_before={"foreground_area": 0.096, "high_frequency": 0.0016})
+                          guard_curve=[(0, 0.0, {"foreground_area": 0.096, "high_frequency": 0.0016}),
+                                       (10, 5.0, {"foreground_area": area_after, "high_frequency": 0.0016})])
 
     text = write_report([run(0, 0.11), run(1, 0.15)], {"foreground_area": 0.1, "high_frequency": 0.01},
                         tmp_path).read_text()
@@ -169,8 +170,8 @@ def test_the_summary_gives_the_guards_of_real_pictures_read_back_through_the_vae
     from rlkit.shapes.demo import RunSummary, write_report
 
     run = RunSummary("refl+dina-lrm", "refl", 0, tmp_path / "r", golden=[(0, 0.0, 0.3), (10, 5.0, 0.5)],
-                     guards={"foreground_area": 0.1, "high_frequency": 0.0016},
-                     guards_before={"foreground_area": 0.1, "high_frequency": 0.0016})
+                     guard_curve=[(0, 0.0, {"foreground_area": 0.1, "high_frequency": 0.0016}),
+                                  (10, 5.0, {"foreground_area": 0.1, "high_frequency": 0.0016})])
     real = {"foreground_area": 0.1, "high_frequency": 0.01}
     text = write_report([run], real, tmp_path, {"foreground_area": 0.098, "high_frequency": 0.0017}).read_text()
     assert "through the generator's own VAE (encode, decode): foreground_area 0.98, high_frequency 0.17 of" in text
@@ -187,7 +188,7 @@ def test_a_gain_counts_only_beyond_two_standard_errors(gain, se, verdict):
     from rlkit.shapes.demo import RunSummary
 
     r = RunSummary("refl", "refl", 0, Path("."), golden=[(0, 0.0, 0.3), (10, 5.0, 0.3 + gain)], golden_se=[se, se],
-                   guards={"high_frequency": 1.0}, guards_before={"high_frequency": 1.0})
+                   guard_curve=[(0, 0.0, {"high_frequency": 1.0}), (10, 5.0, {"high_frequency": 1.0})])
     assert r.gain_se == pytest.approx(se * math.sqrt(2))
     assert r.verdict == verdict
 

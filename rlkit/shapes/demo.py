@@ -69,10 +69,19 @@ class RunSummary:
     golden: list[tuple[int, float, float]] = field(default_factory=list)  # (step, wall s, score)
     golden_se: list[float] = field(default_factory=list)  # standard error of each golden score
     proxy: list[tuple[int, float, float]] = field(default_factory=list)
-    guards: dict[str, float] = field(default_factory=dict)  # final value (a ratio to real pictures once reported)
-    guards_before: dict[str, float] = field(default_factory=dict)  # the base generator's, at the first evaluation
-    guard_curve: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)  # (step, wall s, guards)
+    # (step, wall s, {guard: value}) at every evaluation; values become ratios to real pictures once reported
+    guard_curve: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
     wall_s: float = 0.0
+
+    @property
+    def guards(self) -> dict[str, float]:
+        """The guards at the last evaluation."""
+        return self.guard_curve[-1][2] if self.guard_curve else {}
+
+    @property
+    def guards_before(self) -> dict[str, float]:
+        """The base generator's guards: the first evaluation that measured them."""
+        return next((guards for _, _, guards in self.guard_curve if guards), {})
 
     @property
     def gain(self) -> float:
@@ -185,10 +194,8 @@ def read_run(label: str, algorithm: str, seed: int, run_dir: Path, wall_s: float
             proxy = [v for k, v in record.items() if k.startswith("eval/proxy/") and k.count("/") == 2]
             if proxy:
                 summary.proxy.append((record["step"], wall, proxy[0]))
-            summary.guards = {g: record[f"{GOLDEN}/{g}"] for g in GUARDS if f"{GOLDEN}/{g}" in record}
-            summary.guard_curve.append((record["step"], wall, dict(summary.guards)))
-            if not summary.guards_before:
-                summary.guards_before = dict(summary.guards)
+            guards = {g: record[f"{GOLDEN}/{g}"] for g in GUARDS if f"{GOLDEN}/{g}" in record}
+            summary.guard_curve.append((record["step"], wall, guards))
     return summary
 
 
@@ -247,11 +254,9 @@ def plot_curves(runs: list[RunSummary], path: Path) -> None:
 def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
                  reconstruction: dict[str, float] | None = None) -> Path:
     """Writes ``summary.md``, ``summary.json``, ``curves.png`` and the grids; ``real`` and ``reconstruction``
-    are :func:`real_guard_values` and :func:`reconstruction_guard_values`. The runs' guard values (``guards``,
-    ``guards_before``, ``guard_curve``) become ratios to ``real`` in place, so call it once per set of runs."""
+    are :func:`real_guard_values` and :func:`reconstruction_guard_values`. The runs' guard curves become ratios to
+    ``real`` in place, so call it once per set of runs."""
     for r in runs:
-        r.guards = {g: v / real[g] for g, v in r.guards.items()}
-        r.guards_before = {g: v / real[g] for g, v in r.guards_before.items()}
         r.guard_curve = [(step, wall, {g: v / real[g] for g, v in guards.items()})
                          for step, wall, guards in r.guard_curve]
     plot_curves(runs, out / "curves.png")
