@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,21 +98,119 @@ def test_build_report_records_stages_and_numbers():
     assert report["sizes_mb"]["total"] < 20
 
 
+def test_a_build_resumes_only_a_killed_build_of_the_same_world():
+    from rlkit.shapes.build import _finished_before
+
+    settings = {"clip": {"steps": 10, "betas": (0.9, 0.98)}}
+    now = {"fast": True, "settings": settings}
+    stages = ("generator", "clip", "evaluate")
+    killed = {"fast": True, "settings": {"clip": {"steps": 10, "betas": [0.9, 0.98]}},  # as read back from JSON
+              "progress": {"stages": list(stages), "done": ["generator", "clip"]}}
+    assert _finished_before(killed, now, stages) == ["generator", "clip"]
+    first = {**killed, "progress": {"stages": list(stages), "done": []}}
+    assert _finished_before(first, now, stages) == []  # killed in its first stage: resumed, its checkpoints kept
+    assert _finished_before(killed, {**now, "settings": {"clip": {"steps": 11, "betas": (0.9, 0.98)}}}, stages) is None
+    assert _finished_before(killed, {**now, "fast": False}, stages) is None
+    assert _finished_before(killed, now, ("generator", "clip")) is None  # other stages asked for
+    finished = {**killed, "progress": {"stages": list(stages), "done": list(stages)}}
+    assert _finished_before(finished, now, stages) is None  # a finished build is built again
+    assert _finished_before({k: v for k, v in killed.items() if k != "progress"}, now, stages) is None  # no record
+
+
+def test_the_builds_dina_lrm_trainings_checkpoint_where_a_fresh_build_clears_them(tmp_path):
+    from rlkit.shapes.build import ABLATION, DINA_CHECKPOINT_EVERY, FIXED_VARIANCE, PARTIAL_WORK, _dina_recipe
+
+    trainings = (("dina_lrm", (), "thurstone_calibrated"), (FIXED_VARIANCE, ABLATION, "thurstone_fixed"))
+    for target, extra, loss in trainings:
+        recipe = _dina_recipe(tmp_path, False, target, extra)
+        assert recipe.checkpoint.resume and recipe.checkpoint.every == DINA_CHECKPOINT_EVERY
+        assert recipe.reward_model.max_steps > DINA_CHECKPOINT_EVERY  # a killed training loses less than it ran
+        work = Path(recipe.output_dir)
+        assert work.parent == tmp_path and work.name in PARTIAL_WORK
+        assert recipe.reward_model.loss == loss
+
+
+def test_a_build_keeps_what_a_killed_build_of_its_world_left_and_removes_what_another_left(tmp_path):
+    from rlkit.shapes.build import PARTIAL_WORK, REPORT_NAME, build_all
+
+    def leave_partial_work() -> None:
+        for name in PARTIAL_WORK:
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "checkpoint.pt").write_bytes(b"partial")
+
+    found_stale: list[str] = []
+
+    def kill(line: str) -> None:
+        if line == "== stage clip":
+            found_stale.extend(name for name in PARTIAL_WORK if (tmp_path / name).exists())
+            leave_partial_work()
+            raise KeyboardInterrupt
+
+    leave_partial_work()
+    stale = {"fast": True, "settings": {}, "progress": {"stages": ["clip"], "done": []}}  # another world's
+    (tmp_path / REPORT_NAME).write_text(json.dumps(stale))
+    lines: list[str] = []
+    kept: list[str] = []
+
+    def resumed(line: str) -> None:
+        lines.append(line)
+        if line == "== stage clip":
+            kept.extend(name for name in PARTIAL_WORK if (tmp_path / name / "checkpoint.pt").is_file())
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_all(tmp_path, fast=True, num_threads=1, stages=("clip",), log=kill)
+        assert found_stale == []  # the other world's partial work was removed before the stage began
+        report = build_all(tmp_path, fast=True, num_threads=1, stages=("clip",), log=resumed)
+        assert lines[0].startswith("resuming the build in") and "no stage finished before" in lines[0]
+        assert kept == list(PARTIAL_WORK)  # what the killed build of this world left, it finds again
+        assert report["progress"] == {"stages": ["clip"], "done": ["clip"]}
+        assert (tmp_path / "clip" / "model.safetensors").is_file()
+        leave_partial_work()  # a finished build is built afresh: nothing of the one before is read
+        build_all(tmp_path, fast=True, num_threads=1, stages=("clip",), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert not any((tmp_path / name).exists() for name in PARTIAL_WORK)
+
+
 @pytest.mark.slow
 def test_build_all_fast_writes_every_asset(tmp_path):
     from dataclasses import replace
 
-    from rlkit.shapes.build import build_all, stage_configs
+    from rlkit.shapes.build import STAGES, build_all, stage_configs
     from rlkit.shapes.pretrain import GeneratorTrainConfig
 
     # another world through ``configs``: a continuation leg on undersized pictures after the generator
     leg = GeneratorTrainConfig(steps=3, batch_size=16, num_images=64, max_minutes=1.0, seed=1, undersized_share=0.4)
     pretraining = replace(stage_configs(True)["pretrain"], continuation=(leg,))
+    class Killed(Exception):
+        pass
+
+    def kill_at_rewards(line: str) -> None:
+        if line == "== stage rewards":
+            raise Killed
+
+    lines: list[str] = []
     threads = torch.get_num_threads()
     try:
-        report = build_all(tmp_path, fast=True, num_threads=1, log=lambda _: None, configs={"pretrain": pretraining})
+        with pytest.raises(Killed):  # killed after the dina_lrm stage: its ablation waits for the rewards stage
+            build_all(tmp_path, fast=True, num_threads=1, log=kill_at_rewards, configs={"pretrain": pretraining})
+        killed = json.loads((tmp_path / "build_report.json").read_text())
+        assert killed["progress"]["done"] == ["generator", "clip", "evaluate", "preferences", "dina_lrm"]
+        assert (tmp_path / "_dina_lrm_fixed_variance" / "config.json").is_file()
+        weights = (tmp_path / "generator" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+        report = build_all(tmp_path, fast=True, num_threads=1, log=lines.append, configs={"pretrain": pretraining})
     finally:
         torch.set_num_threads(threads)
+    # the same command again resumes: only the rewards stage runs, on the ablation the killed build trained
+    assert lines[0].startswith("resuming the build in") and "finished before" in lines[0]
+    started = [line.removeprefix("== stage ") for line in lines if line.startswith("== stage ")]
+    assert started[0] == "rewards" and started[1].startswith("rewards: ") and len(started) == 2
+    assert not any(line.startswith("DiNa-LRM (") for line in lines)  # the ablation was not trained again
+    assert weights == (tmp_path / "generator" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert report["progress"] == {"stages": list(STAGES), "done": list(STAGES)}
+    assert all(report["seconds"][s] == killed["seconds"][s] for s in killed["progress"]["done"])
     assert report["stats"]["generator"]["generator_steps"] == 10 + 3
     assert report["settings"]["pretrain"]["continuation"][0]["undersized_share"] == 0.4
     for name in ("generator/model_index.json", "clip/config.json", "clip/model.safetensors",

@@ -240,6 +240,39 @@ def test_generator_pretraining_killed_midway_resumes_to_the_same_weights(tiny_sd
     assert not torch.equal(fresh().transformer.proj_out.weight, resumed.transformer.proj_out.weight)
 
 
+def test_pretraining_killed_in_a_decoder_phase_resumes_after_the_work_it_finished(tmp_path, monkeypatch):
+    """A build killed in the second decoder phase keeps its VAE, its generator and its first decoder phase, and
+    ends with the weights and stats of a build that was never stopped."""
+    config = pretrain.PretrainConfig(vae=pretrain.VAETrainConfig(steps=3, batch_size=8),
+                                     generator=pretrain.GeneratorTrainConfig(steps=3, batch_size=8, num_images=32),
+                                     decoder=(pretrain.DecoderTrainConfig(steps=2, batch_size=8),
+                                              pretrain.DecoderTrainConfig(steps=2, batch_size=8, hf_weight=0.03)))
+    whole, whole_stats = pretrain.pretrain(config, tmp_path / "whole", lambda _: None)
+
+    real_phase = pretrain.finetune_decoder
+
+    def dies_in_the_second_phase(vae, phase, log=print):
+        if phase.hf_weight:
+            raise KeyboardInterrupt
+        return real_phase(vae, phase, log)
+
+    monkeypatch.setattr(pretrain, "finetune_decoder", dies_in_the_second_phase)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain(config, tmp_path / "killed", lambda _: None)
+    monkeypatch.setattr(pretrain, "finetune_decoder", real_phase)
+    messages: list[str] = []
+    resumed, stats = pretrain.pretrain(config, tmp_path / "killed", messages.append)
+    assert messages[0].startswith("VAE: reusing") and messages[1].startswith("generator: reusing the leg finished 3")
+    assert any(m.startswith("decoder: reusing phase 0") for m in messages)
+    assert not any(m.startswith("decoder: reusing phase 1") for m in messages)
+    assert stats["decoder_steps"] == whole_stats["decoder_steps"] == 4 and stats["vae_mse"] == whole_stats["vae_mse"]
+    for part in ("transformer", "vae"):
+        expected = getattr(whole.pipeline, part).state_dict()
+        for name, value in getattr(resumed.pipeline, part).state_dict().items():
+            assert torch.equal(value, expected[name]), (part, name)
+    assert not (tmp_path / "killed_pretrain").exists()
+
+
 def test_a_continuation_leg_equals_continuing_the_saved_generator(tmp_path):
     """``PretrainConfig.continuation``: one build trains the generator, then each leg on its own data and schedule,
     exactly as :func:`pretrain.continue_pretraining` of the saved first leg would."""

@@ -30,7 +30,8 @@ base generator 0.34 on held-out prompts (0.94 at CFG 5), DiNa-LRM held-out pair 
 second labelling agrees with their first on 0.71 (0.85 counting its ties as half); the demo's numbers are in the
 README. ``build_report.json`` says which run made each asset.
 
-``rlkit shapes build`` calls :func:`main`; ``--evaluate`` only measures an existing folder.
+``rlkit shapes build`` calls :func:`main`; ``--evaluate`` only measures an existing folder. The same command run
+again resumes a killed build after the last stage and checkpoint it finished; ``--restart`` starts afresh.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from rlkit.shapes import world
 from rlkit.shapes.clip import ClipTrainConfig, ShapesClipModel, retrieval_accuracy, train_clip
 from rlkit.shapes.judges import ASSETS_DIR, ATTRIBUTES, read_scenes, realism_ratios
 from rlkit.shapes.preferences import PreferenceConfig, build_preferences, save_preferences
-from rlkit.shapes.pretrain import (DecoderTrainConfig, GeneratorTrainConfig, PretrainConfig, VAETrainConfig,
-                                   load_generator, pretrain, sample_images)
+from rlkit.shapes.pretrain import (PRETRAIN_WORK_SUFFIX, DecoderTrainConfig, GeneratorTrainConfig, PretrainConfig,
+                                   VAETrainConfig, load_generator, pretrain, sample_images)
 
 REPORT_NAME = "build_report.json"
 
@@ -157,6 +158,10 @@ DINA_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dina_lrm_shapes
 
 FIXED_VARIANCE = "_dina_lrm_fixed_variance"  # the ablation's checkpoint, from the dina_lrm to the rewards stage
 ABLATION = ("reward_model.loss=thurstone_fixed",)
+DINA_CHECKPOINT_EVERY = 250  # steps between the DiNa-LRM trainings' checkpoints, which a resumed build continues
+# what a killed build leaves for its resumption and nothing checks against the settings (the generated pairs' cache
+# checks the generator's weights itself): removed when a build starts afresh, so that it never resumes another world
+PARTIAL_WORK = (f"generator{PRETRAIN_WORK_SUFFIX}", FIXED_VARIANCE, "_dina_lrm_run", f"_{FIXED_VARIANCE}_run")
 
 
 def _dina_recipe(out_dir: Path, fast: bool, target: str = "dina_lrm", extra: tuple[str, ...] = ()):
@@ -167,7 +172,8 @@ def _dina_recipe(out_dir: Path, fast: bool, target: str = "dina_lrm", extra: tup
     stored = out_dir / "preferences" / "train.parquet"
     # the fast generator's samples may all tie, so its generated pairs would be empty: stored and drawn ones only
     train = f"reward_model.data.train=[{stored}, shapes:drawn:16]" if fast else f"reward_model.data.train.0={stored}"
-    overrides = [f"model.pretrained={out_dir / 'generator'}", f"output_dir={work}", "checkpoint.resume=false", train,
+    overrides = [f"model.pretrained={out_dir / 'generator'}", f"output_dir={work}", "checkpoint.resume=true",
+                 f"checkpoint.every={DINA_CHECKPOINT_EVERY}", train,
                  f"reward_model.data.cache_dir={out_dir / GENERATED_CACHE}",
                  f"reward_model.data.eval={out_dir / 'preferences' / 'eval.parquet'}", *extra]
     if fast:
@@ -249,9 +255,21 @@ def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = pr
     return {**to_dict(rows), **shortcuts_to_dict(shortcuts)}
 
 
+def _finished_before(previous: dict, report: dict, stages: tuple[str, ...]) -> list[str] | None:
+    """The stages that a killed build into the same folder finished (maybe none), when it built the same world
+    (same settings, ``fast`` and stages) and did not finish; ``None`` when the build starts afresh."""
+    progress = previous.get("progress")
+    if not progress or progress["stages"] != list(stages) or previous.get("fast") != report["fast"]:
+        return None
+    if previous.get("settings") != json.loads(json.dumps(report["settings"], default=str)):
+        return None
+    done = [s for s in progress["done"] if s in stages]
+    return None if set(done) == set(stages) else done
+
+
 def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = None,
               stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print,
-              configs: dict | None = None) -> dict:
+              configs: dict | None = None, restart: bool = False) -> dict:
     """Runs the build's stages (the module docstring lists them) into ``out_dir``; returns the report.
 
     ``num_threads``: torch threads (``None`` leaves torch's setting, all cores, alone); the two DiNa-LRM
@@ -262,6 +280,13 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
     ``pretrain``, ``clip``, ``evaluate``, ``preferences``): another world, built and measured the same way.
     The ``dina_lrm`` stage starts processes by ``spawn``, which import the calling script again: a script that
     calls this function does so under ``if __name__ == "__main__":``.
+
+    A killed build resumes when it is run again with the same arguments: the report written before the first stage
+    and after each one (``progress``) says which stages it finished, and those are skipped with their numbers kept;
+    the stage it was in continues from its last checkpoint (the trained VAE, every 250 steps of the generator's
+    legs, each decoder phase; the DiNa-LRM trainings every ``DINA_CHECKPOINT_EVERY`` steps; the generated pairs'
+    samples are cached). A resumed stage's seconds count only the run that finished it. ``restart`` starts afresh instead, as does a build of other settings, which
+    first removes what a killed one left behind (``PARTIAL_WORK``).
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -276,13 +301,21 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
         raise ValueError(f"unknown stage settings {sorted(unknown)}; expected some of {sorted(defaults)}")
     configs = {**defaults, **(configs or {})}
     report: dict = {"fast": fast, "seconds": {}, "stats": {}, "settings": {k: asdict(v) for k, v in configs.items()}}
-    previous = out_dir / REPORT_NAME
-    if set(stages) != set(STAGES) and previous.is_file():
-        old = json.loads(previous.read_text())
-        report["seconds"].update(old.get("seconds", {}))
-        report["stats"].update(old.get("stats", {}))
-        if "notes" in old:
-            report["notes"] = old["notes"]
+    previous = json.loads((out_dir / REPORT_NAME).read_text()) if (out_dir / REPORT_NAME).is_file() else {}
+    done = None if restart else _finished_before(previous, report, stages)
+    if done is not None or set(stages) != set(STAGES):  # the numbers of the stages this run does not build are kept
+        report["seconds"].update(previous.get("seconds", {}))
+        report["stats"].update(previous.get("stats", {}))
+        if "notes" in previous:
+            report["notes"] = previous["notes"]
+    if done is not None:
+        log(f"resuming the build in {out_dir}: {', '.join(done) or 'no stage'} finished before "
+            "(--restart starts afresh)")
+    else:
+        done = []
+        for name in PARTIAL_WORK:
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+    report["progress"] = {"stages": list(stages), "done": done}
     start_all = time.monotonic()
 
     def write_report() -> None:
@@ -296,8 +329,9 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
         log(f"== stage {name}")
         report["stats"][name] = fn()
         report["seconds"][name] = round(time.monotonic() - start, 1)
+        report["progress"]["done"].append(name)
         log(f"== stage {name}: {report['seconds'][name]} s")
-        write_report()  # after every stage: a build killed later keeps the numbers of the stages it finished
+        write_report()  # after every stage: a build killed later resumes after the stages it finished
 
     def stage_generator() -> dict:
         _, stats = pretrain(configs["pretrain"], out_dir / "generator", log)
@@ -322,10 +356,11 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
             "evaluate": lambda: evaluate(out_dir, configs["evaluate"], log),
             "dina_lrm": lambda: train_dina_lrms(out_dir, fast),
             "rewards": lambda: reward_accuracies(out_dir, fast, log)}
+    write_report()  # before the first stage, so that a build killed in it resumes too
     for name in STAGES:
-        if name in stages:
+        if name in stages and name not in done:
             timed(name, runs[name])
-    # a build killed before here keeps the samples and the ablation for the stages it reruns
+    # a build killed before here keeps the samples and the ablation for its resumption
     shutil.rmtree(out_dir / GENERATED_CACHE, ignore_errors=True)
     shutil.rmtree(out_dir / FIXED_VARIANCE, ignore_errors=True)
     write_report()
@@ -377,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default 0: torch's default, all cores; 1 on a CPU shared with other jobs)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    parser.add_argument("--restart", action="store_true",
+                        help="start afresh instead of resuming a killed build of the same settings in OUT_DIR")
     args = parser.parse_args(argv)
     if args.evaluate:
         if args.threads:
@@ -384,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"metrics": evaluate(args.out_dir, stage_configs(args.fast)["evaluate"])}
     else:
         report = build_all(args.out_dir, fast=args.fast, num_threads=args.threads or None,
-                           stages=tuple(s for s in args.stages.split(",") if s))
+                           stages=tuple(s for s in args.stages.split(",") if s), restart=args.restart)
     print(format_report(report))
     return 0
 

@@ -24,6 +24,7 @@ Only the training split of :mod:`rlkit.shapes.world` is ever seen here.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -367,8 +368,8 @@ def rectified_flow_loss(generator: SD3Generator, x0: Tensor, text, sigmas: Tenso
     return (generator.velocity(x_sigma, sigmas, text) - (noise - x0)).pow(2).mean()
 
 
-def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=print, checkpoint: str | Path | None = None,
-                    checkpoint_every: int = 250) -> dict[str, float]:
+def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=print,
+                    checkpoint: str | Path | None = None, checkpoint_every: int = 250) -> dict[str, float]:
     """Rectified-flow pretraining of ``generator.transformer`` on encoded training pictures.
 
     With ``checkpoint`` (a file), the weights, optimiser, random state, step and time spent are written there
@@ -391,17 +392,18 @@ def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=p
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     budget = Budget(config.steps, config.max_minutes)
-    ema, start = None, 0
+    ema, start, finished = None, 0, False
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state["transformer"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
-        start, ema = state["step"], state["loss_ema"]
+        start, ema, finished = state["step"], state["loss_ema"], state["finished"]
         budget = Budget(config.steps, config.max_minutes, spent_seconds=state["seconds"])
-        log(f"generator: resuming from step {start} ({state['seconds'] / 60:.1f} min spent) in {checkpoint}")
+        log(f"generator: {'reusing the leg finished' if finished else 'resuming from step'} {start} "
+            f"({state['seconds'] / 60:.1f} min spent) in {checkpoint}")
     step = start - 1
-    for step in range(start, config.steps):
+    for step in range(start, start if finished else config.steps):
         budget.set_lr(opt, config.lr, step)
         idx = torch.randint(len(latents), (config.batch_size,), generator=gen)
         ids = caption_ids[idx].clone()
@@ -419,12 +421,12 @@ def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=p
         stop = budget.stop(step, "generator", log)
         if step % 50 == 0 or stop:
             log(f"generator step {step}: loss {ema:.4f} (progress {budget.progress(step):.2f})")
-        if stop:
-            break
-        if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+        if checkpoint is not None and (stop or (step + 1) % checkpoint_every == 0):
             torch_save_atomic({"transformer": model.state_dict(), "optimizer": opt.state_dict(),
                                "rng": gen.get_state(), "step": step + 1, "loss_ema": ema,
-                               "seconds": budget.elapsed()}, checkpoint)
+                               "seconds": budget.elapsed(), "finished": stop}, checkpoint)
+        if stop:
+            break
     model.eval().requires_grad_(False)
     # the machine's pace, which sets the build's time (a resumed run counts the time spent before it was killed)
     return {"generator_loss": float(ema), "generator_steps": step + 1,
@@ -484,6 +486,10 @@ def _merge_phase(stats: dict[str, float], phase: dict[str, float]) -> None:
         stats[key] = stats.get(key, 0) + value if key.endswith("_steps") else value
 
 
+PRETRAIN_WORK_SUFFIX = "_pretrain"  # OUT_DIR_pretrain: what a killed pretraining resumes from
+VAE_STATS = "train_stats.json"  # beside the trained VAE there
+
+
 def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=print) -> tuple[SD3Generator, dict]:
     """Builds, trains and (when ``out_dir`` is given) saves the Shapes generator pipeline folder."""
     from diffusers import StableDiffusion3Pipeline
@@ -492,16 +498,21 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=prin
 
     components = build_tiny_sd3_components(config.model, seed=config.seed)
     stats: dict[str, float] = {}
-    # with out_dir, the trained VAE and the generator's checkpoint wait in OUT_DIR_pretrain until the end,
-    # so that a killed build resumes there instead of starting over
-    work = Path(f"{out_dir}_pretrain") if out_dir is not None else None
-    if work is not None and (work / "vae" / "config.json").is_file():
+    # with out_dir, the trained VAE and the checkpoints of the generator's legs and of the decoder phases wait in
+    # OUT_DIR_pretrain until the end, so that a killed build resumes there instead of starting over
+    work = Path(f"{out_dir}{PRETRAIN_WORK_SUFFIX}") if out_dir is not None else None
+    if work is not None and (work / "vae" / VAE_STATS).is_file():
         components["vae"] = AutoencoderKL.from_pretrained(work / "vae")
+        stats.update(json.loads((work / "vae" / VAE_STATS).read_text()))
         log(f"VAE: reusing the one trained before in {work / 'vae'}")
     else:
         stats.update(train_vae(components["vae"], config.vae, log))
         if work is not None:
-            write_folder_atomic(work / "vae", components["vae"].save_pretrained)
+            def save_vae(folder: Path) -> None:
+                components["vae"].save_pretrained(folder)
+                (folder / VAE_STATS).write_text(json.dumps(stats))
+
+            write_folder_atomic(work / "vae", save_vae)
     components["vae"].requires_grad_(False)
     pipe = StableDiffusion3Pipeline(**components)
     pipe.set_progress_bar_config(disable=True)
@@ -509,8 +520,19 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=prin
     for i, leg in enumerate((config.generator, *config.continuation)):
         name = "generator.pt" if i == 0 else f"generator_leg{i}.pt"
         _merge_phase(stats, train_generator(generator, leg, log, checkpoint=work / name if work is not None else None))
-    for phase in config.decoder:
-        _merge_phase(stats, finetune_decoder(components["vae"], phase, log))
+    decoder = components["vae"].decoder
+    for i, phase in enumerate(config.decoder):
+        done = work / f"decoder_phase{i}.pt" if work is not None else None
+        if done is not None and done.is_file():  # a killed build resumes after the phases it finished
+            state = torch.load(done, map_location="cpu", weights_only=False)
+            decoder.load_state_dict(state["decoder"])
+            _merge_phase(stats, state["stats"])
+            log(f"decoder: reusing phase {i} trained before in {done}")
+            continue
+        phase_stats = finetune_decoder(components["vae"], phase, log)
+        _merge_phase(stats, phase_stats)
+        if done is not None:
+            torch_save_atomic({"decoder": decoder.state_dict(), "stats": phase_stats}, done)
     if out_dir is not None:
         pipe.save_pretrained(out_dir)
         shutil.rmtree(work, ignore_errors=True)
