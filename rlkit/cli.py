@@ -3,7 +3,7 @@
     rlkit RECIPE.yaml [key=value ...]       run the recipe's algorithm in this process (what
                                             ``accelerate launch -m rlkit RECIPE`` calls on every rank)
     rlkit train RECIPE.yaml [key=value ...] start accelerate as the recipe's launch section says
-    rlkit validate RECIPE.yaml ...          check recipes without running them (exit 2 on errors)
+    rlkit validate FILE.yaml ...            check recipes and sweeps (every run) without running them
     rlkit demo [--quick]                    the Shapes proving ground end to end
     rlkit eval-reward ...                   pairwise accuracy of any reward on a preference set
     rlkit cache-latents ...                 encode a preference set once with the generator's VAE

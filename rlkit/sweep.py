@@ -148,21 +148,26 @@ class Sweep:
             out.append(SweepRun(name, {a: o.label for (a, _), o in zip(axes, combo)}, overrides))
         return out
 
-    def recipe(self, run: SweepRun) -> Recipe:
-        return load_recipe(self.base_path, run.overrides)
+    def recipe(self, run: SweepRun, extra: list[str] | tuple[str, ...] = ()) -> Recipe:
+        return load_recipe(self.base_path, [*run.overrides, *extra])
 
-    def validate(self) -> list[Recipe]:
-        """Every run's recipe, or a ConfigError naming each broken run."""
+    def validate(self, extra: list[str] | tuple[str, ...] = ()) -> list[Recipe]:
+        """Every run's recipe (``extra`` overrides on top of each), or a ConfigError naming each broken run."""
         recipes, problems = [], []
         for run in self.runs():
             try:
-                recipes.append(self.recipe(run))
+                recipes.append(self.recipe(run, extra))
             except ConfigError as exc:
                 problems += [confload.ConfigProblem(f"{self.file} [{run.name}]", p.key, p.message)
                              for p in exc.problems]
         if problems:
             raise ConfigError(problems)
         return recipes
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    """A sweep file names a ``base`` recipe, which no recipe does."""
+    return "base" in confload.read_yaml(path)
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:

@@ -33,6 +33,28 @@ def test_validate_ok_and_unknown_command(tmp_path, capsys):
     assert main(["frobnicate"]) == 2
 
 
+def test_validate_checks_every_run_of_a_sweep_file(tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}]}))
+    sweep = {"base": "base.yaml", "name": "ablation", "output_dir": str(tmp_path / "runs"), "seeds": [0, 1],
+             "axes": [{"name": "reward", "options": [{"label": "dina", "overrides": []},
+                                                     {"label": "pick", "overrides": ["rewards=[{name: pickscore}]"]}]}]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["validate", str(path)]) == 0
+    assert f"{path}: ok (sweep of 4 runs in {tmp_path / 'runs' / 'ablation'}; refl, rewards: dina-lrm, pickscore)" \
+        in capsys.readouterr().out
+    # an override that breaks one option's runs names each of them
+    sweep["axes"][0]["options"][1]["overrides"].append("refl.max_stepz=3")
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["validate", str(path), str(tmp_path / "base.yaml"), "--set", "seed=1"]) == 2
+    out, err = capsys.readouterr()
+    assert f"{tmp_path / 'base.yaml'}: ok (refl, rewards: dina-lrm)" in out and f"{path}: INVALID" in err
+    assert "2 problem(s)" in err and "did you mean 'max_steps'" in err
+    assert f"{path} [pick__seed0]: refl.max_stepz" in err and f"{path} [pick__seed1]: refl.max_stepz" in err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
 def test_train_builds_accelerate_command_from_launch_section(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}],
