@@ -373,9 +373,10 @@ def train_generator(generator: SD3Generator, config: GeneratorTrainConfig, log=p
     """Rectified-flow pretraining of ``generator.transformer`` on encoded training pictures.
 
     With ``checkpoint`` (a file), the weights, optimiser, random state, step and time spent are written there
-    atomically every ``checkpoint_every`` steps, and a run that finds the file resumes from it: a killed
-    build loses at most ``checkpoint_every`` steps and, when the step budget binds, ends bit-identical to
-    an uninterrupted one. The caller deletes the file once the result is saved.
+    atomically every ``checkpoint_every`` steps and when training ends, and a run that finds the file resumes from
+    it (or, when it ended there, only takes its weights): a killed build loses at most ``checkpoint_every`` steps
+    and, when the step budget binds, ends bit-identical to an uninterrupted one. The caller deletes the file once
+    the result is saved.
     """
     torch.manual_seed(config.seed)
     latents, captions = encode_dataset(generator, config.num_images, seed=config.seed,
