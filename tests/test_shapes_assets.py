@@ -130,6 +130,31 @@ def test_the_builds_dina_lrm_trainings_checkpoint_where_a_fresh_build_clears_the
         assert recipe.reward_model.loss == loss
 
 
+def test_the_dina_lrm_stage_reports_a_failed_training_and_stops_both_when_stopped(tmp_path):
+    """Two trainings in two processes: one that fails is named; SIGTERM to the build alone stops both with it (the
+    process pool used before left its workers running after a killed build)."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from rlkit.shapes.build import train_dina_lrms
+
+    # no generator in tmp_path: both trainings fail while loading it
+    with pytest.raises(RuntimeError, match=r"dina_lrm \(exit code 1\), _dina_lrm_fixed_variance \(exit code 1\)"):
+        train_dina_lrms(tmp_path, fast=True)
+    handler = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit, match="stopped by signal"):
+            train_dina_lrms(tmp_path, fast=True)
+    finally:
+        timer.cancel()
+    assert multiprocessing.active_children() == []
+    assert signal.getsignal(signal.SIGTERM) is handler  # the stage's own handler is gone with it
+
+
 def test_a_build_keeps_what_a_killed_build_of_its_world_left_and_removes_what_another_left(tmp_path):
     from rlkit.shapes.build import PARTIAL_WORK, REPORT_NAME, build_all
 
