@@ -39,6 +39,23 @@ def test_generator_encodes_with_cache_and_converts_latents(tiny_generator):
     assert sig.shape == (5,) and sig[0] == 1 and sig[-1] == 0 and (sig[1:] < sig[:-1]).all()
 
 
+def test_a_prompts_embedding_does_not_depend_on_what_was_encoded_with_it_or_the_cache_limit(tiny_sd3_dir):
+    """What makes a resumed run equal an uninterrupted one: each prompt is encoded on its own, and prompts past
+    ``cache_limit`` are encoded the same way without being kept."""
+    prompts = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")
+               for p in ("left", "right")]
+    together = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16).encode_prompts(prompts)
+    limited = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+    limited.cache_limit = 2
+    for order in (prompts[::-1][:5], prompts, prompts[3:]):  # other groupings, most prompts past the limit
+        text = limited.encode_prompts(order)
+        for i, prompt in enumerate(order):
+            j = prompts.index(prompt)
+            assert torch.equal(text.encoder_hidden_states[i], together.encoder_hidden_states[j]), prompt
+            assert torch.equal(text.pooled_projections[i], together.pooled_projections[j]), prompt
+    assert list(limited._cache) == prompts[::-1][:2]  # the first two it saw, no more
+
+
 def test_missing_weights_message_names_source_and_remedy(tmp_path):
     import pytest
 

@@ -319,7 +319,7 @@ def attacked_accuracy(run, eps: float, u: float = 0.1) -> float:
     noise = torch.randn(batch.chosen.shape, generator=torch.Generator().manual_seed(5))
     sigma = torch.full((len(batch.prompts),), u)
     noisy = torch.cat([(1 - u) * batch.chosen + u * noise, (1 - u) * batch.rejected + u * noise])
-    text = rm._encode_text(run, batch.prompts)
+    text = run.gen.encode_prompts(batch.prompts)
     text, t = TextConditioning.cat([text, text]), 1000.0 * torch.cat([sigma, sigma])
 
     def loss_of(scores):
@@ -366,7 +366,7 @@ def test_checkpoint_loads_through_the_registry_and_scores_the_same(trained, tiny
     with torch.no_grad():
         loaded = reward(RewardInput(prompts=batch.prompts, latents=batch.chosen, sigmas=sigmas)).scores
         with rm.ema_weights(run):
-            ours = run.model.score(batch.chosen, sigmas, rm._encode_text(run, batch.prompts))
+            ours = run.model.score(batch.chosen, sigmas, run.gen.encode_prompts(batch.prompts))
     assert torch.allclose(loaded, ours, atol=1e-5), (loaded, ours)
 
 

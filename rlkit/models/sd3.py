@@ -59,6 +59,7 @@ class SD3Generator:
 
     pipeline: Any  # diffusers.StableDiffusion3Pipeline (owns the modules below)
     max_sequence_length: int = 77
+    cache_limit: int | None = None  # distinct prompts whose embeddings stay in memory (None: all)
     _cache: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -109,7 +110,7 @@ class SD3Generator:
 
     @property
     def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        return self.pipeline.device  # its first module's, whichever of them are loaded
 
     @property
     def latent_channels(self) -> int:
@@ -126,12 +127,13 @@ class SD3Generator:
     # -- text ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
-        """SD3 prompt embeddings (CLIP-L + CLIP-G + T5), cached per prompt string.
+        """SD3 prompt embeddings (CLIP-L + CLIP-G + T5), cached per prompt string (the first ``cache_limit``).
 
         Each new prompt is encoded on its own: batched encoders differ in the last bits with the batch's
         make-up, and a prompt's embedding must not depend on which prompts happened to be encoded with it
         (a resumed run would otherwise drift from an uninterrupted one).
         """
+        fresh: dict[str, tuple[Tensor, Tensor]] = {}
         for p in dict.fromkeys(prompts):
             if p in self._cache:
                 continue
@@ -141,11 +143,10 @@ class SD3Generator:
                 prompt=[p], prompt_2=None, prompt_3=None, device=self.device,
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             )
-            self._cache[p] = (embeds[0].detach(), pooled[0].detach())
-        return TextConditioning(
-            torch.stack([self._cache[p][0] for p in prompts]),
-            torch.stack([self._cache[p][1] for p in prompts]),
-        )
+            full = self.cache_limit is not None and len(self._cache) >= self.cache_limit
+            (fresh if full else self._cache)[p] = (embeds[0].detach(), pooled[0].detach())
+        rows = [self._cache[p] if p in self._cache else fresh[p] for p in prompts]
+        return TextConditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
     # -- latents <-> images --------------------------------------------------------------------------
     def decode(self, latents: Tensor) -> Tensor:

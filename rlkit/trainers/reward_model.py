@@ -177,7 +177,6 @@ class RewardModelRun(common.Processes):
     batches_taken: int = 0
     saved_step: int = -1  # the step of the newest checkpoint this run wrote or resumed from
     history: list[dict[str, Any]] = field(default_factory=list)
-    text_cache: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -249,6 +248,7 @@ def setup(recipe: Recipe) -> RewardModelRun:
     # is freed
     with full_weights_loading(accelerator):
         gen = common.load_generator(recipe.model, device=accelerator.device)
+        gen.cache_limit = TEXT_CACHE_SIZE  # a 0.8 M-prompt set must not fill memory
         train_pairs = _load(cfg.data.train, cfg, "train", gen)
         eval_pairs = _load(cfg.data.eval, cfg, "eval", gen)[: cfg.eval_limit] if cfg.data.eval else []
         torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
@@ -286,23 +286,6 @@ def setup(recipe: Recipe) -> RewardModelRun:
 # one step
 
 
-def _encode_text(run: RewardModelRun, prompts: list[str]) -> TextConditioning:
-    """Prompt embeddings, cached for the first ``TEXT_CACHE_SIZE`` distinct prompts (a 0.8 M-prompt set must
-    not fill memory, a small one should not re-run the text encoders every step)."""
-    missing = [p for p in dict.fromkeys(prompts) if p not in run.text_cache]
-    if missing:
-        embeds, _, pooled, _ = run.gen.pipeline.encode_prompt(
-            prompt=missing, prompt_2=None, prompt_3=None, device=run.accelerator.device,
-            do_classifier_free_guidance=False, max_sequence_length=run.recipe.model.max_sequence_length)
-        fresh = {p: (embeds[i].detach(), pooled[i].detach()) for i, p in enumerate(missing)}
-        room = TEXT_CACHE_SIZE - len(run.text_cache)
-        run.text_cache.update(list(fresh.items())[:max(0, room)])
-    else:
-        fresh = {}
-    rows = [fresh[p] if p in fresh else run.text_cache[p] for p in prompts]
-    return TextConditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
-
-
 def _global_batches(run: RewardModelRun) -> Iterator[tuple[int, list[int]]]:
     """``(epoch, global batch indices)`` forever, reshuffled per epoch, from the run's data position (which it
     advances: a checkpoint holds where the next batch comes from)."""
@@ -329,7 +312,7 @@ def _micro_step(run: RewardModelRun, global_idx: list[int], micro: int) -> dict[
     sigma = sigma_all[mine].to(device)
     s = sigma.reshape(-1, 1, 1, 1)
     noisy = torch.cat([(1 - s) * batch.chosen.to(device) + s * eps, (1 - s) * batch.rejected.to(device) + s * eps])
-    text = _encode_text(run, batch.prompts)
+    text = run.gen.encode_prompts(batch.prompts)
     text = TextConditioning.cat([text, text])
     t = 1000.0 * torch.cat([sigma, sigma])
     labels = batch.labels.to(device)
@@ -386,7 +369,7 @@ def evaluate(run: RewardModelRun, levels: list[float] | None = None, pairs: list
     levels = list(run.cfg.eval_levels if levels is None else levels)
     if not pairs:
         return {}
-    reward = _TrainedReward(run.model, lambda prompts: _encode_text(run, prompts))
+    reward = _TrainedReward(run.model, run.gen.encode_prompts)
     with ema_weights(run):
         run.model.eval()
         report = evaluate_pairwise(reward, pairs, levels=levels, include_clean=False,
