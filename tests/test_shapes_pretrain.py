@@ -271,6 +271,9 @@ def test_pretraining_killed_in_a_decoder_phase_resumes_after_the_work_it_finishe
         for name, value in getattr(resumed.pipeline, part).state_dict().items():
             assert torch.equal(value, expected[name]), (part, name)
     assert not (tmp_path / "killed_pretrain").exists()
+    for part in ("transformer", "vae"):  # the same folders: no path of the resumed run's work folder in them
+        assert (tmp_path / "killed" / part / "config.json").read_text() == \
+            (tmp_path / "whole" / part / "config.json").read_text()
 
 
 def test_a_continuation_leg_equals_continuing_the_saved_generator(tmp_path):

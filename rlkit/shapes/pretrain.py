@@ -503,7 +503,10 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=prin
     # OUT_DIR_pretrain until the end, so that a killed build resumes there instead of starting over
     work = Path(f"{out_dir}{PRETRAIN_WORK_SUFFIX}") if out_dir is not None else None
     if work is not None and (work / "vae" / VAE_STATS).is_file():
-        components["vae"] = AutoencoderKL.from_pretrained(work / "vae")
+        trained = AutoencoderKL.from_pretrained(work / "vae")
+        # rebuilt from its config without the work folder's path, which would be saved with the generator
+        components["vae"] = AutoencoderKL.from_config({k: v for k, v in trained.config.items() if k != "_name_or_path"})
+        components["vae"].load_state_dict(trained.state_dict())
         stats.update(json.loads((work / "vae" / VAE_STATS).read_text()))
         log(f"VAE: reusing the one trained before in {work / 'vae'}")
     else:
