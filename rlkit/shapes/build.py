@@ -249,10 +249,11 @@ def train_dina_lrms(out_dir: Path, fast: bool) -> dict:
         for process in processes:
             process.join()
     except BaseException:
-        for process in processes:
+        started = [process for process in processes if process.pid is not None]
+        for process in started:
             if process.is_alive():
-                process.terminate()
-        for process in processes:
+                process.terminate()  # the training's guard checkpoints after its current step and exits
+        for process in started:
             process.join()
         raise
     finally:
