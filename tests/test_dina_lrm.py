@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -65,6 +66,9 @@ def test_save_load_round_trip_is_identical(trained_folder, tiny_sd3_dir, tmp_pat
     x = torch.randn(2, 4, 8, 8)
     first = a(batch(x, seed=3)).scores
     a.save_pretrained(tmp_path / "again")
+    adapter = "checkpoint/backbone_lora/adapter_config.json"
+    targets = json.loads((tmp_path / "again" / adapter).read_text())["target_modules"]
+    assert targets == sorted(targets) and len(targets) > 1  # in one order, whatever the run's hash seed
     b = DiNaLRMReward(pretrained=str(tmp_path / "again"), base_model=str(tiny_sd3_dir))
     assert torch.equal(b(batch(x, seed=3)).scores, first)
     sa = {k: v for k, v in a.model.state_dict().items()}

@@ -193,5 +193,8 @@ def save_dina_lrm(model: DiNaLRM, folder: str | Path) -> Path:
             exclude_modules=list(config.excluded_lora_modules) or None,
             init_lora_weights=LORA_INITS[config.lora_init],
         )
+        # PEFT keeps the names as a set, written in an order that changes from run to run; sorted, a rebuilt
+        # checkpoint's file equals the one before
+        peft_config.target_modules = sorted(peft_config.target_modules)
         peft_config.save_pretrained(str(lora_dir))
     return folder
