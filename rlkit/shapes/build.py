@@ -159,16 +159,24 @@ DINA_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dina_lrm_shapes
 FIXED_VARIANCE = "_dina_lrm_fixed_variance"  # the ablation's checkpoint, from the dina_lrm to the rewards stage
 ABLATION = ("reward_model.loss=thurstone_fixed",)
 DINA_CHECKPOINT_EVERY = 250  # steps between the DiNa-LRM trainings' checkpoints, which a resumed build continues
+DINA_TRAININGS = {"dina_lrm": (), FIXED_VARIANCE: ABLATION}  # target folder -> recipe overrides
+
+
+def _run_folder(target: str) -> str:
+    """Where a DiNa-LRM training of ``target`` runs (and checkpoints) inside the build folder."""
+    return f"_{target}_run"
+
+
 # what a killed build leaves for its resumption and nothing checks against the settings (the generated pairs' cache
 # checks the generator's weights itself): removed when a build starts afresh, so that it never resumes another world
-PARTIAL_WORK = (f"generator{PRETRAIN_WORK_SUFFIX}", FIXED_VARIANCE, "_dina_lrm_run", f"_{FIXED_VARIANCE}_run")
+PARTIAL_WORK = (f"generator{PRETRAIN_WORK_SUFFIX}", FIXED_VARIANCE, *map(_run_folder, DINA_TRAININGS))
 
 
 def _dina_recipe(out_dir: Path, fast: bool, target: str = "dina_lrm", extra: tuple[str, ...] = ()):
     """The DiNa-LRM recipe on ``out_dir``'s generator and pairs, run in ``out_dir / _<target>_run``."""
     from rlkit.config import load_recipe
 
-    work = out_dir / f"_{target}_run"
+    work = out_dir / _run_folder(target)
     stored = out_dir / "preferences" / "train.parquet"
     # the fast generator's samples may all tie, so its generated pairs would be empty: stored and drawn ones only
     train = f"reward_model.data.train=[{stored}, shapes:drawn:16]" if fast else f"reward_model.data.train.0={stored}"
@@ -241,7 +249,7 @@ def train_dina_lrms(out_dir: Path, fast: bool) -> dict:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     processes = [context.Process(target=_train_in_child, args=(results, out_dir, fast, target, extra, threads),
-                                 name=target) for target, extra in (("dina_lrm", ()), (FIXED_VARIANCE, ABLATION))]
+                                 name=target) for target, extra in DINA_TRAININGS.items()]
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         for process in processes:
