@@ -1,12 +1,19 @@
+import warnings
+
+import pytest
 import torch
 
-from rlkit.models.sd3 import SD3Generator, WeightsNotFoundError
+from rlkit.models.sd3 import SD3Generator, WeightsNotFoundError, dtype_argument
 from rlkit.models.tiny import TinySD3Config, build_tiny_sd3_pipeline
 
 
 def test_tiny_pipeline_roundtrip_gives_identical_outputs(tmp_path):
     pipe = build_tiny_sd3_pipeline(TinySD3Config(), seed=3)
     pipe.save_pretrained(tmp_path / "p")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dtype", category=FutureWarning)  # the installed diffusers' name
+        gen = SD3Generator.from_pretrained(tmp_path / "p", dtype="bf16", max_sequence_length=16)
+    assert {p.dtype for p in gen.transformer.parameters()} == {torch.bfloat16}
     gen = SD3Generator.from_pretrained(tmp_path / "p", max_sequence_length=16)
     prompts = ["a red circle on the left", "a blue square"]
     out = []
@@ -17,6 +24,12 @@ def test_tiny_pipeline_roundtrip_gives_identical_outputs(tmp_path):
                      max_sequence_length=16).images)
     assert out[0].shape == (2, 3, 32, 32)
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("installed, expected", [("0.32.2", "torch_dtype"), ("0.39.0", "torch_dtype"),
+                                                  ("0.40.0", "dtype"), ("0.42.1", "dtype"), ("1.0.0.dev0", "dtype")])
+def test_the_dtype_argument_follows_diffusers_rename(installed, expected):
+    assert dtype_argument(installed) == expected
 
 
 def test_generator_encodes_with_cache_and_converts_latents(tiny_generator):

@@ -8,6 +8,7 @@ in the convention of ``DESIGN.md`` (``z = (vae_latent - shift) * scale``) and th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,13 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def dtype_argument(diffusers_version: str | None = None) -> str:
+    """The name of ``from_pretrained``'s dtype argument: diffusers 0.40 renamed ``torch_dtype`` to ``dtype`` and
+    warns on the old name, which older versions need."""
+    major, minor = (int(part) for part in (diffusers_version or version("diffusers")).split(".")[:2])
+    return "dtype" if (major, minor) >= (0, 40) else "torch_dtype"
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -74,7 +82,7 @@ class SD3Generator:
     ) -> "SD3Generator":
         from diffusers import StableDiffusion3Pipeline
 
-        kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(dtype)}
+        kwargs: dict[str, Any] = {dtype_argument(): resolve_dtype(dtype)}
         if revision:
             kwargs["revision"] = revision
         if not load_text_encoders:
