@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -186,16 +187,32 @@ def test_trust_region_needs_lora_and_a_non_negative_beta(tmp_path, tiny_sd3_dir)
         recipe_from_dict(data)
 
 
+def bar_counts(console: str, desc: str) -> list[tuple[int, int]]:
+    """``(done, total)`` of each drawing of the progress bar ``desc`` in captured console output."""
+    return [(int(n), int(total)) for n, total in re.findall(rf"{desc}: +\d+%\|[^|]*\| (\d+)/(\d+) ", console)]
+
+
 @pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir):
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir, capsys):
     from rlkit.trainers import refl
 
     full = recipe_from_dict(tiny_recipe(tmp_path / "a", tiny_sd3_dir, max_steps=3))
     refl.train(full)
-    part = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=2))
+    part = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=2), ["logging.progress=true"])
+    capsys.readouterr()
     refl.train(part)
-    resumed = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=3))
+    out, err = capsys.readouterr()
+    # the console: a bar over the updates with the latest loss and reward, a line per evaluation
+    assert bar_counts(err, "tiny")[::len(bar_counts(err, "tiny")) - 1] == [(0, 2), (2, 2)]
+    assert "loss=" in err and "reward=" in err
+    evaluations = [line for line in out.splitlines() if " eval: " in line]
+    assert [line.split(" eval:")[0] for line in evaluations] == ["step 0", "step 2"]
+    assert all("proxy/latent-direction " in line for line in evaluations)
+    resumed = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=3), ["logging.progress=true"])
     refl.train(resumed)
+    out, err = capsys.readouterr()
+    assert bar_counts(err, "tiny")[::len(bar_counts(err, "tiny")) - 1] == [(2, 3), (3, 3)]  # from where it resumed
+    assert [line.split(" eval:")[0] for line in out.splitlines() if " eval: " in line] == ["step 3"]
     from safetensors.torch import load_file
 
     a = load_file(full.run_dir / "export" / "pytorch_lora_weights.safetensors")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -141,7 +142,8 @@ def one_thread():
 def trained(tiny_sd3_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm_runs")
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, out, steps=40) + [
-        "reward_model.eval_every=20", "reward_model.eval_levels=[0.1]", "checkpoint.every=20", "checkpoint.keep_last=1"])
+        "reward_model.eval_every=20", "reward_model.eval_levels=[0.1]", "checkpoint.every=20",
+        "checkpoint.keep_last=1"])
     run = rm.setup(recipe)
     init = [p.detach().clone() for p in run.params]
     rm.train_loop(run)
@@ -226,7 +228,7 @@ def test_frozen_backbone_and_full_training_save_their_release_layouts(trainable,
 
 
 @pytest.mark.slow
-def test_trains_from_cached_latents_without_the_vae(tiny_sd3_dir, tiny_generator, tmp_path):
+def test_trains_from_cached_latents_without_the_vae(tiny_sd3_dir, tiny_generator, tmp_path, capsys):
     from PIL import Image
 
     from rlkit.cache_latents import cache_latents
@@ -245,10 +247,14 @@ def test_trains_from_cached_latents_without_the_vae(tiny_sd3_dir, tiny_generator
         f"reward_model.data.train={cached}", f"reward_model.data.eval={cached}", "reward_model.batch_size=4"])
     run = rm.setup(recipe)
     run.gen.pipeline.vae = None  # training and evaluation must not need it
+    capsys.readouterr()
     rm.train_loop(run)
     metrics = rm.finish(run)
     assert run.step == 2 and all(math.isfinite(h["loss"]) for h in run.history if "loss" in h)
     assert 0.0 <= metrics["eval/accuracy_u=0.10"] <= 1.0
+    out, err = capsys.readouterr()  # the console: the bar with loss and accuracy, the final evaluation's line
+    assert re.search(rf"{recipe.name}: +100%\|[^|]*\| 2/2 .*loss=.*acc=", err)
+    assert f"step 2 eval: accuracy_u=0.10 {metrics['eval/accuracy_u=0.10']:.4g}" in out
 
 
 def test_train_sources_are_concatenated_and_drawn_pairs_are_encoded_by_the_generator(tiny_sd3_dir, tmp_path):

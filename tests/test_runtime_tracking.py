@@ -12,7 +12,7 @@ from PIL import Image
 
 from rlkit.config import LoggingConfig
 from rlkit.runtime.images import PADDING, make_image_grid, save_image_grid
-from rlkit.runtime.tracking import Tracker, progress, read_metrics
+from rlkit.runtime.tracking import Tracker, evaluation_line, read_metrics
 
 
 def _images(n: int, size: int = 8) -> torch.Tensor:
@@ -91,9 +91,29 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-def test_progress_bar():
-    bar = progress(total=3, initial=1)
-    bar.update(2)
-    assert bar.n == 3 and not bar.disable
-    bar.close()
-    assert progress(total=3, enabled=False).disable
+def test_console_shows_a_bar_from_the_resumed_step_and_a_line_per_evaluation(tmp_path, capsys):
+    with Tracker(tmp_path, LoggingConfig()) as tracker:
+        tracker.start_progress(total=6, initial=2, desc="refl_shapes")
+        tracker.log({"eval/golden/judge": 0.4521, "eval/golden/judge_sem": 0.031, "eval/golden/judge/color": 0.9,
+                     "eval/proxy/dina-lrm": 1.25, "eval/proxy/dina-lrm/raw": 3.0, "time/elapsed_s": 3.0}, step=2)
+        tracker.log({"train/loss": 0.25, "train/reward": 1.5, "train/lr": 1e-4}, step=4)
+        bar = tracker._console.bar
+        assert (bar.n, bar.total, bar.desc) == (4, 6, "refl_shapes")
+        assert bar.postfix == "loss=0.25, reward=1.5"
+        tracker.log({"loss": 0.125, "accuracy": 0.75, "eval/accuracy_u=0.10": 0.8}, step=5)  # the reward model's
+        assert bar.n == 5 and bar.postfix == "loss=0.125, acc=0.75"
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["step 2 eval: golden/judge 0.4521 ± 0.031, proxy/dina-lrm 1.25",
+                                "step 5 eval: accuracy_u=0.10 0.8"]
+    assert "refl_shapes" in err and "2/6" in err and "5/6" in err
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4, 5]  # the logs are unchanged
+    assert evaluation_line({"train/loss": 1.0, "time/elapsed_s": 2.0}, step=3) is None
+
+
+@pytest.mark.parametrize("enabled, progress", [(False, True), (True, False)])
+def test_no_console_on_other_ranks_or_with_progress_off(tmp_path, capsys, enabled, progress):
+    tracker = Tracker(tmp_path, LoggingConfig(progress=progress), enabled=enabled)
+    tracker.start_progress(total=3)
+    tracker.log({"train/loss": 1.0, "eval/golden/judge": 0.5}, step=1)
+    tracker.close()
+    assert capsys.readouterr() == ("", "")

@@ -118,16 +118,18 @@ def test_a_build_resumes_only_a_killed_build_of_the_same_world():
 
 
 def test_the_builds_dina_lrm_trainings_checkpoint_where_a_fresh_build_clears_them(tmp_path):
-    from rlkit.shapes.build import ABLATION, DINA_CHECKPOINT_EVERY, FIXED_VARIANCE, PARTIAL_WORK, _dina_recipe
+    from rlkit.shapes.build import DINA_CHECKPOINT_EVERY, DINA_TRAININGS, FIXED_VARIANCE, PARTIAL_WORK, _dina_recipe
 
-    trainings = (("dina_lrm", (), "thurstone_calibrated"), (FIXED_VARIANCE, ABLATION, "thurstone_fixed"))
-    for target, extra, loss in trainings:
+    # side by side in two processes: one progress bar on the console, the shipped training's
+    expected = {"dina_lrm": ("thurstone_calibrated", True), FIXED_VARIANCE: ("thurstone_fixed", False)}
+    assert set(DINA_TRAININGS) == set(expected)
+    for target, extra in DINA_TRAININGS.items():
         recipe = _dina_recipe(tmp_path, False, target, extra)
         assert recipe.checkpoint.resume and recipe.checkpoint.every == DINA_CHECKPOINT_EVERY
         assert recipe.reward_model.max_steps > DINA_CHECKPOINT_EVERY  # a killed training loses less than it ran
         work = Path(recipe.output_dir)
         assert work.parent == tmp_path and work.name in PARTIAL_WORK
-        assert recipe.reward_model.loss == loss
+        assert (recipe.reward_model.loss, recipe.logging.progress) == expected[target]
 
 
 def test_the_dina_lrm_stage_reports_a_failed_training_and_stops_both_when_stopped(tmp_path):

@@ -1,4 +1,5 @@
-"""Metrics and images to ``metrics.jsonl`` (always), and to wandb / TensorBoard when the recipe names them.
+"""Metrics and images to ``metrics.jsonl`` (always), and to wandb / TensorBoard when the recipe names them;
+the console shows a progress bar with the latest loss and reward and a line per evaluation (``logging.progress``).
 
 Only the process created with ``enabled=True`` (the main process) writes anything; the others get a tracker
 whose methods do nothing, so trainers call it unconditionally. wandb runs offline unless ``WANDB_MODE`` says
@@ -48,6 +49,7 @@ class Tracker:
         self._wandb = None
         self._tb = None
         self._file = None
+        self._console = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -75,11 +77,20 @@ class Tracker:
         if self._tb is not None:
             self._tb.add_text("config", f"```\n{text}\n```", 0)
 
+    def start_progress(self, total: int, initial: int = 0, desc: str = "train") -> None:
+        """Shows the run on the console from here on: a bar over ``total`` updates (``initial`` done, as after a
+        resume) that every :meth:`log` moves to its step, and a line per evaluation. Off with ``logging.progress``
+        false; evaluations logged before it are not printed."""
+        if self.enabled and self.cfg.progress:
+            self._console = ConsoleProgress(total, initial, desc)
+
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Scalars (numbers, one-element tensors) at ``step``; other values are ignored."""
         if not self.enabled:
             return
         scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+        if self._console is not None:
+            self._console.show(scalars, step)
         record = {"step": step, "time": time.time(), **{k: _json_number(v) for k, v in scalars.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -113,6 +124,9 @@ class Tracker:
         return path
 
     def close(self) -> None:
+        if self._console is not None:
+            self._console.close()
+            self._console = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -130,11 +144,47 @@ class Tracker:
         self.close()
 
 
-def progress(total: int, enabled: bool = True, desc: str = "train", initial: int = 0):
-    """A tqdm bar (disabled on non-main processes or when ``logging.progress`` is false)."""
-    from tqdm.auto import tqdm
+# train keys shown in the bar (with or without a ``train/`` prefix) -> their short name there
+BAR_KEYS = {"loss": "loss", "reward": "reward", "reward/mean": "reward", "accuracy": "acc"}
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+def evaluation_line(metrics: Mapping[str, float], step: int) -> str | None:
+    """One line for an evaluation's headline numbers (``eval/<name>`` and ``eval/<kind>/<name>``, with the
+    standard error ``<key>_sem`` beside its value; the per-attribute and raw breakdowns stay in the logs), or
+    ``None`` when ``metrics`` holds no evaluation."""
+    shown = {k: v for k, v in metrics.items() if k.startswith("eval/") and k.count("/") <= 2
+             and not (k.endswith("_sem") and k.removesuffix("_sem") in metrics)}
+    if not shown:
+        return None
+    parts = []
+    for key, value in shown.items():
+        sem = metrics.get(f"{key}_sem")
+        parts.append(f"{key.removeprefix('eval/')} {value:.4g}" + (f" ± {sem:.2g}" if sem is not None else ""))
+    return f"step {step} eval: " + ", ".join(parts)
+
+
+class ConsoleProgress:
+    """A tqdm bar over the run's optimiser updates, its postfix the latest loss / reward / accuracy, and a line
+    above it per evaluation: a run of hours says where it is without opening its logs."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train"):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="update", dynamic_ncols=True)
+
+    def show(self, metrics: Mapping[str, float], step: int) -> None:
+        line = evaluation_line(metrics, step)
+        if line is not None:
+            self.bar.write(line)
+        postfix = {short: metrics[key] for name, short in BAR_KEYS.items()
+                   for key in (name, f"train/{name}") if key in metrics}
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

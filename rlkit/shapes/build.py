@@ -159,7 +159,8 @@ DINA_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dina_lrm_shapes
 FIXED_VARIANCE = "_dina_lrm_fixed_variance"  # the ablation's checkpoint, from the dina_lrm to the rewards stage
 ABLATION = ("reward_model.loss=thurstone_fixed",)
 DINA_CHECKPOINT_EVERY = 250  # steps between the DiNa-LRM trainings' checkpoints, which a resumed build continues
-DINA_TRAININGS = {"dina_lrm": (), FIXED_VARIANCE: ABLATION}  # target folder -> recipe overrides
+# target folder -> recipe overrides; the two train side by side, and only the first shows a progress bar
+DINA_TRAININGS = {"dina_lrm": (), FIXED_VARIANCE: (*ABLATION, "logging.progress=false")}
 
 
 def _run_folder(target: str) -> str:

@@ -94,6 +94,7 @@ class PolicyRun(common.Processes):
                   total_updates=total_updates, micro_batch=micro_batch, run_dir=run_dir)
         if recipe.checkpoint.resume:
             run._resume()
+        tracker.start_progress(total_updates, initial=run.step, desc=recipe.name)
         if run.step == 0:
             run.evaluate()
         return run

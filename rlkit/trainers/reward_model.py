@@ -279,6 +279,7 @@ def setup(recipe: Recipe) -> RewardModelRun:
                          train_pairs, eval_pairs, sampler, total, run_dir, checkpoints, TrainingGuard())
     if recipe.checkpoint.resume:
         _resume(run)
+    tracker.start_progress(total, initial=run.step, desc=recipe.name)
     return run
 
 
