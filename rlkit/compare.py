@@ -7,7 +7,9 @@ runs grouped by what varied between their recipes (mean line, shaded min-max ove
 
 Reward hacking is flagged when, after a golden reward's best evaluation, the proxy kept rising while that
 golden reward fell: ``proxy(last) > proxy(at golden best) + tol`` and ``golden(last) < golden(best) - tol'``
-with ``tol' = max(tol, the golden reward's standard error at the last evaluation)`` when it was logged.
+with ``tol' = max(tol, 2 sqrt(se(best)^2 + se(last)^2))`` where the evaluator logged the golden means' standard
+errors: a fall two standard errors of the difference deep, as the demo counts a gain, so that evaluation noise
+(and picking the best of several noisy evaluations) is not called hacking.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from rlkit.config import ALGORITHMS
 from rlkit.runtime.tracking import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -43,6 +47,7 @@ class Curve:
     steps: list[int]
     values: list[float]
     elapsed: list[float]
+    sem: list[float] = field(default_factory=list)  # the standard error of each value, NaN where not logged
 
     @property
     def gain(self) -> float:
@@ -62,7 +67,11 @@ class RunSummary:
     reward_images: int | None
     update_s: float | None
     hacking: list[str] = field(default_factory=list)  # golden names that fell while the proxy rose
-    golden_sem: dict[str, float] = field(default_factory=dict)  # standard error at the last evaluation
+
+    @property
+    def golden_sem(self) -> dict[str, float]:
+        """Each golden reward's standard error at the last evaluation, where the evaluator logged it."""
+        return {name: c.sem[-1] for name, c in self.golden.items() if c.sem and math.isfinite(c.sem[-1])}
 
     @property
     def proxy_curve(self) -> Curve | None:
@@ -109,20 +118,31 @@ def curves(rows: list[dict], prefix: str) -> dict[str, Curve]:
             if (not key.startswith(prefix) or "/" in name or name.endswith(SEM_SUFFIX)
                     or not isinstance(value, (int, float))):
                 continue
-            c = out.setdefault(name, Curve([], [], []))
+            c = out.setdefault(name, Curve([], [], [], []))
+            sem = float(row.get(key + SEM_SUFFIX, math.nan))
             if c.steps and c.steps[-1] == row["step"]:  # a resumed run may evaluate the same step twice
                 c.values[-1], c.elapsed[-1] = float(value), float(row.get(ELAPSED_KEY, c.elapsed[-1]))
+                c.sem[-1] = sem
                 continue
             c.steps.append(int(row["step"]))
             c.values.append(float(value))
-            c.elapsed.append(float(row.get(ELAPSED_KEY, float("nan"))))
+            c.elapsed.append(float(row.get(ELAPSED_KEY, math.nan)))
+            c.sem.append(sem)
     return out
 
 
-def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = DEFAULT_HACK_TOLERANCE,
-                   sem: dict[str, float] | None = None) -> list[str]:
-    """Golden rewards that fell from their best while the proxy kept rising after that point. A golden fall
-    must also exceed that reward's standard error (``sem``, when the evaluator logged it) to count."""
+def fall_noise(golden: Curve, best: int) -> float:
+    """Two standard errors of the difference between the golden value at ``best`` and the last one (0 where the
+    evaluator logged no standard errors)."""
+    if len(golden.sem) != len(golden.values):
+        return 0.0
+    errors = golden.sem[best], golden.sem[-1]
+    return 2.0 * math.hypot(*errors) if all(map(math.isfinite, errors)) else 0.0
+
+
+def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = DEFAULT_HACK_TOLERANCE) -> list[str]:
+    """Golden rewards that fell from their best while the proxy kept rising after that point; a fall within
+    evaluation noise (:func:`fall_noise`) does not count."""
     if proxy is None or len(proxy.values) < 2:
         return []
     at_step = dict(zip(proxy.steps, proxy.values))
@@ -134,7 +154,7 @@ def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = D
         base = at_step.get(g.steps[best])
         if base is None:
             continue
-        fall_tol = max(tol, (sem or {}).get(name, 0.0))
+        fall_tol = max(tol, fall_noise(g, best))
         if proxy.values[-1] > base + tol and g.values[-1] < g.values[best] - fall_tol:
             out.append(name)
     return out
@@ -153,6 +173,13 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
         out[f"{prefix}.len"] = len(data)
         return out
     return {prefix: json.dumps(data) if isinstance(data, (list, dict)) else data}
+
+
+def own_keys(keys: list[str], algorithm: str | None) -> list[str]:
+    """``keys`` without the sections of the algorithms a run does not run (a ReFL run's ``flow_grpo.*`` defaults
+    differ from a Flow-GRPO run's settings, but say nothing about the ReFL run)."""
+    others = tuple(f"{a}." for a in ALGORITHMS if a != algorithm)
+    return [k for k in keys if not k.startswith(others)]
 
 
 def varied_keys(recipes: list[dict]) -> list[str]:
@@ -197,7 +224,8 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
         done = _read_done(d)
         flat = _flatten(recipe)
         labels = {k: v for k, v in done.get("labels", {}).items() if k != "seed"}
-        group = ", ".join(labels.values()) if labels else ", ".join(f"{k}={flat.get(k)}" for k in varied) or "all"
+        group = ", ".join(labels.values()) if labels else ", ".join(
+            f"{k}={flat.get(k)}" for k in own_keys(varied, recipe.get("algorithm"))) or "all"
         proxy, golden = curves(rows, PROXY_PREFIX), curves(rows, GOLDEN_PREFIX)
         train_steps = [int(r["step"]) for r in rows if any(k.startswith("train/") for k in r)]
         elapsed = [r[k] for r in rows for k in (ELAPSED_KEY, TRAIN_ELAPSED_KEY) if k in r]
@@ -208,14 +236,12 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
                     peak = max(peak or 0, int(r[k]))
         updates = [r[UPDATE_TIME_KEY] for r in rows if UPDATE_TIME_KEY in r]
         first_proxy = next(iter(proxy.values()), None)
-        sems = {n: r[f"{GOLDEN_PREFIX}{n}{SEM_SUFFIX}"] for r in rows for n in golden
-                if f"{GOLDEN_PREFIX}{n}{SEM_SUFFIX}" in r}
         out.append(RunSummary(
             name=d.name, path=d, group=group, seed=recipe.get("seed"), proxy=proxy, golden=golden,
             wall_s=done.get("wall_s", max(elapsed) if elapsed else None), peak_memory_bytes=peak,
             reward_images=_reward_images(recipe, max(train_steps) if train_steps else 0),
             update_s=sum(updates) / len(updates) if updates else None,
-            hacking=hacked_goldens(first_proxy, golden, tol, sems), golden_sem=sems))
+            hacking=hacked_goldens(first_proxy, golden, tol)))
     return out
 
 
@@ -273,6 +299,10 @@ def _group_mean(curves_: list[Curve], x: str) -> tuple[list[float], list[float],
 
 
 def write_plot(summaries: list[RunSummary], out_path: Path) -> Path:
+    """Each metric against steps and against wall time, one colour per group; the legend, which names what
+    varied and can be long, sits below the panels."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,11 +313,13 @@ def write_plot(summaries: list[RunSummary], out_path: Path) -> Path:
     groups: dict[str, list[RunSummary]] = defaultdict(list)
     for s in summaries:
         groups[s.group].append(s)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    legend: dict[str, Any] = {}
     fig, axes = plt.subplots(max(len(metrics), 1), 2, figsize=(11, 3.2 * max(len(metrics), 1)), squeeze=False)
     for row, (kind, name) in enumerate(metrics):
         for col, x in enumerate(("step", "wall")):
             ax = axes[row][col]
-            for group, runs in groups.items():
+            for i, (group, runs) in enumerate(groups.items()):
                 if kind == "proxy":
                     cs = [r.proxy_curve for r in runs if r.proxy_curve is not None]
                 else:
@@ -295,17 +327,20 @@ def write_plot(summaries: list[RunSummary], out_path: Path) -> Path:
                 if not cs:
                     continue
                 xs, mean, lo, hi = _group_mean(cs, x)
-                hacked = any(r.hacking for r in runs)
-                line, = ax.plot(xs, mean, marker="o", label=f"{group} (n={len(cs)})" + (" HACKING" if hacked else ""))
+                color = colors[i % len(colors)]
+                line, = ax.plot(xs, mean, marker="o", color=color)
                 if len(cs) > 1:
-                    ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+                    ax.fill_between(xs, lo, hi, alpha=0.2, color=color)
+                label = f"{group} (n={len(runs)})" + (" HACKING" if any(r.hacking for r in runs) else "")
+                legend.setdefault(label, line)
             ax.set_title(f"{kind}: {name}")
             ax.set_xlabel("step" if x == "step" else "wall time (s)")
             ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    if legend:
+        fig.legend(list(legend.values()), [textwrap.fill(label, 130) for label in legend], loc="upper center",
+                   bbox_to_anchor=(0.5, 0.0), fontsize=7, frameon=False)
+    fig.savefig(out_path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out_path
 

@@ -40,10 +40,37 @@ def test_hacking_flag_by_hand():
     # the same golden fall with a flat proxy after the golden peak is not hacking, just a bad run
     flat = Curve(steps, [0.0, 1.0, 1.0, 1.0], [0.0] * 4)
     assert hacked_goldens(flat, {"a": falls}) == []
-    # a tolerance larger than the fall silences it, and so does a standard error larger than the fall
+    # a tolerance larger than the fall (0.4) silences it
     assert hacked_goldens(proxy, {"a": falls}, tol=0.5) == []
-    assert hacked_goldens(proxy, {"a": falls}, sem={"a": 0.5}) == []
-    assert hacked_goldens(proxy, {"a": falls}, sem={"a": 0.3}) == ["a"]
+
+
+@pytest.mark.parametrize("sem_best, sem_last, hacked", [
+    (0.10, 0.10, True),    # 2 sqrt(0.1^2 + 0.1^2) = 0.283 < the fall of 0.4
+    (0.15, 0.15, False),   # 0.424 > 0.4: within the noise of two evaluations
+    (0.25, 0.05, False),   # 0.510: the best evaluation's error counts as much as the last one's
+    (0.05, 0.25, False),
+    (float("nan"), 0.3, True),  # an error not logged at the best: no noise allowance
+])
+def test_a_golden_fall_counts_as_hacking_only_beyond_two_standard_errors_of_the_difference(sem_best, sem_last,
+                                                                                          hacked):
+    steps = [0, 10, 20, 30]
+    proxy = Curve(steps, [0.0, 1.0, 2.0, 3.0], [0.0] * 4)
+    # best at step 10, last 0.4 lower; the errors at the other evaluations do not matter
+    falls = Curve(steps, [0.0, 0.5, 0.3, 0.1], [0.0] * 4, [9.0, sem_best, 9.0, sem_last])
+    assert hacked_goldens(proxy, {"a": falls}) == (["a"] if hacked else [])
+
+
+def test_a_runs_group_leaves_out_the_settings_of_algorithms_it_does_not_run(tmp_path):
+    refl = make_run(tmp_path, "refl_s0", "dina", 0, [0.0, 1.0], [0.0, 0.1])
+    grpo = make_run(tmp_path, "grpo_s0", "dina", 0, [0.0, 1.0], [0.0, 0.1])
+    recipe = yaml.safe_load((grpo / "recipe.yaml").read_text())
+    recipe.update(algorithm="flow_grpo", flow_grpo={"group_size": 8}, refl={"batch_size": 1})
+    (grpo / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert varied_keys([yaml.safe_load((d / "recipe.yaml").read_text()) for d in (refl, grpo)]) == [
+        "algorithm", "flow_grpo.group_size", "refl.batch_size"]
+    groups = {s.name: s.group for s in summarize([refl, grpo])}
+    assert groups == {"refl_s0": "algorithm=refl, refl.batch_size=4",
+                      "grpo_s0": "algorithm=flow_grpo, flow_grpo.group_size=8"}
 
 
 def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
@@ -65,6 +92,7 @@ def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
     assert set(summaries["pix_s0"].proxy) == {"pix"}  # the /raw sub-key is not a separate reward
     assert set(summaries["pix_s0"].golden) == {"judge"}  # nor is the standard error
     assert summaries["pix_s0"].golden_sem == {"judge": pytest.approx(0.03)}  # the last evaluation's
+    assert summaries["pix_s0"].golden["judge"].sem == pytest.approx([0.01, 0.02, 0.03])
     assert summaries["dina_s0"].reward_images == 20 * 4 * 2  # steps x batch x processes
     assert summaries["dina_s0"].wall_s == pytest.approx(41.5) and summaries["dina_s0"].peak_memory_bytes == 3 * 2**20
     assert summaries["dina_s1"].wall_s == pytest.approx(40.0)  # from the metrics' elapsed time
