@@ -62,9 +62,11 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(stage, kl_beta, tm
         # Adam divides by sqrt(v): fp32 reduction-order noise in tiny gradients shows at ~1e-6 after 2 steps
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
     # rank 0 logged the mean over both ranks' samples, as the single process did over its two
-    r1 = [r["train/loss"] for r in read_log(one.run_dir) if "train/loss" in r]
-    r2 = [r["train/loss"] for r in read_log(two.run_dir) if "train/loss" in r]
-    assert len(r1) == len(r2) == 2
+    for key in ("train/loss", "train/reward"):
+        r1 = [r[key] for r in read_log(one.run_dir) if key in r]
+        r2 = [r[key] for r in read_log(two.run_dir) if key in r]
+        assert len(r1) == len(r2) == 2
+        assert r2 == pytest.approx(r1, rel=1e-4, abs=1e-6), key
     if kl_beta:  # the second update starts off the base (LoRA B moved), so the drift term is live there
         kl = [r["train/kl"] for r in read_log(two.run_dir) if "train/kl" in r]
         assert kl[0] == 0.0 and kl[1] > 0
@@ -93,3 +95,22 @@ def test_shared_backbone_dina_lrm_runs_under_zero3(tmp_path, tiny_sd3_dir):
     log = read_log(recipe_from_dict(data).run_dir)
     losses = [r["train/loss"] for r in log if "train/loss" in r]
     assert len(losses) == 2 and all(abs(x) < 1e6 for x in losses)
+
+
+def test_logged_stats_are_the_mean_over_ranks_and_max_keys_their_largest():
+    from rlkit.trainers.common import over_ranks
+
+    class TwoRanks:  # rank 0's view of a gather with a rank 1 that holds ``other``
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, other: dict[str, float]):
+            self.other = other
+
+        def gather(self, local: torch.Tensor) -> torch.Tensor:
+            return torch.cat([local, torch.tensor([[self.other[k] for k in sorted(self.other)]], dtype=local.dtype)])
+
+    mine = {"loss": 1.0, "ratio_dev_max": 0.5, "reward": 0.25}
+    combined = over_ranks(TwoRanks({"reward": 0.75, "loss": 3.0, "ratio_dev_max": 0.125}), mine)
+    assert combined == {"loss": 2.0, "ratio_dev_max": 0.5, "reward": 0.5}
+    single = type("OneRank", (), {"num_processes": 1})()
+    assert over_ranks(single, mine) == mine and over_ranks(single, mine) is not mine

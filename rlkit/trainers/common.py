@@ -34,7 +34,8 @@ def load_generator(cfg: ModelConfig, device: torch.device | str = "cpu") -> SD3G
     return gen
 
 
-def prepare_policy(gen: SD3Generator, lora: LoRAConfig, gradient_checkpointing: bool = False) -> list[torch.nn.Parameter]:
+def prepare_policy(gen: SD3Generator, lora: LoRAConfig,
+                   gradient_checkpointing: bool = False) -> list[torch.nn.Parameter]:
     """Attaches the policy LoRA (or unfreezes the transformer) and returns the trainable parameters."""
     from rlkit.models.lora import add_lora, enable_adapter_aware_checkpointing
 
@@ -155,6 +156,17 @@ class Processes:
     def rank_slice(self, n: int) -> slice:
         """This process's rows of a global batch of ``n`` rows per process."""
         return slice(self.rank * n, (self.rank + 1) * n)
+
+
+def over_ranks(accelerator, stats: dict[str, float]) -> dict[str, float]:
+    """``stats`` of every rank combined, so that what the main process logs describes the global batch: the mean,
+    and for ``*_max`` keys the largest. Every rank calls it with the same keys (a collective)."""
+    if accelerator.num_processes == 1:
+        return dict(stats)
+    keys = sorted(stats)
+    local = torch.tensor([[float(stats[k]) for k in keys]], dtype=torch.float64, device=accelerator.device)
+    every = accelerator.gather(local)  # (processes, keys)
+    return {k: float(every[:, i].max() if k.endswith("_max") else every[:, i].mean()) for i, k in enumerate(keys)}
 
 
 def ema_weights(ema) -> contextlib.AbstractContextManager:

@@ -159,6 +159,7 @@ class PolicyRun(common.Processes):
         stats["time/elapsed_s"] = time.perf_counter() - self.started
         self.step += 1
         if self.step % self.recipe.logging.every == 0:
+            stats = common.over_ranks(self.accelerator, stats)
             self.tracker.log({f"train/{k}": v for k, v in stats.items()}, step=self.step)
         every = self.recipe.eval.every
         if every and self.step % every == 0 and self.step < self.total_updates:

@@ -446,9 +446,8 @@ def train_loop(run: RewardModelRun) -> None:
             epoch, idx = next(batches)
             with run.accelerator.accumulate(run.engine):
                 micro_stats.append(_micro_step(run, idx, micro))
-        keys = list(micro_stats[0])
-        local = torch.tensor([np.mean([m[k] for m in micro_stats]) for k in keys], device=run.accelerator.device)
-        record = dict(zip(keys, run.accelerator.reduce(local, reduction="mean").tolist()))  # global-batch means
+        record = common.over_ranks(run.accelerator, {k: float(np.mean([m[k] for m in micro_stats]))
+                                                     for k in micro_stats[0]})  # global-batch means
         record.update(_optimizer_step(run), epoch=epoch)
         run.step += 1
         if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total_steps:
