@@ -374,6 +374,13 @@ def test_checkpoint_loads_through_the_registry_and_scores_the_same(trained, tiny
         with rm.ema_weights(run):
             ours = run.model.score(batch.chosen, sigmas, run.gen.encode_prompts(batch.prompts))
     assert torch.allclose(loaded, ours, atol=1e-5), (loaded, ours)
+    # the checkpoint names the generator it was trained on, and scores with it when no base model is given
+    config = json.loads((run.run_dir / rm.FINAL_DIR / "config.json").read_text())
+    assert config["model"]["backbone_model_id"] == str(tiny_sd3_dir)
+    alone = rewards.build("dina-lrm", pretrained=str(run.run_dir / rm.FINAL_DIR), mode="state")
+    with torch.no_grad():
+        assert torch.equal(alone(RewardInput(prompts=batch.prompts, latents=batch.chosen, sigmas=sigmas)).scores,
+                           loaded)
 
 
 # -------------------------------------------------------------------------------------------- resume

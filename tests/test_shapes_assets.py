@@ -80,6 +80,27 @@ def test_shipped_preferences_hold_latents_and_labels(generator):
     assert not set(pairs["prompt"]) & set(world.heldout_prompts())
 
 
+def test_shipped_dina_lrm_names_its_generator_and_scores_with_it_alone():
+    """``rlkit eval-reward --reward dina-lrm --args pretrained=...`` needs no base model: the checkpoint names the
+    shipped generator, and loading it itself scores as sharing the loaded generator's blocks does."""
+    from rewards.dina_lrm.checkpoint import read_config
+    from rlkit.shapes.pretrain import load_generator
+
+    generator = load_generator()
+    generator.transformer.requires_grad_(False)  # a frozen generator, as a policy with LoRA holds it
+
+    assert read_config(ASSETS_DIR / "dina_lrm").backbone_model_id == "pkg://rlkit/shapes/assets/generator"
+    alone = rewards.build("dina-lrm", pretrained=str(ASSETS_DIR / "dina_lrm"), mode="state")
+    shared = rewards.build("dina-lrm", pretrained=str(ASSETS_DIR / "dina_lrm"), mode="state")
+    shared.attach_generator(generator)
+    prompts = world.heldout_prompts()[:3]
+    latents = torch.randn(3, *generator.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    batch = RewardInput(prompts=prompts, latents=latents, sigmas=torch.full((3,), 0.3))
+    with torch.no_grad():
+        torch.testing.assert_close(alone(batch).scores, shared(batch).scores, rtol=1e-5, atol=1e-5)
+    assert not alone.is_shared and shared.is_shared
+
+
 def test_build_rejects_settings_of_an_unknown_stage(tmp_path):
     from rlkit.shapes.build import build_all
 
@@ -237,6 +258,8 @@ def test_build_all_fast_writes_every_asset(tmp_path):
     assert not any(line.startswith("DiNa-LRM (") for line in lines)  # the ablation was not trained again
     assert weights == (tmp_path / "generator" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert report["progress"] == {"stages": list(STAGES), "done": list(STAGES)}
+    dina_config = json.loads((tmp_path / "dina_lrm" / "config.json").read_text())
+    assert dina_config["model"]["backbone_model_id"] == str(tmp_path / "generator")  # the generator it trained on
     assert all(report["seconds"][s] == killed["seconds"][s] for s in killed["progress"]["done"])
     assert report["stats"]["generator"]["generator_steps"] == 10 + 3
     assert report["settings"]["pretrain"]["continuation"][0]["undersized_share"] == 0.4

@@ -10,7 +10,9 @@ and, for reward training, a fresh model: ``DiNaLRMReward(config=DiNaLRMConfig(..
 
 Nothing heavy happens at construction (only ``config.json`` is read). The backbone comes either from
 :meth:`attach_generator` -- sharing the generator's blocks as a second peft adapter when the generator's
-transformer is the reward's base model -- or, at first use, from ``base_model`` loaded by the reward itself.
+transformer is the reward's base model -- or, at first use, from ``base_model`` loaded by the reward itself
+(by default the generator the checkpoint's ``config.json`` names as ``backbone_model_id``: SD3.5-M for the
+release, the recipe's ``model.pretrained`` for a checkpoint rlkit trained).
 
 Modes: ``renoise`` adds noise at level ``u`` to the (clean or predicted-clean) latents and scores them;
 ``state`` scores an intermediate state at its own sigma (``RewardInput.sigmas``), no re-noising;
@@ -213,12 +215,15 @@ class DiNaLRMReward(Reward):
     def _materialize(self) -> DiNaLRM:
         if self.model is not None:
             return self.model
-        if self.base_model is None:
+        # without base_model: the generator the checkpoint names (the release's SD3.5-M; rlkit's trained ones
+        # record theirs)
+        base_model = self.base_model or resolve_package_path(self.arch.backbone_model_id)
+        if not base_model:
             raise ValueError("dina-lrm: no backbone yet. Pass base_model=<SD3 folder or hub id> or call "
                              "attach_generator(generator) before scoring")
         from rlkit.models.sd3 import SD3Generator
 
-        generator = SD3Generator.from_pretrained(self.base_model, dtype=self._load_dtype, device=self._load_device,
+        generator = SD3Generator.from_pretrained(base_model, dtype=self._load_dtype, device=self._load_device,
                                                  max_sequence_length=self.max_sequence_length,
                                                  revision=self.options.revision)
         self._build_on(generator.transformer, share=False, copy_blocks=False)

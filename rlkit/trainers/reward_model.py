@@ -223,7 +223,8 @@ def _build_model(recipe: Recipe, gen):
         arch = DiNaLRMConfig.from_dict({**cfg.model, **TRAINABLE_TO_ARCH[cfg.trainable]})
         model = DiNaLRM.build(arch, gen.transformer, share=False)
     model.set_trainable(lora=cfg.trainable == "lora_head", head=True, backbone=cfg.trainable == "full")
-    model.config = replace(model.config, extra={
+    # the checkpoint names the generator it was trained on, which scores with it when no base model is given
+    model.config = replace(model.config, backbone_model_id=package_path(recipe.model.pretrained), extra={
         **model.config.extra, "rlkit_recipe": package_path(recipe.to_dict()),
         "training": {**dict(model.config.extra.get("training") or {}), "ema_decay": recipe.ema.decay,
                      "use_ema": recipe.ema.enabled, "t_weighting_scheme": cfg.timestep_sampling,
