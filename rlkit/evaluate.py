@@ -2,11 +2,13 @@
 
 Each evaluation samples the same noise for the same (prompt, image) slot, so curves compare like with like;
 golden and proxy scores are averaged, an image grid is written, and the first golden reward drives early
-stopping.
+stopping. On several processes each samples and scores its share of the slots (:class:`Shard`), and every
+process gets the same numbers as one process would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,33 @@ def grid_indices(num_prompts: int, per_prompt: int, limit: int) -> list[int]:
     """
     order = [p * per_prompt + k for k in range(per_prompt) for p in range(num_prompts)]
     return order[:max(limit, 0)]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of an evaluation on ``world`` processes: the batches ``rank, rank + world, ...``.
+
+    Every rank runs as many batches (one that runs short repeats the first and drops it), since under ZeRO-3 each
+    forward pass is a collective. ``gather`` concatenates every rank's tensor along dim 0 (the accelerator's
+    gather, CPU tensors in and out).
+    """
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[Tensor], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world or (self.world > 1 and self.gather is None):
+            raise ValueError(f"Shard: rank {self.rank} of {self.world} processes needs 0 <= rank < world and, "
+                             "on more than one process, a gather")
+
+    def starts(self, starts: list[int]) -> list[int | None]:
+        """This rank's batch starts of ``starts``; ``None`` where it repeats a batch to keep in step."""
+        per_rank = -(-len(starts) // self.world)
+        return [starts[i] if i < len(starts) else None for i in range(self.rank, per_rank * self.world, self.world)]
+
+    def combine(self, local: Tensor) -> Tensor:
+        return local if self.world == 1 else self.gather(local)
 
 
 @dataclass
@@ -72,41 +101,41 @@ class Evaluator:
         return [p for p in self.prompts for _ in range(self.images_per_prompt)]
 
     @torch.no_grad()
-    def sample(self, gen, transformer=None) -> tuple[list[str], Tensor]:
-        from rlkit.rollout import sample
-
+    def run(self, gen, step: int, out_dir: str | Path | None = None, transformer=None,
+            shard: Shard = Shard()) -> EvalResult:
+        """Samples and scores this process's share of the slots, gathers every share, and writes the grid to
+        ``out_dir`` (the main process's; ``None`` on the others)."""
         slots = self.slots
-        latents = []
-        for start in range(0, len(slots), self.batch_size):
-            chunk = slots[start:start + self.batch_size]
-            g = torch.Generator(device="cpu").manual_seed(self.seed + start)
-            latents.append(sample(gen, chunk, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                                  generator=g, transformer=transformer, resolution=self.resolution))
-        return slots, torch.cat(latents)
-
-    @torch.no_grad()
-    def run(self, gen, step: int, out_dir: str | Path | None = None, transformer=None) -> EvalResult:
-        slots, latents = self.sample(gen, transformer)
-        scores: dict[str, list[Tensor]] = {}
-        for start in range(0, len(slots), self.batch_size):
-            chunk = slots[start:start + self.batch_size]
-            z = latents[start:start + self.batch_size]
-            g = torch.Generator(device="cpu").manual_seed(self.seed + 7919 + start)
-            text = gen.encode_prompts(chunk)
-            part = score_all({**{f"golden/{k}": r for k, r in self.golden.items()},
-                              **{f"proxy/{k}": r for k, r in self.proxy.items()}},
-                             chunk, z, gen.decode, text=text, generator=g)
-            for key, value in part.items():
-                scores.setdefault(key, []).append(value)
-        metrics = {f"eval/{k}": torch.cat(v).mean().item() for k, v in scores.items()}
-        metrics.update({f"eval/{k}_sem": (torch.cat(v).std() / len(slots) ** 0.5).item()
+        starts = list(range(0, len(slots), self.batch_size))
+        picks = grid_indices(len(self.prompts), self.images_per_prompt, self.grid_images)
+        rows: dict[int, dict[str, Tensor]] = {}
+        picked: Tensor | None = None
+        keys: list[str] = []
+        for start in shard.starts(starts):
+            first = starts[0] if start is None else start
+            chunk = slots[first:first + self.batch_size]
+            latents = self._sample(gen, chunk, first, transformer)
+            scores = self._score(gen, chunk, latents, first)
+            keys = sorted(scores)  # a repeated batch's too: a rank may have no batch of its own
+            if picked is None:
+                picked, dtype = torch.zeros(len(picks), *latents.shape[1:]), latents.dtype
+            if start is None:
+                continue
+            rows[start] = scores
+            for i, slot in enumerate(picks):
+                if start <= slot < start + len(chunk):
+                    picked[i] = latents[slot - start].cpu()
+        scores = self._gather_scores(rows, keys, starts, len(slots), shard)
+        metrics = {f"eval/{k}": v.mean().item() for k, v in scores.items()}
+        metrics.update({f"eval/{k}_sem": (v.std() / len(slots) ** 0.5).item()
                         for k, v in scores.items() if k.startswith("golden/") and "/" not in k[7:]})
         images_path = None
-        picks = grid_indices(len(self.prompts), self.images_per_prompt, self.grid_images)
+        if picks:
+            picked = shard.combine(picked[None]).sum(0)  # each pick is non-zero on the rank that sampled it
         if out_dir is not None and picks:
             from rlkit.runtime.images import save_image_grid
 
-            images = torch.cat([gen.decode(latents[picks[i:i + self.batch_size]]).cpu()
+            images = torch.cat([gen.decode(picked[i:i + self.batch_size].to(gen.device, dtype)).cpu()
                                 for i in range(0, len(picks), self.batch_size)])
             images_path = Path(out_dir) / "samples" / f"step_{step:06d}.png"
             save_image_grid(images, images_path, captions=[slots[i] for i in picks])
@@ -114,6 +143,41 @@ class Evaluator:
         self._update_patience(result)
         self.history.append(result)
         return result
+
+    def _sample(self, gen, chunk: list[str], start: int, transformer) -> Tensor:
+        from rlkit.rollout import sample
+
+        g = torch.Generator(device="cpu").manual_seed(self.seed + start)
+        return sample(gen, chunk, num_steps=self.num_steps, guidance_scale=self.guidance_scale, generator=g,
+                      transformer=transformer, resolution=self.resolution)
+
+    def _score(self, gen, chunk: list[str], latents: Tensor, start: int) -> dict[str, Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(self.seed + 7919 + start)
+        return score_all({**{f"golden/{k}": r for k, r in self.golden.items()},
+                          **{f"proxy/{k}": r for k, r in self.proxy.items()}},
+                         chunk, latents, gen.decode, text=gen.encode_prompts(chunk), generator=g)
+
+    def _gather_scores(self, rows: dict[int, dict[str, Tensor]], keys: list[str], starts: list[int],
+                       num_slots: int, shard: Shard) -> dict[str, Tensor]:
+        """Every slot's scores in slot order, from the batches each rank scored (``rows``: start -> scores)."""
+        if shard.world > 1:  # a fixed-size table per rank (its last batch may be short), NaN-padded
+            widths = shard.combine(torch.tensor([len(keys)]))
+            if int(widths.min()) != int(widths.max()):
+                raise RuntimeError(f"evaluation: the ranks' rewards returned {widths.tolist()} kinds of score")
+            if not keys:
+                return {}
+            per_rank = len(shard.starts(starts))
+            table = torch.full((per_rank, self.batch_size, len(keys)), float("nan"))
+            index = torch.full((per_rank,), -1, dtype=torch.long)
+            for j, (start, scores) in enumerate(rows.items()):
+                n = len(scores[keys[0]])
+                table[j, :n] = torch.stack([scores[k] for k in keys], -1)
+                index[j] = start
+            table, index = shard.combine(table), shard.combine(index)
+            rows = {int(start): {k: table[j, :min(self.batch_size, num_slots - int(start)), i]
+                                 for i, k in enumerate(keys)}
+                    for j, start in enumerate(index.tolist()) if start >= 0}
+        return {k: torch.cat([rows[start][k] for start in starts]).contiguous() for k in keys}
 
     @property
     def primary_key(self) -> str | None:

@@ -35,3 +35,75 @@ def test_evaluator_grid_holds_the_picked_samples(tiny_generator, tmp_path, monke
     result = evaluator.run(tiny_generator, step=5, out_dir=tmp_path)
     assert result.images_path == tmp_path / "samples" / "step_000005.png" and result.images_path.is_file()
     assert shown == {"n": 3, "captions": prompts}
+
+
+def test_two_ranks_share_the_evaluation_and_get_the_numbers_and_grid_of_one_process(tiny_generator, tmp_path,
+                                                                                     monkeypatch):
+    """Each rank samples and scores its batches only (rank 1, one batch short, repeats one to keep in step, as
+    ZeRO-3 needs); the gathered scores and the grid are those of one process."""
+    import threading
+
+    import torch
+
+    import rewards
+    import rlkit.runtime.images as images
+    from rlkit.evaluate import Shard
+
+    grids, sampled = {}, []
+    original = Evaluator._sample
+
+    def record_grid(batch, path, captions=None, **kwargs):
+        grids[path.parent.parent.name] = (batch.clone(), list(captions))
+
+    def record_sample(self, gen, chunk, start, transformer):
+        sampled.append((threading.current_thread().name, start))
+        return original(self, gen, chunk, start, transformer)
+
+    monkeypatch.setattr(images, "save_image_grid", record_grid)
+    monkeypatch.setattr(Evaluator, "_sample", record_sample)
+    prompts = ["a red circle at the top", "a blue square at the left", "a green cross at the center",
+               "a yellow triangle", "a white circle on the right"]
+
+    def evaluator() -> Evaluator:  # 10 slots in batches of 4: starts 0, 4, 8
+        return Evaluator(prompts, images_per_prompt=2, seed=3, num_steps=2, guidance_scale=1.0,
+                         golden={"judge": rewards.build("latent-direction", seed=1, scale=10.0)},
+                         proxy={"proxy": rewards.build("latent-direction", seed=2, scale=1.0)},
+                         batch_size=4, resolution=32, grid_images=6)
+
+    one = evaluator().run(tiny_generator, step=1, out_dir=tmp_path / "one")
+    assert sorted(start for _, start in sampled) == [0, 4, 8]
+    sampled.clear()
+
+    barrier, shared = threading.Barrier(2), [None, None]
+
+    def gather_of(rank: int):
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            shared[rank] = tensor
+            barrier.wait()
+            out = torch.cat(shared)
+            barrier.wait()
+            return out
+        return gather
+
+    results = {}
+
+    def rank_run(rank: int) -> None:
+        results[rank] = evaluator().run(tiny_generator, step=1, out_dir=tmp_path / "two" if rank == 0 else None,
+                                        shard=Shard(rank, 2, gather_of(rank)))
+
+    threads = [threading.Thread(target=rank_run, args=(r,), name=f"rank{r}") for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(sampled) == [("rank0", 0), ("rank0", 8), ("rank1", 0), ("rank1", 4)]
+    assert set(one.metrics) == {"eval/golden/judge", "eval/golden/judge_sem", "eval/golden/judge/raw",
+                                "eval/proxy/proxy", "eval/proxy/proxy/raw"}
+    for rank in (0, 1):
+        assert results[rank].metrics == pytest.approx(one.metrics, rel=1e-6, abs=1e-7)
+    assert results[1].images_path is None and results[0].images_path == tmp_path / "two" / "samples" / \
+        "step_000001.png"
+    assert set(grids) == {"one", "two"} and grids["two"][1] == grids["one"][1]
+    assert torch.equal(grids["two"][0], grids["one"][0])
+    with pytest.raises(ValueError, match="rank 2 of 2"):
+        Shard(2, 2, gather_of(0))

@@ -61,6 +61,12 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(stage, kl_beta, tm
     for key in a:
         # Adam divides by sqrt(v): fp32 reduction-order noise in tiny gradients shows at ~1e-6 after 2 steps
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+    # each rank evaluated half the held-out samples; gathered, they score as one process's
+    evals = [[{k: v for k, v in r.items() if k.startswith("eval/")} for r in read_log(run.run_dir)
+              if any(k.startswith("eval/") for k in r)] for run in (one, two)]
+    assert len(evals[0]) == len(evals[1]) == 2 and "eval/proxy/latent-direction" in evals[0][0]
+    assert evals[1][0] == pytest.approx(evals[0][0], rel=1e-5, abs=1e-6)  # before training: the same weights
+    assert evals[1][1] == pytest.approx(evals[0][1], rel=1e-3, abs=1e-4)
     # rank 0 logged the mean over both ranks' samples, as the single process did over its two
     for key in ("train/loss", "train/reward"):
         r1 = [r[key] for r in read_log(one.run_dir) if key in r]

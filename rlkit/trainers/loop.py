@@ -173,10 +173,14 @@ class PolicyRun(common.Processes):
 
     # -- evaluation, checkpoints, export -----------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        from rlkit.evaluate import Shard
+
+        device = self.accelerator.device
+        shard = Shard(self.rank, self.world, lambda t: self.accelerator.gather(t.to(device)).cpu())
         with common.ema_weights(self.ema):
             self.model.eval()
             result = self.evaluator.run(self.gen, self.step, out_dir=self.run_dir if self.accelerator.is_main_process
-                                        else None)
+                                        else None, shard=shard)
             self.model.train()
         metrics = dict(result.metrics, **{"time/elapsed_s": time.perf_counter() - self.started})
         self.tracker.log(metrics, step=self.step)
