@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from rlkit.config import PretrainLossConfig, Recipe, save_resolved
+from rlkit.evaluate import Shard
 from rlkit.runtime.accelerator import full_weights_loading, gathered
 from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
@@ -173,8 +174,6 @@ class PolicyRun(common.Processes):
 
     # -- evaluation, checkpoints, export -----------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        from rlkit.evaluate import Shard
-
         device = self.accelerator.device
         shard = Shard(self.rank, self.world, lambda t: self.accelerator.gather(t.to(device)).cpu())
         with common.ema_weights(self.ema):
