@@ -38,6 +38,7 @@ from torch import Tensor
 
 from rewards.base import Reward, RewardInput
 from rlkit.data import LoadOptions, PreferenceDataError, PreferencePair, load_pairs, load_side
+from rlkit.evaluate import Shard
 
 CIMethod = Literal["wilson", "bootstrap"]
 CONVENTION = ("win: score(chosen) - score(rejected) > tie_tol; tie: |difference| <= tie_tol; "
@@ -215,10 +216,13 @@ def reward_mode(reward: Reward, mode: str, **fields: Any) -> Iterator[None]:
             setattr(options, name, value)
 
 
-def _chunks(pairs: Sequence[PreferencePair], batch_size: int, image_size: tuple[int, int] | None
-            ) -> Iterator[list[tuple[list[int], Tensor, Tensor]]]:
-    """Per batch of pairs: groups ``(indices, chosen, rejected)`` of one tensor shape each."""
-    for start in range(0, len(pairs), batch_size):
+def _chunks(pairs: Sequence[PreferencePair], batch_size: int, image_size: tuple[int, int] | None, shard: Shard
+            ) -> Iterator[tuple[int, list[tuple[list[int], Tensor, Tensor]]]]:
+    """Per batch of pairs that ``shard`` takes (every other batch is not loaded): its number and its groups
+    ``(indices, chosen, rejected)`` of one tensor shape each."""
+    for b, start in enumerate(range(0, len(pairs), batch_size)):
+        if b % shard.world != shard.rank:
+            continue
         groups: dict[tuple, tuple[list[int], list[Tensor], list[Tensor]]] = {}
         for i in range(start, min(start + batch_size, len(pairs))):
             chosen, rejected = load_side(pairs[i], 0, image_size), load_side(pairs[i], 1, image_size)
@@ -229,7 +233,7 @@ def _chunks(pairs: Sequence[PreferencePair], batch_size: int, image_size: tuple[
             idx.append(i)
             cs.append(chosen)
             rs.append(rejected)
-        yield [(idx, torch.stack(cs), torch.stack(rs)) for idx, cs, rs in groups.values()]
+        yield b, [(idx, torch.stack(cs), torch.stack(rs)) for idx, cs, rs in groups.values()]
 
 
 def _input(reward: Reward, prompts: list[str], x: Tensor, kind: str, sigmas: Tensor | None,
@@ -277,12 +281,15 @@ def evaluate_pairwise(
     progress: bool = True,
     name: str = "",
     data_name: str = "",
+    shard: Shard = Shard(),
 ) -> EvalReport:
     """Pairwise accuracy of ``reward`` on ``pairs``: a row for the reward as configured (``include_clean``),
     one per noise level in ``levels`` (noise-aware latent rewards; chosen and rejected share eps) and one for
     the reward's noise ensemble over ``ensemble`` (rewards with scoring modes).
 
-    Data ties (label 0.5) are skipped; every result is reproducible from ``seed``.
+    Data ties (label 0.5) are skipped; every result is reproducible from ``seed``. On several processes
+    (``shard``) each scores every ``world``-th batch and the margins are gathered: every rank gets the report of
+    one process. The ranks' forward passes are not kept in step, so not under ZeRO-3.
     """
     from tqdm.auto import tqdm
 
@@ -308,13 +315,13 @@ def evaluate_pairwise(
         + [(_level_name(u), float(u), lambda: reward_mode(reward, "state")) for u in levels]
         + ([(_ensemble_name(ensemble), None,
              lambda: reward_mode(reward, "ensemble", levels=tuple(float(u) for u in ensemble)))] if ensemble else []))
-    margins = {name_: torch.empty(len(kept)) for name_, _, _ in settings}
+    margins = {name_: torch.zeros(len(kept)) for name_, _, _ in settings}  # zero where another rank scores
     was_training = reward.training
     reward.eval()
     start_time = time.perf_counter()
     bar = tqdm(total=len(kept), desc=f"eval-reward {name}".strip(), unit="pair", disable=not progress)
     try:
-        for b, groups in enumerate(_chunks(kept, batch_size, image_size)):
+        for b, groups in _chunks(kept, batch_size, image_size, shard):
             for g, (idx, chosen, rejected) in enumerate(groups):
                 chosen, rejected = chosen.to(device), rejected.to(device)
                 prompts = [kept[i].prompt for i in idx]
@@ -335,6 +342,9 @@ def evaluate_pairwise(
     finally:
         bar.close()
         reward.train(was_training)
+    if shard.world > 1:  # each margin is zero on every rank but the one that scored it
+        every = shard.combine(torch.stack([margins[s] for s, _, _ in settings])[None]).sum(0)
+        margins = {s: every[r] for r, (s, _, _) in enumerate(settings)}
     results = [summarize(s, margins[s], tie_tol, ci, confidence, bootstrap_samples, seed) for s, _, _ in settings]
     return EvalReport(reward=name or type(reward).__name__, data=data_name, results=results,
                       skipped_label_ties=skipped, tie_tol=tie_tol, ci=ci, confidence=confidence, seed=seed,
@@ -424,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         size = (args.image_size, args.image_size) if args.image_size else None
         report = evaluate_pairwise(
             reward, pairs, levels=args.levels, ensemble=args.ensemble, include_clean=not args.no_clean,
-            batch_size=args.batch_size, seed=args.seed, tie_tol=args.tie_tol, ci=args.ci, confidence=args.confidence, decode=decode,
-            image_size=size, device=args.device, progress=not args.no_progress, name=args.reward,
+            batch_size=args.batch_size, seed=args.seed, tie_tol=args.tie_tol, ci=args.ci, confidence=args.confidence,
+            decode=decode, image_size=size, device=args.device, progress=not args.no_progress, name=args.reward,
             data_name=str(args.data))
     except (PreferenceDataError, KeyError, ValueError, FileNotFoundError) as exc:
         print(f"rlkit eval-reward: {exc}", file=sys.stderr)

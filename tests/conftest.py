@@ -67,3 +67,41 @@ def placed_reward(monkeypatch):
 
     monkeypatch.setitem(rewards.REGISTRY._targets, "test-placed", Placed)
     return Placed
+
+
+@pytest.fixture()
+def run_as_ranks():
+    """``run(world, fn)`` calls ``fn(rank, gather)`` for every rank in its own thread, ``gather`` concatenating every
+    rank's tensor along dim 0 as the accelerator's does, and returns the results by rank (re-raising a rank's
+    error): the sharded code paths of several processes, tested in one."""
+    import threading
+
+    def run(world: int, fn):
+        barrier, shared, results, errors = threading.Barrier(world, timeout=300), [None] * world, {}, []
+
+        def gather_of(rank: int):
+            def gather(tensor: torch.Tensor) -> torch.Tensor:
+                shared[rank] = tensor
+                barrier.wait()
+                out = torch.cat(shared)
+                barrier.wait()
+                return out
+            return gather
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = fn(rank, gather_of(rank))
+            except BaseException as exc:
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,), name=f"rank{r}") for r in range(world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results
+
+    return run

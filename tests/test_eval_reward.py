@@ -272,3 +272,34 @@ def test_cli_builds_a_registered_reward_with_args_and_writes_reports(tmp_path, c
     assert "| reward | 4 | 1 | 1 | 2 | 25.00 |" in capsys.readouterr().out
     assert main(["--reward", "no-such-reward", "--data", str(data), "--no-progress"]) == 2
     assert "Known rewards" in capsys.readouterr().err
+
+
+def test_two_ranks_each_score_every_other_batch_and_get_the_report_of_one_process(run_as_ranks):
+    from rlkit.evaluate import Shard
+
+    class Nonlinear(SumReward):  # margins that depend on the noise, the seeds and the batch layout
+        def forward(self, batch):
+            self.calls.append(batch)
+            scores = batch.latents.flatten(1).pow(3).sum(1) * (1 + (0 if batch.sigmas is None else batch.sigmas))
+            return RewardOutput(scores=scores + 0.05 * torch.randn(scores.shape, generator=batch.generator))
+
+    # 21 pairs (a data tie is skipped) in 6 batches of 4: batches 0, 2, 4 on rank 0, batches 1, 3, 5 on rank 1
+    pairs = [latent_pair(0.2 + 0.01 * i, 0.25 - 0.005 * i, row=i) for i in range(21)]
+    pairs.insert(5, latent_pair(0.3, 0.1, row=99, label=0.5))
+    options = dict(levels=[0.4, 0.9], batch_size=4, seed=3, progress=False)
+    one = evaluate_pairwise(Nonlinear(), pairs, **options)
+
+    def rank_run(rank, gather):
+        reward = Nonlinear()
+        report = evaluate_pairwise(reward, pairs, shard=Shard(rank, 2, gather), **options)
+        return report, sum(call.latents.shape[0] for call in reward.calls) // 2 // 3  # pairs: sides, settings
+
+    results = run_as_ranks(2, rank_run)
+    assert {rank: scored for rank, (_, scored) in results.items()} == {0: 12, 1: 9}  # 0-3, 8-11, 16-19; the rest
+    for report, _ in results.values():
+        assert [(r.setting, r.wins, r.ties, r.losses) for r in report.results] == [
+            (r.setting, r.wins, r.ties, r.losses) for r in one.results]
+        for mine, theirs in zip(report.results, one.results):
+            assert mine.mean_margin == pytest.approx(theirs.mean_margin, rel=1e-6)
+    assert one.row(CLEAN_ROW).losses == 4  # pairs 0-3 hold the larger latent on the rejected side
+    assert len({r.mean_margin for r in one.results}) == 3  # the rows' noise moves every margin

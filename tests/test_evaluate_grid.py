@@ -38,7 +38,7 @@ def test_evaluator_grid_holds_the_picked_samples(tiny_generator, tmp_path, monke
 
 
 def test_two_ranks_share_the_evaluation_and_get_the_numbers_and_grid_of_one_process(tiny_generator, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, run_as_ranks):
     """Each rank samples and scores its batches only (rank 1, one batch short, repeats one to keep in step, as
     ZeRO-3 needs); the gathered scores and the grid are those of one process."""
     import threading
@@ -73,29 +73,8 @@ def test_two_ranks_share_the_evaluation_and_get_the_numbers_and_grid_of_one_proc
     one = evaluator().run(tiny_generator, step=1, out_dir=tmp_path / "one")
     assert sorted(start for _, start in sampled) == [0, 4, 8]
     sampled.clear()
-
-    barrier, shared = threading.Barrier(2), [None, None]
-
-    def gather_of(rank: int):
-        def gather(tensor: torch.Tensor) -> torch.Tensor:
-            shared[rank] = tensor
-            barrier.wait()
-            out = torch.cat(shared)
-            barrier.wait()
-            return out
-        return gather
-
-    results = {}
-
-    def rank_run(rank: int) -> None:
-        results[rank] = evaluator().run(tiny_generator, step=1, out_dir=tmp_path / "two" if rank == 0 else None,
-                                        shard=Shard(rank, 2, gather_of(rank)))
-
-    threads = [threading.Thread(target=rank_run, args=(r,), name=f"rank{r}") for r in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_as_ranks(2, lambda rank, gather: evaluator().run(
+        tiny_generator, step=1, out_dir=tmp_path / "two" if rank == 0 else None, shard=Shard(rank, 2, gather)))
     assert sorted(sampled) == [("rank0", 0), ("rank0", 8), ("rank1", 0), ("rank1", 4)]
     assert set(one.metrics) == {"eval/golden/judge", "eval/golden/judge_sem", "eval/golden/judge/raw",
                                 "eval/proxy/proxy", "eval/proxy/proxy/raw"}
@@ -106,4 +85,4 @@ def test_two_ranks_share_the_evaluation_and_get_the_numbers_and_grid_of_one_proc
     assert set(grids) == {"one", "two"} and grids["two"][1] == grids["one"][1]
     assert torch.equal(grids["two"][0], grids["one"][0])
     with pytest.raises(ValueError, match="rank 2 of 2"):
-        Shard(2, 2, gather_of(0))
+        Shard(2, 2, lambda t: t)

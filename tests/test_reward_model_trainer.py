@@ -497,9 +497,10 @@ def test_two_processes_under_zero_equal_one_process_on_the_same_global_batch(sta
     base = yaml.safe_load(TINY_RECIPE.read_text())
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(base))
+    held_out = "synthetic:pairs=40,seed=1,size=8,signal=1.0"  # 5 evaluation batches: 3 on rank 0, 2 on rank 1
     common = [o for o in tiny_overrides(tiny_sd3_dir, tmp_path, steps=3) if "batch_size" not in o] + [
-        "reward_model.data.eval=", "optim.warmup_steps=1", "ema.decay=0.5", f"optim.eps={ADAM_EPS}",
-        f"reward_model.adversarial_eps={adversarial_eps}"]
+        f"reward_model.data.eval={held_out}", "reward_model.eval_batch_size=8", "optim.warmup_steps=1",
+        "ema.decay=0.5", f"optim.eps={ADAM_EPS}", f"reward_model.adversarial_eps={adversarial_eps}"]
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
@@ -541,3 +542,16 @@ def test_two_processes_under_zero_equal_one_process_on_the_same_global_batch(sta
         assert torch.allclose(a1[k], a2[k], **tol), (k, (a1[k] - a2[k]).abs().max())
         moved += int(a1[k].abs().sum() > 0)
     assert moved > 0
+    # the final held-out evaluation (each rank scored its share under ZeRO-2, both the whole set under ZeRO-3) is
+    # the one process's evaluation of the exported weights, pair for pair
+    import rewards
+    from rlkit.eval_reward import evaluate_pairwise
+    from rlkit.runtime.seeding import derive_seed
+
+    logged = [json.loads(x) for x in (tmp_path / "two" / METRICS_FILE).read_text().splitlines() if '"eval/' in x][-1]
+    reward = rewards.build("dina-lrm", pretrained=str(tmp_path / "two" / rm.FINAL_DIR), base_model=str(tiny_sd3_dir))
+    levels = base["reward_model"]["eval_levels"]
+    report = evaluate_pairwise(reward, load_pairs(held_out), levels=levels, include_clean=False, batch_size=8,
+                               seed=derive_seed(base["seed"], "eval"), progress=False)
+    assert {f"eval/accuracy_u={u:.2f}": report.row(f"u={u:.2f}").accuracy for u in levels} == {
+        k: v for k, v in logged.items() if k.startswith("eval/accuracy_u=")}

@@ -21,7 +21,7 @@ import rewards as reward_registry
 from rewards.base import Reward
 from rlkit.confload import resolve_package_path
 from rlkit.config import EvalConfig, LoRAConfig, ModelConfig, OptimConfig, Recipe, RewardSpec
-from rlkit.evaluate import Evaluator
+from rlkit.evaluate import Evaluator, Shard
 from rlkit.models.sd3 import SD3Generator
 from rlkit.prompts import load_prompts
 
@@ -156,6 +156,11 @@ class Processes:
     def rank_slice(self, n: int) -> slice:
         """This process's rows of a global batch of ``n`` rows per process."""
         return slice(self.rank * n, (self.rank + 1) * n)
+
+    def shard(self) -> Shard:
+        """This process's share of an evaluation, gathered through the accelerator."""
+        device = self.accelerator.device
+        return Shard(self.rank, self.world, lambda t: self.accelerator.gather(t.to(device)).cpu())
 
 
 def over_ranks(accelerator, stats: dict[str, float]) -> dict[str, float]:

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from rlkit.config import PretrainLossConfig, Recipe, save_resolved
-from rlkit.evaluate import Shard
 from rlkit.runtime.accelerator import full_weights_loading, gathered
 from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
@@ -174,12 +173,10 @@ class PolicyRun(common.Processes):
 
     # -- evaluation, checkpoints, export -----------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        device = self.accelerator.device
-        shard = Shard(self.rank, self.world, lambda t: self.accelerator.gather(t.to(device)).cpu())
         with common.ema_weights(self.ema):
             self.model.eval()
             result = self.evaluator.run(self.gen, self.step, out_dir=self.run_dir if self.accelerator.is_main_process
-                                        else None, shard=shard)
+                                        else None, shard=self.shard())
             self.model.train()
         metrics = dict(result.metrics, **{"time/elapsed_s": time.perf_counter() - self.started})
         self.tracker.log(metrics, step=self.step)

@@ -44,7 +44,8 @@ from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
 from rlkit.config import Recipe, RewardModelConfig, save_resolved, source_list
 from rlkit.confload import package_path
 from rlkit.data import BucketBatchSampler, LoadOptions, PreferencePair, collate_pairs, load_pairs, shape_key
-from rlkit.runtime.accelerator import build_accelerator, full_weights_loading, gathered, uses_deepspeed
+from rlkit.evaluate import Shard
+from rlkit.runtime.accelerator import build_accelerator, full_weights_loading, gathered, uses_deepspeed, zero_stage
 from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
 
@@ -374,10 +375,11 @@ def evaluate(run: RewardModelRun, levels: list[float] | None = None, pairs: list
     reward = _TrainedReward(run.model, run.gen.encode_prompts)
     with ema_weights(run):
         run.model.eval()
+        # each rank scores its share, except under ZeRO-3, whose forward passes every rank must run together
         report = evaluate_pairwise(reward, pairs, levels=levels, include_clean=False,
                                    batch_size=batch_size or run.cfg.eval_batch_size,
                                    seed=derive_seed(run.recipe.seed, "eval"), device=run.accelerator.device,
-                                   progress=False)
+                                   progress=False, shard=Shard() if zero_stage(run.accelerator) == 3 else run.shard())
         run.model.train()
     metrics = {}
     for row in report.results:
