@@ -143,7 +143,8 @@ def hpsv3_geometry(resolution: int, text_tokens: int | None = None):
     h, w = hpsv3_image_size(resolution, resolution)
     gh, gw = h // vc.patch_size, w // vc.patch_size
     image_tokens = gh * gw // vc.spatial_merge_size**2
-    return config, gh, gw, image_tokens, image_tokens + (text_tokens if text_tokens is not None else hpsv3_text_tokens())
+    text = text_tokens if text_tokens is not None else hpsv3_text_tokens()
+    return config, gh, gw, image_tokens, image_tokens + text
 
 
 def hpsv3_parts(resolution: int, batch_size: int = 1, text_tokens: int | None = None) -> dict[str, PartCost]:

@@ -81,7 +81,8 @@ class Registry:
             signature.bind(**kwargs)
         except TypeError as exc:
             takes = ", ".join(p.name for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD) or "none"
-            raise TypeError(f"reward {name!r}: args {sorted(kwargs)} do not fit it ({exc}); it takes: {takes}") from None
+            raise TypeError(f"reward {name!r}: args {sorted(kwargs)} do not fit it ({exc}); "
+                            f"it takes: {takes}") from None
         reward = cls(**kwargs)
         if kwargs.get("device") is not None and hasattr(reward, "place"):
             reward.pinned_device = kwargs["device"]

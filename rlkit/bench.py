@@ -2,8 +2,9 @@
 
 1. Per reward call at SD3.5-Medium shapes (models built on the meta device: no weights, no compute): parameters,
    forward FLOPs, backward FLOPs (gradient w.r.t. the reward's input only: a frozen reward in ReFL), and the
-   activation memory autograd keeps for that backward (bf16; attention sized as a fused kernel keeps it). Rewards: DiNa-LRM (one noise level, and the
-   K = 3 noise ensemble), VAE decode + PickScore (CLIP ViT-H/14) and VAE decode + HPSv3 (Qwen2-VL-7B).
+   activation memory autograd keeps for that backward (bf16; attention sized as a fused kernel keeps it).
+   Rewards: DiNa-LRM (one noise level, and the K = 3 noise ensemble), VAE decode + PickScore (CLIP ViT-H/14)
+   and VAE decode + HPSv3 (Qwen2-VL-7B).
    Attention is counted (on meta tensors it runs as two batched matmuls; CPU's fused kernel would count 0).
 2. Per ReFL step and per Flow-GRPO / -Fast epoch image at SD3.5-M shapes, with each reward, DiNa-LRM sharing the
    policy's blocks or loading its own copy: FLOPs and an estimated peak memory, from the per-call costs times

@@ -44,7 +44,8 @@ def load_prompts(source: str, limit: int | None = None) -> list[str]:
                 try:
                     prompts.append(str(json.loads(line)["prompt"]))
                 except (json.JSONDecodeError, KeyError) as exc:
-                    raise ValueError(f"{path}: line {i}: expected a JSON object with a 'prompt' field ({exc})") from None
+                    raise ValueError(f"{path}: line {i}: expected a JSON object with a 'prompt' field "
+                                     f"({exc})") from None
         else:
             prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:

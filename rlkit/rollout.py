@@ -63,7 +63,8 @@ def draw_window(start_range: tuple[int, int], size: int, num_steps: int, generat
     return SDEWindow(start, size)
 
 
-def per_image_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+def per_image_generators(seed: int, indices: Sequence[int],
+                         device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per image, seeded ``seed + index`` (a global image index, so that a sample does not
     depend on how images are split over processes or micro-batches)."""
     return [torch.Generator(device=device).manual_seed(seed + int(i)) for i in indices]

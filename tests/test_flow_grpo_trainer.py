@@ -310,7 +310,8 @@ def test_dina_lrm_sharing_the_policy_blocks_at_window_end(tmp_path, tiny_sd3_dir
     rm_weights = {n: p.detach().clone() for n, p in run.model.named_parameters() if ".rm_lora." in n}
     assert rm_weights and not any(p.requires_grad for n, p in run.model.named_parameters() if ".rm_lora." in n)
     data = rollout_epoch(run, cfg, plan, 0, recipe.seed, 32)
-    assert data.batches[0].stopped_at == data.batches[0].step_indices[0, -1] + 1  # the rollout stopped at the window end
+    # the rollout stopped at the window end
+    assert data.batches[0].stopped_at == data.batches[0].step_indices[0, -1] + 1
     assert data.all_rewards.std() > 0
     stats = train_update(run, cfg, plan, data, 0, 0, recipe.seed)
     assert stats["ratio_dev_max"] == 0.0 and stats["kl"] == 0.0

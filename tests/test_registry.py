@@ -86,7 +86,8 @@ def test_third_party_reward_plugs_in_through_the_entry_point_group(tmp_path):
         import torch, rewards
         from rewards import RewardInput
         r = rewards.build("brightness")
-        print("brightness" in rewards.available(), r(RewardInput(prompts=["a"], images=torch.ones(1, 3, 4, 4))).scores.item())
+        print("brightness" in rewards.available(),
+              r(RewardInput(prompts=["a"], images=torch.ones(1, 3, 4, 4))).scores.item())
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": f"{tmp_path}:{sys.path[0] if sys.path[0] else '.'}", "PATH": ""},

@@ -54,7 +54,8 @@ class PreferenceConfig:
 
 
 @torch.no_grad()
-def build_preferences(generator: SD3Generator, config: PreferenceConfig) -> tuple["datasets.Dataset", dict]:  # noqa: F821
+def build_preferences(generator: SD3Generator,
+                      config: PreferenceConfig) -> tuple["datasets.Dataset", dict]:  # noqa: F821
     """Samples and labels pairs; returns the dataset and its statistics (ceiling, agreement, ties)."""
     import datasets
 

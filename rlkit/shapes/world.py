@@ -130,7 +130,8 @@ class DrawConfig:
         if not 0 <= self.undersized_share <= 1:
             raise ValueError(f"DrawConfig.undersized_share must be in [0, 1], got {self.undersized_share}")
         hi = max(self.radius_range[1], self.undersized_radius_range[1])
-        if min(self.cell_centers) - self.position_jitter - hi < 0 or max(self.cell_centers) + self.position_jitter + hi > self.size:
+        reach = self.position_jitter + hi
+        if min(self.cell_centers) - reach < 0 or max(self.cell_centers) + reach > self.size:
             raise ValueError("DrawConfig.cell_centers: a shape at the edge cells would leave the picture")
         if self.pixel_noise < 0 or self.color_jitter < 0:
             raise ValueError("DrawConfig.pixel_noise and color_jitter must be >= 0")
