@@ -319,7 +319,9 @@ def evaluate_pairwise(
     was_training = reward.training
     reward.eval()
     start_time = time.perf_counter()
-    bar = tqdm(total=len(kept), desc=f"eval-reward {name}".strip(), unit="pair", disable=not progress)
+    mine = sum(min(batch_size, len(kept) - start) for b, start in enumerate(range(0, len(kept), batch_size))
+               if b % shard.world == shard.rank)
+    bar = tqdm(total=mine, desc=f"eval-reward {name}".strip(), unit="pair", disable=not progress)
     try:
         for b, groups in _chunks(kept, batch_size, image_size, shard):
             for g, (idx, chosen, rejected) in enumerate(groups):
