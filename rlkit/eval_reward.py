@@ -216,13 +216,11 @@ def reward_mode(reward: Reward, mode: str, **fields: Any) -> Iterator[None]:
             setattr(options, name, value)
 
 
-def _chunks(pairs: Sequence[PreferencePair], batch_size: int, image_size: tuple[int, int] | None, shard: Shard
-            ) -> Iterator[tuple[int, list[tuple[list[int], Tensor, Tensor]]]]:
-    """Per batch of pairs that ``shard`` takes (every other batch is not loaded): its number and its groups
+def _chunks(pairs: Sequence[PreferencePair], batch_size: int, image_size: tuple[int, int] | None,
+            starts: Sequence[int]) -> Iterator[tuple[int, list[tuple[list[int], Tensor, Tensor]]]]:
+    """Per batch of pairs starting at one of ``starts`` (the others are not loaded): its number and its groups
     ``(indices, chosen, rejected)`` of one tensor shape each."""
-    for b, start in enumerate(range(0, len(pairs), batch_size)):
-        if b % shard.world != shard.rank:
-            continue
+    for start in starts:
         groups: dict[tuple, tuple[list[int], list[Tensor], list[Tensor]]] = {}
         for i in range(start, min(start + batch_size, len(pairs))):
             chosen, rejected = load_side(pairs[i], 0, image_size), load_side(pairs[i], 1, image_size)
@@ -233,7 +231,7 @@ def _chunks(pairs: Sequence[PreferencePair], batch_size: int, image_size: tuple[
             idx.append(i)
             cs.append(chosen)
             rs.append(rejected)
-        yield b, [(idx, torch.stack(cs), torch.stack(rs)) for idx, cs, rs in groups.values()]
+        yield start // batch_size, [(idx, torch.stack(cs), torch.stack(rs)) for idx, cs, rs in groups.values()]
 
 
 def _input(reward: Reward, prompts: list[str], x: Tensor, kind: str, sigmas: Tensor | None,
@@ -319,11 +317,12 @@ def evaluate_pairwise(
     was_training = reward.training
     reward.eval()
     start_time = time.perf_counter()
-    mine = sum(min(batch_size, len(kept) - start) for b, start in enumerate(range(0, len(kept), batch_size))
-               if b % shard.world == shard.rank)
+    # this rank's batches, dealt as the evaluator deals them (not the repeats that keep ZeRO-3 in step)
+    starts = [s for s in shard.starts(list(range(0, len(kept), batch_size))) if s is not None]
+    mine = sum(min(batch_size, len(kept) - start) for start in starts)
     bar = tqdm(total=mine, desc=f"eval-reward {name}".strip(), unit="pair", disable=not progress)
     try:
-        for b, groups in _chunks(kept, batch_size, image_size, shard):
+        for b, groups in _chunks(kept, batch_size, image_size, starts):
             for g, (idx, chosen, rejected) in enumerate(groups):
                 chosen, rejected = chosen.to(device), rejected.to(device)
                 prompts = [kept[i].prompt for i in idx]
