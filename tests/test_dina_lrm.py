@@ -277,7 +277,7 @@ def test_missing_files_are_named(tmp_path, trained_folder, tiny_sd3_dir):
     broken = shutil.copytree(trained_folder, tmp_path / "broken")
     (broken / "checkpoint" / "rm_head.pt").unlink()
     reward = DiNaLRMReward(pretrained=str(broken), base_model=str(tiny_sd3_dir))
-    with pytest.raises(WeightsNotFoundError, match=r"rm_head\.pt.*huggingface-cli download"):
+    with pytest.raises(WeightsNotFoundError, match=r"rm_head\.pt.*hf download"):
         reward(batch(torch.zeros(2, 4, 8, 8)))
 
 

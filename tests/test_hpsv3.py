@@ -205,7 +205,7 @@ def test_missing_checkpoint_names_it(tiny_hpsv3, tmp_path):
     with pytest.raises(WeightsNotFoundError) as err:
         rewards.build("hpsv3", model=str(base), checkpoint="nobody/no-such-hpsv3")
     msg = str(err.value)
-    assert "nobody/no-such-hpsv3" in msg and "HPSv3.safetensors" in msg and "huggingface-cli download" in msg
+    assert "nobody/no-such-hpsv3" in msg and "HPSv3.safetensors" in msg and "hf download" in msg
     assert err.value.__suppress_context__ and len(msg) < 800
     with pytest.raises(WeightsNotFoundError, match="no HPSv3.safetensors in it"):
         rewards.build("hpsv3", model=str(base), checkpoint=str(tmp_path))

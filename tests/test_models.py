@@ -72,8 +72,12 @@ def test_a_prompts_embedding_does_not_depend_on_what_was_encoded_with_it_or_the_
 def test_missing_weights_message_names_source_and_remedy(tmp_path):
     import pytest
 
-    with pytest.raises(WeightsNotFoundError, match="nope/not-a-model"):
+    with pytest.raises(WeightsNotFoundError, match="nope/not-a-model.*`hf download nope/not-a-model`"):
         SD3Generator.from_pretrained("nope/not-a-model")
+    for path in (tmp_path / "missing", "./missing", "~/no/such/folder"):  # paths are not hub ids: no download hint
+        with pytest.raises(WeightsNotFoundError, match="there is no folder") as err:
+            SD3Generator.from_pretrained(path)
+        assert "download" not in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsNotFoundError, match="not a complete"):
         SD3Generator.from_pretrained(tmp_path / "empty")

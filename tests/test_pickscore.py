@@ -137,7 +137,7 @@ def test_missing_weights_name_the_source(tiny_pickscore_dir, tmp_path):
     with pytest.raises(WeightsNotFoundError) as err:
         rewards.build("pickscore", model=str(tmp_path / "nowhere"), processor=str(tiny_pickscore_dir))
     msg = str(err.value)
-    assert "nowhere" in msg and "huggingface-cli download" in msg and err.value.__suppress_context__
+    assert "there is no folder" in msg and msg.count("nowhere") == 2 and err.value.__suppress_context__
     with pytest.raises(WeightsNotFoundError, match="nobody/no-such-clip"):
         rewards.build("pickscore", model=str(tiny_pickscore_dir), processor="nobody/no-such-clip")
     empty = tmp_path / "empty"

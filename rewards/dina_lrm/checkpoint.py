@@ -56,7 +56,7 @@ def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
 def _missing(path: Path, why: str) -> WeightsNotFoundError:
     return WeightsNotFoundError(
         f"DiNa-LRM checkpoint file {str(path)!r} is missing ({why}). Provide a folder laid out as the release "
-        f"(config.json + checkpoint/backbone_lora/ + checkpoint/rm_head.pt, e.g. `huggingface-cli download "
+        f"(config.json + checkpoint/backbone_lora/ + checkpoint/rm_head.pt, e.g. `hf download "
         f"liuhuohuo/DiNa-LRM-SD35M-12layers --local-dir <folder>`), or one written by rewards.dina_lrm.save_dina_lrm")
 
 

@@ -46,11 +46,13 @@ def explain_missing(source: str, exc: BaseException, what: str = "model") -> Wei
     local = Path(source).expanduser()
     if local.exists():
         hint = f"the folder {str(local)!r} exists but is not a complete {what} folder ({type(exc).__name__}: {exc})"
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:  # a path, not org/name
+        hint = f"there is no folder {str(local)!r}"
     else:
         hint = (
             f"{source!r} is neither a local folder nor a {what} in the Hugging Face cache, and it could not be "
             f"downloaded ({type(exc).__name__}). Provide a local folder path, or download it once with "
-            f"`huggingface-cli download {source}` (or set HF_HOME to a cache that holds it)"
+            f"`hf download {source}` (or set HF_HOME to a cache that holds it)"
         )
     return WeightsNotFoundError(f"cannot load {what} {source!r}: {hint}")
 
