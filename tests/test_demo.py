@@ -49,7 +49,7 @@ def test_demo_without_checkpoints_says_how_to_rebuild(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(judges, "ASSETS_DIR", tmp_path)
     assert main(["--quick", "--out", str(tmp_path / "out")]) == 2
-    assert "rlkit shapes build" in capsys.readouterr().out
+    assert f"rlkit shapes build {tmp_path}`" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("before, after, hacked, real", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,27 @@ def test_build_rejects_settings_of_an_unknown_stage(tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown stage settings \['generator'\]"):
         build_all(tmp_path, fast=True, stages=("clip",), configs={"generator": None})
+
+
+def test_a_full_build_does_not_replace_a_finished_folder_unless_restarted(tmp_path, monkeypatch, capsys):
+    from rlkit.shapes import build
+
+    shipped = tmp_path / "assets"
+    shutil.copytree(ASSETS_DIR, shipped, ignore=shutil.ignore_patterns("generator", "dina_lrm", "clip"))
+    before = {f: f.read_bytes() for f in shipped.rglob("*") if f.is_file()}
+    monkeypatch.chdir(tmp_path)
+    started: list[str] = []
+    with pytest.raises(FileExistsError, match=r"holds a finished build.*--restart"):
+        build.build_all(shipped, fast=True, log=started.append)
+    assert build.main([str(shipped), "--fast"]) == 2
+    assert f"rlkit shapes build: '{shipped}' holds a finished build" in capsys.readouterr().out
+    assert started == [] and before == {f: f.read_bytes() for f in shipped.rglob("*") if f.is_file()}
+    # a finished build of the same world is refused alike; with no folder named, a build goes to runs/shapes
+    (tmp_path / "runs" / "shapes").mkdir(parents=True)
+    report = {"fast": True, "progress": {"stages": list(build.STAGES), "done": list(build.STAGES)}}
+    (tmp_path / "runs" / "shapes" / build.REPORT_NAME).write_text(json.dumps(report))
+    assert build.main(["--fast"]) == 2
+    assert "'runs/shapes' holds a finished build" in capsys.readouterr().out
 
 
 def test_build_report_records_stages_and_numbers():

@@ -30,8 +30,9 @@ base generator 0.34 on held-out prompts (0.94 at CFG 5), DiNa-LRM held-out pair 
 second labelling agrees with their first on 0.71 (0.85 counting its ties as half); the demo's numbers are in the
 README. ``build_report.json`` says which run made each asset.
 
-``rlkit shapes build`` calls :func:`main`; ``--evaluate`` only measures an existing folder. The same command run
-again resumes a killed build after the last stage and checkpoint it finished; ``--restart`` starts afresh.
+``rlkit shapes build [OUT_DIR]`` (default ``runs/shapes``) calls :func:`main`; ``--evaluate`` only measures an
+existing folder (default: the shipped assets). The same command run again resumes a killed build after the last
+stage and checkpoint it finished; ``--restart`` starts afresh, and is needed to rebuild a finished folder in place.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from rlkit.shapes.pretrain import (PRETRAIN_WORK_SUFFIX, DecoderTrainConfig, Gen
                                    VAETrainConfig, load_generator, pretrain, sample_images)
 
 REPORT_NAME = "build_report.json"
+DEFAULT_BUILD_DIR = Path("runs/shapes")  # where `rlkit shapes build` writes unless told: not over the shipped assets
 
 
 @dataclass
@@ -308,7 +310,13 @@ def _finished_before(previous: dict, report: dict, stages: tuple[str, ...]) -> l
     return None if set(done) == set(stages) else done
 
 
-def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads: int | None = None,
+def _finished(previous: dict) -> bool:
+    """Whether a folder's report is of a build that ended (or of assets put together without one)."""
+    progress = previous.get("progress")
+    return not progress or set(progress["done"]) >= set(progress["stages"])
+
+
+def build_all(out_dir: str | Path = DEFAULT_BUILD_DIR, fast: bool = False, num_threads: int | None = None,
               stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print,
               configs: dict | None = None, restart: bool = False) -> dict:
     """Runs the build's stages (the module docstring lists them) into ``out_dir``; returns the report.
@@ -328,6 +336,8 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
     legs, each decoder phase; the DiNa-LRM trainings every ``DINA_CHECKPOINT_EVERY`` steps; the generated pairs'
     samples are cached). A resumed stage's seconds count only the run that finished it. ``restart`` starts afresh
     instead, as does a build of other settings, which first removes what a killed one left behind (``PARTIAL_WORK``).
+    A full build into a folder that holds a finished one (the shipped assets, say) stops with ``FileExistsError``
+    unless ``restart``: an hour of checkpoints is not replaced by a command run without its folder.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -344,6 +354,10 @@ def build_all(out_dir: str | Path = ASSETS_DIR, fast: bool = False, num_threads:
     report: dict = {"fast": fast, "seconds": {}, "stats": {}, "settings": {k: asdict(v) for k, v in configs.items()}}
     previous = json.loads((out_dir / REPORT_NAME).read_text()) if (out_dir / REPORT_NAME).is_file() else {}
     done = None if restart else _finished_before(previous, report, stages)
+    if previous and done is None and not restart and set(stages) == set(STAGES) and _finished(previous):
+        raise FileExistsError(
+            f"{str(out_dir)!r} holds a finished build ({REPORT_NAME}); building there again replaces its checkpoints. "
+            "Rebuild it in place with --restart (restart=True), or build into another folder")
     if done is not None or set(stages) != set(STAGES):  # the numbers of the stages this run does not build are kept
         report["seconds"].update(previous.get("seconds", {}))
         report["stats"].update(previous.get("stats", {}))
@@ -447,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="rlkit shapes build", description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", nargs="?", default=str(ASSETS_DIR), help="where to write (default: shipped assets)")
+    parser.add_argument("out_dir", nargs="?", default=None,
+                        help=f"where to build (default: {DEFAULT_BUILD_DIR}); with --evaluate, the folder to measure "
+                             "(default: the shipped assets)")
     parser.add_argument("--fast", action="store_true", help="tiny budgets: a smoke test of every stage")
     parser.add_argument("--evaluate", action="store_true", help="only measure the folder's checkpoints")
     parser.add_argument("--threads", type=int, default=0,
@@ -459,10 +475,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
         if args.threads:
             torch.set_num_threads(args.threads)
-        report = {"metrics": evaluate(args.out_dir, stage_configs(args.fast)["evaluate"])}
+        report = {"metrics": evaluate(args.out_dir or ASSETS_DIR, stage_configs(args.fast)["evaluate"])}
     else:
-        report = build_all(args.out_dir, fast=args.fast, num_threads=args.threads or None,
-                           stages=tuple(s for s in args.stages.split(",") if s), restart=args.restart)
+        try:
+            report = build_all(args.out_dir or DEFAULT_BUILD_DIR, fast=args.fast, num_threads=args.threads or None,
+                               stages=tuple(s for s in args.stages.split(",") if s), restart=args.restart)
+        except FileExistsError as exc:
+            print(f"rlkit shapes build: {exc}")
+            return 2
     print(format_report(report))
     return 0
 

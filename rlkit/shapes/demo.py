@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [name for name in ("generator", "dina_lrm") if not (ASSETS_DIR / name).is_dir()]
     if missing:
         print(f"rlkit demo: the shipped Shapes checkpoints {missing} are missing from {ASSETS_DIR}; "
-              "rebuild them with `rlkit shapes build`")
+              f"rebuild them with `rlkit shapes build {ASSETS_DIR}`")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     arms = ["dina-lrm"] + (["pixel-clip"] if args.pixel_reward else []) + ([ORACLE] if args.oracle else [])

@@ -398,5 +398,6 @@ def load_preferences(path: str | Path | None = None):
 
     source = Path(path or ASSETS_DIR / "preferences" / "train.parquet")
     if not source.is_file():
-        raise FileNotFoundError(f"no Shapes preference set at {str(source)!r}; rebuild it with `rlkit shapes build`")
+        raise FileNotFoundError(f"no Shapes preference set at {str(source)!r}; "
+                                f"rebuild it with `rlkit shapes build {ASSETS_DIR}`")
     return datasets.Dataset.from_parquet(str(source))
