@@ -246,6 +246,9 @@ class FlowGRPOConfig:
     inner_epochs: int = 1
     updates_per_epoch: int = 2  # optimiser steps per epoch; accumulation derives from this and world size
     guidance_scale: float = 1.0  # 1 = no CFG (Fast trains and samples without CFG)
+    # with CFG, train through the unconditional branch too (its weight in the update is 1 - guidance_scale); upstream
+    # Flow-GRPO detaches it (train_sd3.py since 2025-07), which is the default here
+    cfg_uncond_grad: bool = False
     clip_range: float = 1e-5
     adv_clip: float = 5.0
     std: Literal["group", "global"] = "global"
@@ -272,8 +275,9 @@ class FlowGRPOConfig:
             yield "train_last_step", "the last CPS step is deterministic (std 0) and has no log-prob to train"
         if self.group_size < 2:
             yield "group_size", "GRPO needs at least 2 images per prompt"
-        if self.noise_level < 0:
-            yield "noise_level", f"must be >= 0, got {self.noise_level}"
+        if self.noise_level <= 0:
+            yield "noise_level", (f"must be > 0, got {self.noise_level} (without noise every step is the ODE's and "
+                                  "has no log-prob to train)")
 
 
 def source_list(sources: str | list[str]) -> list[str]:

@@ -180,10 +180,12 @@ def guided_velocity(
     negative_text: TextConditioning | None = None,
     guidance_scale: float = NO_GUIDANCE,
     transformer=None,
+    uncond_grad: bool = True,
 ) -> Tensor:
     """The velocity at ``x`` (B, C, h, w), sigma (B,), with CFG on a doubled batch when ``guidance_scale != 1``.
 
-    ``gen`` is an ``SD3Generator``; gradients flow through both CFG branches when enabled.
+    ``gen`` is an ``SD3Generator``. Gradients flow through both CFG branches, or through the conditional one
+    alone with ``uncond_grad=False`` (the unconditional velocity is detached, as upstream Flow-GRPO trains).
     """
     if guidance_scale == NO_GUIDANCE:
         return gen.velocity(x, sigma, text, transformer=transformer)
@@ -192,6 +194,8 @@ def guided_velocity(
     both = gen.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), TextConditioning.cat([negative_text, text]),
                         transformer=transformer)
     v_uncond, v_cond = both.chunk(2)
+    if not uncond_grad:
+        v_uncond = v_uncond.detach()
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
@@ -306,20 +310,22 @@ def step_log_probs(
     *,
     transformer=None,
     context: Context | None = None,
+    uncond_grad: bool = True,
 ) -> StepOutput:
     """Re-evaluate the stored transition ``j`` of the window (``latents[:, j] -> next_latents[:, j]``).
 
     Runs with whatever grad mode the caller is in: with grad for the policy (the GRPO loss), under
     ``torch.no_grad()`` for the reference. ``context`` is entered around the forward pass, e.g.
     ``lambda: use_adapter(gen.transformer, None)`` for the LoRA-disabled reference; ``transformer`` replaces
-    the generator's transformer. Returns the step's ``StepOutput``: ``log_prob`` (B,) and ``mean`` with
-    gradient, ``std`` for the KL.
+    the generator's transformer; ``uncond_grad=False`` detaches CFG's unconditional branch
+    (:func:`guided_velocity`). Returns the step's ``StepOutput``: ``log_prob`` (B,) and ``mean`` with gradient,
+    ``std`` for the KL.
     """
     if not 0 <= j < ro.window_len:
         raise ValueError(f"window position {j} out of range [0, {ro.window_len})")
     x, sigma = ro.latents[:, j], ro.sigmas[:, j]
     with context() if context is not None else nullcontext():
-        v = guided_velocity(gen, x, sigma, ro.text, ro.negative_text, ro.guidance_scale, transformer)
+        v = guided_velocity(gen, x, sigma, ro.text, ro.negative_text, ro.guidance_scale, transformer, uncond_grad)
     return stochastic_step(ro.method, x, v, sigma, ro.next_sigmas[:, j], ro.noise_level, ro.sigma_max_guard,
                            prev_sample=ro.next_latents[:, j], cps_log_prob=ro.cps_log_prob)
 

@@ -102,6 +102,9 @@ def test_window_rules_in_config():
     with pytest.raises(ConfigError, match="train_last_step"):
         recipe_from_dict({**base, "flow_grpo": {"sde": "cps", "train_last_step": True, "window_size": 10,
                                                 "window_start_range": [0, 0]}})
+    for level in (0.0, -0.1):  # no noise: every log-prob would be 0 and every ratio 1, a run that trains nothing
+        with pytest.raises(ConfigError, match=r"flow_grpo\.noise_level: must be > 0"):
+            recipe_from_dict({**base, "flow_grpo": {"noise_level": level}})
 
 
 def test_epoch_layout_repeats_each_prompt_group_size_times_and_shuffles_across_ranks():
@@ -209,9 +212,15 @@ def test_advantage_mix_normalises_each_reward_and_decodes_once_per_batch(tiny_ge
 
 def test_cfg_training_recomputes_the_rollout_log_probs_exactly(tiny_generator):
     """Flow-GRPO with CFG (doubled batch) and flow-SDE on every step: the training forward reproduces the
-    rollout's log-probs bit for bit and its gradient reaches the LoRA through both CFG branches."""
+    rollout's log-probs bit for bit and its gradient reaches the LoRA. By default (as upstream trains) it flows
+    through the conditional branch alone; ``cfg_uncond_grad`` adds the unconditional one, which changes the update
+    but not the conditional branch's share of it."""
+    from dataclasses import replace
+
+    from rewards.base import TextConditioning
     from rlkit.models.lora import add_lora
     from rlkit.rollout import step_log_probs
+    from rlkit.trainers.common import reference_context
     from rlkit.trainers.flow_grpo import LocalRun, step_loss
     import rewards
 
@@ -222,6 +231,7 @@ def test_cfg_training_recomputes_the_rollout_log_probs_exactly(tiny_generator):
     cfg = FlowGRPOConfig(num_steps=4, sde="sde", noise_level=0.7, window_size=4, window_start_range=(0, 0),
                          group_size=2, prompts_per_epoch=1, batch_size=2, updates_per_epoch=1, guidance_scale=3.0,
                          kl_beta=0.5)
+    assert not cfg.cfg_uncond_grad
     plan = plan_epoch(cfg, 1)
     params = [p for p in gen.transformer.parameters() if p.requires_grad]
     run = LocalRun(gen=gen, model=gen.transformer, reward=rewards.build("latent-direction", seed=1), prompts=PROMPTS,
@@ -229,18 +239,32 @@ def test_cfg_training_recomputes_the_rollout_log_probs_exactly(tiny_generator):
     data = rollout_epoch(run, cfg, plan, 0, 0, 32)
     ro = data.batches[0]
     assert ro.negative_text is not None and trained_positions(cfg, 0) == [0, 1, 2]
-    from rlkit.trainers.common import reference_context
-
-    for j in trained_positions(cfg, 0):
-        out = step_log_probs(gen, ro, j, transformer=gen.transformer)
-        assert torch.equal(out.log_prob, ro.log_probs[:, j])
-        loss, stats = step_loss(gen, gen.transformer, ro, j, data.advantages[0], data.keep[0], data.informative, cfg,
-                                reference_context(run))
-        assert stats["ratio_dev_max"] == 0.0 and stats["kl"] > 0  # a random LoRA moves the policy off the base
-        loss.backward()
-    missing = [n for n, p in gen.transformer.named_parameters()
-               if p.requires_grad and not inert(gen.transformer, n) and (p.grad is None or p.grad.abs().sum() == 0)]
-    assert not missing, missing
+    # the prompt embeddings as leaves, to see which CFG branch the gradient went through
+    ro.text, ro.negative_text = (TextConditioning(t.encoder_hidden_states.clone().requires_grad_(),
+                                                  t.pooled_projections.clone().requires_grad_())
+                                 for t in (ro.text, ro.negative_text))
+    grads = {}
+    for both in (False, True):
+        setting = replace(cfg, cfg_uncond_grad=both)
+        for t in (ro.text, ro.negative_text, *params):
+            for leaf in ((t,) if isinstance(t, torch.Tensor) else (t.encoder_hidden_states, t.pooled_projections)):
+                leaf.grad = None
+        for j in trained_positions(cfg, 0):
+            out = step_log_probs(gen, ro, j, transformer=gen.transformer)
+            assert torch.equal(out.log_prob.detach(), ro.log_probs[:, j])
+            loss, stats = step_loss(gen, gen.transformer, ro, j, data.advantages[0], data.keep[0], data.informative,
+                                    setting, reference_context(run))
+            assert stats["ratio_dev_max"] == 0.0 and stats["kl"] > 0  # a random LoRA moves the policy off the base
+            loss.backward()
+        missing = [n for n, p in gen.transformer.named_parameters()
+                   if p.requires_grad and not inert(gen.transformer, n) and (p.grad is None or p.grad.abs().sum() == 0)]
+        assert not missing, missing
+        grads[both] = (ro.text.encoder_hidden_states.grad.clone(), ro.negative_text.encoder_hidden_states.grad,
+                       torch.cat([p.grad.flatten() for p in params]))
+    (cond_only, uncond_only, lora_only), (cond_both, uncond_both, lora_both) = grads[False], grads[True]
+    assert uncond_only.abs().sum() == 0 and uncond_both.abs().sum() > 0  # one doubled forward: zeros, not None
+    torch.testing.assert_close(cond_only, cond_both, rtol=1e-5, atol=1e-9)
+    assert (lora_only - lora_both).norm() > 0.01 * lora_both.norm()
 
 
 # -- the trainer on one process -------------------------------------------------------------------------------

@@ -69,6 +69,19 @@ def test_a_prompts_embedding_does_not_depend_on_what_was_encoded_with_it_or_the_
     assert list(limited._cache) == prompts[::-1][:2]  # the first two it saw, no more
 
 
+def test_a_bf16_transformer_reads_the_fp32_timestep(tiny_generator):
+    """As diffusers' pipeline passes it: bf16 would round 953.42 to 952 (steps of 4 above 512)."""
+    seen = []
+    model = tiny_generator.transformer.to(torch.bfloat16)
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["timestep"]), with_kwargs=True)
+    sigmas = torch.tensor([0.95342, 0.5])
+    text = tiny_generator.encode_prompts(["a red circle", "a blue square"])
+    size = model.config.sample_size
+    v = tiny_generator.velocity(torch.randn(2, model.config.in_channels, size, size), sigmas, text)
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], sigmas * 1000)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
 def test_missing_weights_message_names_source_and_remedy(tmp_path):
     import pytest
 

@@ -187,7 +187,7 @@ class SD3Generator:
             hidden_states=latents.to(dtype),
             encoder_hidden_states=text.encoder_hidden_states.to(dtype),
             pooled_projections=text.pooled_projections.to(dtype),
-            timestep=(sigmas * 1000).to(dtype),
+            timestep=(sigmas * 1000).float(),  # as diffusers' pipeline: not rounded to bf16's grid (912 for 913.35)
             return_dict=False,
         )[0]
         return out.float()

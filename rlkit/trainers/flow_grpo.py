@@ -250,7 +250,7 @@ def step_loss(gen, model, ro: Rollout, j: int, advantages: Tensor, keep: Tensor,
     ``reference``: a context that turns the policy into the reference (LoRA disabled); required when
     ``kl_beta > 0``.
     """
-    out = step_log_probs(gen, ro, j, transformer=model)
+    out = step_log_probs(gen, ro, j, transformer=model, uncond_grad=cfg.cfg_uncond_grad)
     logp_old = ro.log_probs[:, j]
     policy, pstats = clipped_policy_loss(out.log_prob, logp_old, advantages, cfg.clip_range)
     scale = 1.0 / informative if informative > MIN_INFORMATIVE else 0.0
