@@ -130,6 +130,9 @@ class Reward(nn.Module):
     noise_aware: ClassVar[bool] = False
     differentiable: ClassVar[bool] = True
     pinned_device: str | torch.device | None = None  # a device its args named (set by ``rewards.build``)
+    # the dataclass whose fields a constructor's ``**kwargs`` take: ``rewards.build`` and recipe validation check
+    # args against it, so that a misspelt or stale arg is reported before any model loads
+    args_class: ClassVar[type | None] = None
 
     def place(self, device: torch.device | str) -> "Reward":
         """Puts the reward where the trainer computes, ``device``, unless its args named a device of its own

@@ -237,6 +237,7 @@ class HPSv3Reward(Reward):
     space = "pixel"
     noise_aware = False
     differentiable = True
+    args_class = HPSv3Config
 
     def __init__(self, **kwargs):
         super().__init__()

@@ -61,6 +61,7 @@ class PickScoreReward(Reward):
     space = "pixel"
     noise_aware = False
     differentiable = True
+    args_class = PickScoreConfig
 
     def __init__(self, **kwargs):
         super().__init__()

@@ -7,11 +7,12 @@ dotted ``package.module:Class`` path.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 ENTRY_POINT_GROUP = "rlkit.rewards"
 
@@ -72,18 +73,32 @@ class Registry:
             return cls
         return target
 
-    def build(self, name: str, **kwargs: Any):
-        """An instance of reward ``name``; one whose args name a ``device`` is pinned there
-        (:meth:`rewards.base.Reward.place` leaves it on that device)."""
+    def check_args(self, name: str, kwargs: Mapping[str, Any]) -> type:
+        """The class of reward ``name``, once ``kwargs`` fit its constructor: its named parameters and, for its
+        ``**kwargs``, the fields of its ``args_class`` (when it declares one). Raises ``TypeError`` naming the args
+        that do not fit and what the reward takes."""
         cls = self.resolve(name)
         signature = inspect.signature(cls)
+        takes = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        args_class = getattr(cls, "args_class", None)
+        if args_class is not None:
+            takes += [f.name for f in dataclasses.fields(args_class) if f.name not in takes]
         try:
             signature.bind(**kwargs)
         except TypeError as exc:
-            takes = ", ".join(p.name for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD) or "none"
             raise TypeError(f"reward {name!r}: args {sorted(kwargs)} do not fit it ({exc}); "
-                            f"it takes: {takes}") from None
-        reward = cls(**kwargs)
+                            f"it takes: {', '.join(takes) or 'none'}") from None
+        unknown = sorted(set(kwargs) - set(takes)) if args_class is not None else []
+        if unknown:
+            hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, takes, n=1))
+                     else repr(k) for k in unknown]
+            raise TypeError(f"reward {name!r}: unknown args {', '.join(hints)}; it takes: {', '.join(takes)}")
+        return cls
+
+    def build(self, name: str, **kwargs: Any):
+        """An instance of reward ``name``; one whose args name a ``device`` is pinned there
+        (:meth:`rewards.base.Reward.place` leaves it on that device)."""
+        reward = self.check_args(name, kwargs)(**kwargs)
         if kwargs.get("device") is not None and hasattr(reward, "place"):
             reward.pinned_device = kwargs["device"]
         return reward

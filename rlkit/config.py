@@ -92,6 +92,13 @@ class RewardSpec:
             close = difflib.get_close_matches(self.name, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             yield "name", f"unknown reward {self.name!r}; {hint}known: {', '.join(known)} (or a module:Class path)"
+            return
+        try:
+            rewards.REGISTRY.check_args(self.name, self.args)
+        except KeyError as exc:  # a module:Class path that does not import
+            yield "name", str(exc.args[0])
+        except TypeError as exc:
+            yield "args", str(exc)
 
 
 @dataclass

@@ -21,11 +21,11 @@ BASE = {"algorithm": "refl", "rewards": [{"name": "latent-direction"}]}
 
 def test_defaults_yaml_and_overrides_take_precedence_in_order(tmp_path):
     path = write(tmp_path, {**BASE, "optim": {"lr": 3e-4}, "refl": {"max_steps": 7}})
-    r = load_recipe(path, ["optim.lr=1e-5", "rewards.0.weight=0.5", "rewards.0.args.u=0.1", "launch.deepspeed=3"])
+    r = load_recipe(path, ["optim.lr=1e-5", "rewards.0.weight=0.5", "rewards.0.args.scale=0.1", "launch.deepspeed=3"])
     assert r.optim.lr == 1e-5 and isinstance(r.optim.lr, float)
     assert r.refl.max_steps == 7  # YAML over default
     assert r.optim.weight_decay == 1e-4  # default
-    assert r.rewards[0].weight == 0.5 and r.rewards[0].args == {"u": 0.1}
+    assert r.rewards[0].weight == 0.5 and r.rewards[0].args == {"scale": 0.1}
     assert r.launch.deepspeed == 3
     assert r.refl.grad_step_range == (30, 39)
 

@@ -44,6 +44,23 @@ def test_args_that_do_not_fit_name_the_reward_and_what_it_takes():
         rewards.build("latent-direction", sed=3)
 
 
+@pytest.mark.parametrize("name, good, bad, hint", [
+    ("hpsv3", {"dtype": "bf16", "gradient_checkpointing": True}, "differentiable", None),
+    ("pickscore", {"normalize": "affine", "scale": 26.0}, "scal", "scale"),
+    ("dina-lrm", {"pretrained": "x", "mode": "state"}, "mdoe", "mode"),
+])
+def test_args_of_a_reward_taking_kwargs_are_checked_against_its_args_class(name, good, bad, hint):
+    """Before any model loads, in ``rewards.build`` and in recipe validation (the check imports no weights)."""
+    from rlkit.config import ConfigError, recipe_from_dict
+
+    assert rewards.REGISTRY.check_args(name, good) is rewards.resolve(name)
+    message = rf"reward '{name}': unknown args '{bad}'" + (rf" \(did you mean '{hint}'\?\)" if hint else "")
+    with pytest.raises(TypeError, match=message + ".*it takes: .*dtype"):
+        rewards.build(name, **good, **{bad: 1})
+    with pytest.raises(ConfigError, match=r"rewards\.0\.args: " + message):
+        recipe_from_dict({"algorithm": "refl", "rewards": [{"name": name, "args": {**good, bad: 1}}]})
+
+
 def test_decorator_and_dotted_path():
     registry = Registry()
 

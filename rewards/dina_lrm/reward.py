@@ -114,6 +114,7 @@ class DiNaLRMReward(Reward):
     space = "latent"
     noise_aware = True
     differentiable = True
+    args_class = DiNaLRMRewardOptions
 
     def __init__(
         self,
