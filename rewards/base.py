@@ -144,6 +144,13 @@ class Reward(nn.Module):
             self.to(device)
         return self
 
+    @property
+    def scores_noisy_states(self) -> bool:
+        """Whether a call whose ``RewardInput.sigmas`` are above 0 scores those states as they are, at their own
+        noise level: what ``refl.reward_at: state`` and ``flow_grpo.reward_at: window_end`` need. A noise-aware
+        reward can be set to do otherwise (DiNa-LRM's ``renoise`` mode noises clean latents itself)."""
+        return self.noise_aware
+
     def forward(self, batch: RewardInput) -> RewardOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -177,6 +177,10 @@ class WeightedReward(Reward):
         self.differentiable = all(getattr(r, "differentiable", False) for r in built)
         self._generator_decode = None
 
+    @property
+    def scores_noisy_states(self) -> bool:
+        return all(getattr(r, "scores_noisy_states", False) for r in self.components)
+
     def attach_generator(self, generator: object) -> None:
         self._generator_decode = getattr(generator, "decode", None)
         for reward in self.components:

@@ -82,7 +82,7 @@ def test_modes_reproducible_and_differentiable(mode, trained_folder, tiny_sd3_di
     reward = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir), mode=mode,
                            normalize="affine", shift=10.0, scale=10.0)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    sigmas = torch.tensor([0.2, 0.6])
+    sigmas = torch.tensor([0.2, 0.6]) if mode == "state" else torch.zeros(2)  # the other modes read clean latents
     out = reward(batch(x, seed=1, sigmas=sigmas))
     assert out.scores.shape == (2,) and out.scores.dtype == torch.float32
     torch.testing.assert_close(out.scores, (out.extras["raw"] + 10.0) / 10.0)
@@ -96,8 +96,11 @@ def test_modes_reproducible_and_differentiable(mode, trained_folder, tiny_sd3_di
         assert torch.equal(other_noise, again)
         moved = reward(batch(x.detach(), sigmas=torch.tensor([0.5, 0.6]))).scores
         assert moved[0] != again[0] and moved[1] == again[1]
-    else:
+    else:  # a noisy state given to a mode that noises clean latents itself would be scored wrong, silently
         assert not torch.equal(other_noise, again)
+        with pytest.raises(ValueError, match=rf"mode '{mode}' scores clean latents.*sigma up to 0.6.*mode: state"):
+            reward(batch(x, seed=1, sigmas=torch.tensor([0.0, 0.6])))
+    assert reward.scores_noisy_states == (mode == "state")
 
 
 def test_noise_needs_an_explicit_generator(trained_folder, tiny_sd3_dir):

@@ -114,6 +114,43 @@ def test_reward_on_noisy_states_needs_a_noise_aware_reward(tmp_path, tiny_sd3_di
         train(recipe_from_dict(data))
 
 
+@pytest.mark.parametrize("scored, refused", [
+    ([{"name": "shapes-golden"}], "GoldenJudgeReward is not differentiable"),
+    ([{"name": "latent-direction", "args": {"seed": 1}}, {"name": "shapes-golden"}],  # a mixture: part of it
+     "GoldenJudgeReward is not differentiable"),
+])
+def test_refl_refuses_a_reward_without_gradient(tmp_path, tiny_sd3_dir, scored, refused):
+    from rlkit.trainers.refl import train
+
+    data = tiny_recipe(tmp_path, tiny_sd3_dir)
+    data["rewards"] = scored
+    with pytest.raises(ValueError, match=rf"rewards: ReFL backpropagates the reward.*{refused}.*eval\.golden"):
+        train(recipe_from_dict(data))
+
+
+def test_scoring_states_needs_a_reward_set_to_score_them():
+    """A noise-aware reward set to noise clean latents itself (DiNa-LRM's renoise and ensemble modes) is refused
+    where the trainer hands it noisy states; in mode state, or in a mixture of such rewards, it is taken."""
+    import rewards
+    from rewards.dina_lrm import DiNaLRMConfig
+    from rewards.dina_lrm.reward import DiNaLRMReward
+    from rewards.weighted import WeightedReward
+    from rlkit.trainers.common import require_noise_aware
+
+    for mode in ("renoise", "ensemble"):
+        reward = DiNaLRMReward(config=DiNaLRMConfig(), mode=mode)
+        with pytest.raises(ValueError, match=r"refl.reward_at: state .* set to score clean latents .*mode: state"):
+            require_noise_aware(reward, "refl.reward_at", "state", "reward_at: x0_hat")
+    state = DiNaLRMReward(config=DiNaLRMConfig(), mode="state")
+    require_noise_aware(state, "refl.reward_at", "state", "reward_at: x0_hat")
+    toy = rewards.build("latent-direction", seed=1)
+    mixed = WeightedReward([{"name": "a"}, {"name": "b"}], rewards_by_key={"a": state, "b": toy})
+    require_noise_aware(mixed, "flow_grpo.reward_at", "window_end", "reward_at: final")
+    state.options.mode = "renoise"  # the mixture follows its component's mode
+    with pytest.raises(ValueError, match="set to score clean latents"):
+        require_noise_aware(mixed, "flow_grpo.reward_at", "window_end", "reward_at: final")
+
+
 def test_trust_region_adds_kl_beta_times_the_velocity_drift_from_the_base(tmp_path, tiny_sd3_dir):
     """kl_beta > 0 adds kl_beta |v - v_base|^2 per sample at the gradient-carrying steps, v_base being the
     LoRA-disabled model's velocity at the same state; it is zero while LoRA is a no-op, and its gradient alone

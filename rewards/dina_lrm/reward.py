@@ -267,6 +267,10 @@ class DiNaLRMReward(Reward):
         """:meth:`raw_scores` with ``latents`` on the model's device."""
         text = batch.text if batch.text is not None else self.encode_prompts(batch.prompts)
         mode = self.options.mode
+        if mode != "state" and batch.sigmas is not None and bool((batch.sigmas > 0).any()):
+            raise ValueError(f"dina-lrm in mode {mode!r} scores clean latents (it noises them itself), but these "
+                             f"are states at sigma up to {batch.sigmas.max().item():.3g}; set mode: state to score "
+                             "them at their own noise level")
         if mode == "state":
             return model.score(latents, batch.clean_sigmas().float(), text)
         if mode == "renoise":
@@ -294,6 +298,10 @@ class DiNaLRMReward(Reward):
         if self.options.normalize == "affine":
             return (raw + self.options.shift) / self.options.scale
         return raw
+
+    @property
+    def scores_noisy_states(self) -> bool:
+        return self.options.mode == "state"
 
     def forward(self, batch: RewardInput) -> RewardOutput:
         raw = self.raw_scores(batch)

@@ -29,6 +29,7 @@ the rollout batches (SD3 outputs depend on the batch size; on-policy ratios are 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -314,10 +315,9 @@ def train(recipe: Recipe) -> dict:
     cfg = recipe.flow_grpo
     plan = plan_epoch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     run = PolicyRun.setup(recipe, total_updates=cfg.max_epochs * plan.updates_per_epoch, micro_batch=cfg.batch_size,
-                          grad_accum=plan.grad_accum)
+                          grad_accum=plan.grad_accum, check_reward=functools.partial(check_reward, cfg=cfg))
     if run.world != plan.world:
         raise RuntimeError(f"WORLD_SIZE says {plan.world} processes but the accelerator has {run.world}")
-    check_reward(run.reward, cfg)
     while not run.finished:
         epoch, first = divmod(run.step, plan.updates_per_epoch)
         t0 = time.perf_counter()

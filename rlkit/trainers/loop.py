@@ -14,10 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from rewards.base import Reward
 from rlkit.config import PretrainLossConfig, Recipe, save_resolved
 from rlkit.runtime.accelerator import full_weights_loading, gathered
 from rlkit.runtime.seeding import derive_seed, make_generator
@@ -62,7 +64,10 @@ class PolicyRun(common.Processes):
 
     # -- set-up --------------------------------------------------------------------------------------
     @classmethod
-    def setup(cls, recipe: Recipe, total_updates: int, micro_batch: int, grad_accum: int) -> "PolicyRun":
+    def setup(cls, recipe: Recipe, total_updates: int, micro_batch: int, grad_accum: int,
+              check_reward: Callable[[Reward], None] | None = None) -> "PolicyRun":
+        """Loads, prepares and (at step 0) evaluates a run; ``check_reward`` refuses a reward the algorithm cannot
+        use, as soon as it is built."""
         from rlkit.runtime.accelerator import build_accelerator
         from rlkit.runtime.checkpoint import CheckpointManager
         from rlkit.runtime.ema import EMA
@@ -77,6 +82,8 @@ class PolicyRun(common.Processes):
             gen = common.load_generator(recipe.model, device=accelerator.device)
             params = common.prepare_policy(gen, recipe.lora, recipe.model.gradient_checkpointing)
             reward = common.build_reward(recipe.rewards, gen, device=accelerator.device)
+        if check_reward is not None:
+            check_reward(reward)
         optimizer, scheduler = common.build_optimizer(params, recipe.optim, total_updates)
         model, optimizer = accelerator.prepare(gen.transformer, optimizer)
         ema = EMA(params, decay=recipe.ema.decay, update_every=recipe.ema.update_every) if recipe.ema.enabled else None

@@ -18,6 +18,7 @@ One update (ImageReward's ReFL, in the flow-matching form of the DiNa-LRM releas
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from rewards.base import MemoDecode, Reward, RewardInput, TextConditioning
 from rlkit.config import ReFLConfig, Recipe
 from rlkit.models.sd3 import SD3Generator
-from rlkit.trainers.common import reference_context, require_noise_aware
+from rlkit.trainers.common import reference_context, require_differentiable, require_noise_aware
 
 
 def reward_loss(scores: Tensor, kind: str, margin: float, scale: float) -> Tensor:
@@ -107,15 +108,19 @@ def refl_forward(gen: SD3Generator, transformer, reward: Reward, prompts: list[s
     return loss, stats
 
 
+def check_reward(reward: Reward, cfg: ReFLConfig) -> None:
+    require_differentiable(reward, "rewards")
+    if cfg.reward_at == "state":
+        require_noise_aware(reward, "refl.reward_at", "state", "reward_at: x0_hat")
+
+
 def train(recipe: Recipe) -> dict:
     """Runs ReFL as the recipe says; returns the final metrics."""
     from rlkit.trainers.loop import PolicyRun
 
     cfg = recipe.refl
     run = PolicyRun.setup(recipe, total_updates=cfg.max_steps, micro_batch=cfg.batch_size,
-                          grad_accum=cfg.grad_accum)
-    if cfg.reward_at == "state":
-        require_noise_aware(run.reward, "refl.reward_at", "state", "reward_at: x0_hat")
+                          grad_accum=cfg.grad_accum, check_reward=functools.partial(check_reward, cfg=cfg))
     pool = run.pretrain_pool(cfg.pretrain) if cfg.pretrain.weight > 0 else None
     reference = reference_context(run) if cfg.kl_beta > 0 else None
     while not run.finished:
