@@ -7,6 +7,8 @@ reward they call. Tensor conventions (SD3 / rectified flow) are those of ``DESIG
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
@@ -150,6 +152,12 @@ class Reward(nn.Module):
         noise level: what ``refl.reward_at: state`` and ``flow_grpo.reward_at: window_end`` need. A noise-aware
         reward can be set to do otherwise (DiNa-LRM's ``renoise`` mode noises clean latents itself)."""
         return self.noise_aware
+
+    @contextlib.contextmanager
+    def held_out(self) -> Iterator[None]:
+        """Scoring for evaluation: a reward with state that training calls update (running normalisation
+        statistics) leaves it as it is inside this context. Nothing to do for a stateless reward."""
+        yield
 
     def forward(self, batch: RewardInput) -> RewardOutput:  # pragma: no cover - abstract
         raise NotImplementedError

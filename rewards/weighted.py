@@ -13,7 +13,9 @@ of latent-only rewards never decodes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -29,9 +31,11 @@ NORMALIZE_KINDS = ("none", "affine", "zscore")
 class NormalizeSpec:
     """Per-component normalisation. ``affine``: ``(x + shift) / scale``. ``zscore``: ``(x - mean) / (std + eps)``
     with running statistics: cumulative over every batch seen when ``momentum`` is None, else an exponential
-    moving average with that momentum. The statistics include the current batch. ``sync``: pool each batch's
-    statistics over all processes (``torch.distributed``), so every rank normalises alike; every rank must
-    then call the reward together."""
+    moving average with that momentum. The statistics include the current batch; until they hold two scores and
+    a variance above ``eps`` the scores are only centred (a first batch of one would otherwise be divided by
+    ``eps``, its gradient with it). Scoring for evaluation (:meth:`rewards.base.Reward.held_out`) leaves them as
+    they are. ``sync``: pool each batch's statistics over all processes (``torch.distributed``), so every rank
+    normalises alike; every rank must then call the reward together."""
 
     kind: Literal["none", "affine", "zscore"] = "none"
     shift: float = 0.0
@@ -75,6 +79,7 @@ class ScoreNormalizer(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("var", torch.ones((), dtype=torch.float64))
+        self.frozen = False  # evaluation: normalise with the statistics as they are
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
@@ -109,9 +114,12 @@ class ScoreNormalizer(nn.Module):
             return x
         if spec.kind == "affine":
             return (x + spec.shift) / spec.scale
-        self.update(x)
-        std = self.var.sqrt().to(x.dtype)
-        return (x - self.mean.to(x.dtype)) / (std + spec.eps)
+        if not self.frozen:
+            self.update(x)
+        centred = x - self.mean.to(x.dtype)
+        if self.count < 2 or self.var.sqrt() <= spec.eps:  # no spread measured yet
+            return centred
+        return centred / (self.var.sqrt().to(x.dtype) + spec.eps)
 
 
 @dataclass
@@ -180,6 +188,20 @@ class WeightedReward(Reward):
     @property
     def scores_noisy_states(self) -> bool:
         return all(getattr(r, "scores_noisy_states", False) for r in self.components)
+
+    @contextlib.contextmanager
+    def held_out(self) -> Iterator[None]:
+        frozen = [n.frozen for n in self.normalizers]
+        for n in self.normalizers:
+            n.frozen = True
+        try:
+            with contextlib.ExitStack() as stack:
+                for reward in self.components:
+                    stack.enter_context(reward.held_out())
+                yield
+        finally:
+            for n, was in zip(self.normalizers, frozen):
+                n.frozen = was
 
     def attach_generator(self, generator: object) -> None:
         self._generator_decode = getattr(generator, "decode", None)

@@ -70,7 +70,8 @@ def score_all(rewards: dict[str, Reward], prompts: list[str], latents: Tensor, d
                         text=text, decode=memo, generator=generator)
     out: dict[str, Tensor] = {}
     for name, reward in rewards.items():
-        result = reward(batch)
+        with reward.held_out():  # the training reward's running statistics stay the training batches'
+            result = reward(batch)
         out[name] = result.scores.detach().float().cpu()
         for key, value in result.extras.items():
             if value.ndim == 1 and value.shape[0] == len(prompts):

@@ -161,6 +161,41 @@ def test_zscore_keeps_gradients():
     torch.testing.assert_close(x.grad, torch.full((3,), 1 / (std.item() + 1e-6)))
 
 
+def test_zscore_only_centres_until_it_has_measured_a_spread():
+    """ReFL scores one image per step: dividing its first score by ``std + eps`` with std 0 multiplied the
+    gradient by 1e6."""
+    norm = ScoreNormalizer(NormalizeSpec(kind="zscore", eps=1e-6))
+    x = torch.tensor([3.0], requires_grad=True)
+    out = norm(x)
+    out.sum().backward()
+    assert out.item() == 0.0 and x.grad.item() == 1.0
+    second = norm(torch.tensor([5.0]))  # two scores seen: mean 4, std 1
+    torch.testing.assert_close(second, torch.tensor([1.0 / (1.0 + 1e-6)]))
+    flat = ScoreNormalizer(NormalizeSpec(kind="zscore", eps=1e-6))
+    for _ in range(3):  # equal scores: no spread, centred only
+        assert flat(torch.tensor([2.0, 2.0])).abs().max() == 0 and int(flat.count) >= 2
+
+
+def test_evaluation_scores_leave_the_training_statistics_alone():
+    from rlkit.evaluate import score_all
+
+    toy = rewards.build("latent-direction", seed=1)
+    mix = rewards.build("weighted", components=[{"name": "toy", "normalize": "zscore"}], rewards_by_key={"toy": toy})
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(4, 4, 2, 2, generator=g)
+    mix(RewardInput(prompts=PROMPTS, latents=train))
+    stats = {k: v.clone() for k, v in mix.state_dict().items()}
+    held_out = torch.randn(4, 4, 2, 2, generator=g) * 5 + 3
+    scored = score_all({"mix": mix}, PROMPTS, held_out, decode=None)["mix"]
+    assert all(torch.equal(v, stats[k]) for k, v in mix.state_dict().items())
+    assert not any(n.frozen for n in mix.normalizers)
+    raw = toy(RewardInput(prompts=PROMPTS, latents=held_out)).scores.double()
+    expected = (raw - stats["normalizers.0.mean"]) / (stats["normalizers.0.var"].sqrt() + 1e-6)
+    torch.testing.assert_close(scored.double(), expected, rtol=1e-5, atol=1e-6)
+    mix(RewardInput(prompts=PROMPTS, latents=held_out))  # a training call still updates them
+    assert int(mix.normalizers[0].count) == 8
+
+
 def test_spec_errors_name_the_field():
     with pytest.raises(ValueError, match=r"components\[1\] has unknown keys \['wieght'\]"):
         rewards.build("weighted", components=[{"name": "latent-direction"}, {"name": "latent-direction", "wieght": 1}])
