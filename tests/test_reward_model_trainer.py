@@ -287,6 +287,38 @@ def test_bf16_backbone_trains_fp32_weights_under_autocast(tiny_sd3_dir, tmp_path
     assert sum(not torch.equal(b, p.detach()) for b, p in zip(before, run.params)) == len(before)
 
 
+def test_gradient_checkpointing_recomputes_the_blocks_with_the_same_gradients(tiny_sd3_dir, tmp_path,
+                                                                             monkeypatch):
+    """``model.gradient_checkpointing`` reaches the reward model's own copy of the blocks (it had been ignored)."""
+    from rlkit.models.sd3 import SD3Generator
+
+    recorded = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        recorded.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    grads = {}
+    for on in (False, True):
+        gen = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)  # the model trains its blocks
+        text = gen.encode_prompts(["a red circle", "a blue square"])
+        x = torch.randn(2, *gen.latent_shape(32), generator=torch.Generator().manual_seed(0))
+        sigmas = torch.tensor([0.3, 0.7])
+        recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_sd3_dir, tmp_path, steps=1)
+                             + [f"model.gradient_checkpointing={str(on).lower()}"])
+        torch.manual_seed(0)
+        model = rm._build_model(recipe, gen)
+        assert model.gradient_checkpointing is on
+        recorded.clear()
+        model.score(x, sigmas, text).sum().backward()
+        assert len(recorded) == (model.config.num_transformer_layers if on else 0)
+        grads[on] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for plain, checkpointed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(plain, checkpointed)
+
+
 @pytest.mark.slow
 def test_lr_follows_warmup_then_schedule_as_logged(trained):
     run, *_ = trained

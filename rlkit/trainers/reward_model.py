@@ -224,6 +224,7 @@ def _build_model(recipe: Recipe, gen):
         arch = DiNaLRMConfig.from_dict({**cfg.model, **TRAINABLE_TO_ARCH[cfg.trainable]})
         model = DiNaLRM.build(arch, gen.transformer, share=False)
     model.set_trainable(lora=cfg.trainable == "lora_head", head=True, backbone=cfg.trainable == "full")
+    model.gradient_checkpointing = recipe.model.gradient_checkpointing  # the copied blocks recompute in backward
     # the checkpoint names the generator it was trained on, which scores with it when no base model is given
     model.config = replace(model.config, backbone_model_id=package_path(recipe.model.pretrained), extra={
         **model.config.extra, "rlkit_recipe": package_path(recipe.to_dict()),
