@@ -78,12 +78,15 @@ def test_pair_loss_hard_labels_equal_the_loss_family_and_ties_are_symmetric():
     ones, ties = torch.ones(3), torch.full((3,), 0.5)
     for name in ("thurstone_calibrated", "thurstone_fixed", "bt", "bt_margin", "nll_calibrated"):
         assert torch.allclose(rm.pair_loss(name, s_pos, s_neg, sigma, ones), preference_loss(name, s_pos, s_neg, sigma))
-    for name in ("thurstone_calibrated", "thurstone_fixed", "bt", "nll_calibrated"):
+    for name in ("thurstone_calibrated", "thurstone_fixed", "bt", "bt_margin", "nll_calibrated"):
         swapped = rm.pair_loss(name, s_neg, s_pos, sigma, ties)
         assert torch.allclose(rm.pair_loss(name, s_pos, s_neg, sigma, ties), swapped)
         d = torch.zeros(3, requires_grad=True)
         rm.pair_loss(name, d, torch.zeros(3), sigma, ties).backward()
         assert torch.allclose(d.grad, torch.zeros(3), atol=1e-6)  # a tie is satisfied by equal scores
+        apart = torch.tensor([1.0, -1.0, 2.0], requires_grad=True)
+        rm.pair_loss(name, apart, torch.zeros(3), sigma, ties).backward()
+        assert (apart.grad * apart > 0).all()  # and pulls unequal ones together (the loss was flat for ties)
 
 
 def test_recipe_rejects_timestep_args_of_another_scheme_and_a_negative_adversarial_eps():

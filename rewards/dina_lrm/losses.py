@@ -53,13 +53,19 @@ def log_pair_probability(s_pos: Tensor, s_neg: Tensor, variance: Tensor | float)
 
 
 def fidelity_loss(log_p: Tensor, log_q: Tensor, label: Tensor | float = 1.0) -> Tensor:
-    """``1 - sqrt(y p + (1 - y)(1 - p))`` from ``log p``, ``log (1 - p)``; hard label y = 1 gives ``1 - sqrt(p)``."""
+    """The fidelity loss ``1 - sqrt(y p) - sqrt((1 - y)(1 - p))`` from ``log p``, ``log (1 - p)``.
+
+    A hard label y = 1 gives the release's ``1 - sqrt(p)``. For soft labels and ties this is the fidelity of
+    Tsai et al. (FRank), least at p = y. The form ``1 - sqrt(y p + (1 - y)(1 - p))`` is linear in p under the
+    root: it is least at p = 1 for every y > 1/2 and constant (no gradient) for a tie.
+    """
     y = torch.as_tensor(label, dtype=log_p.dtype, device=log_p.device)
     if y.dim() == 0 and float(y) == 1.0:
         return -torch.expm1(0.5 * log_p)
-    log_mix = torch.logsumexp(torch.stack(torch.broadcast_tensors(torch.log(y) + log_p, torch.log1p(-y) + log_q)),
-                              dim=0)
-    return -torch.expm1(0.5 * log_mix)
+    y, log_p, log_q = torch.broadcast_tensors(y, log_p, log_q)
+    agree = torch.where(y > 0, torch.exp(0.5 * (torch.log(y.clamp(min=1e-30)) + log_p)), torch.zeros_like(log_p))
+    other = torch.where(y < 1, torch.exp(0.5 * (torch.log1p(-y.clamp(max=1 - 1e-7)) + log_q)), torch.zeros_like(log_q))
+    return 1 - agree - other
 
 
 def nll_loss(log_p: Tensor, log_q: Tensor, label: Tensor | float = 1.0) -> Tensor:

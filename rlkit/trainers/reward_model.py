@@ -107,8 +107,11 @@ def pair_loss(name: str, s_pos: Tensor, s_neg: Tensor, sigma: Tensor, labels: Te
         return thurstone_calibrated_loss(s_pos, s_neg, sigma, label=labels, form=form)
     if name == "thurstone_fixed":
         return thurstone_fixed_loss(s_pos, s_neg, label=labels)
+    # Bradley-Terry: y softplus(m - d) + (1 - y) softplus(m + d), the margin asked of whichever side wins (for a tie
+    # both sides, so that equal scores are best; a cross-entropy on d - m would ask the arbitrary "chosen" for m)
+    d, y = s_pos.float() - s_neg.float(), labels.float()
     margin = BT_MARGIN if name == "bt_margin" else 0.0
-    return F.binary_cross_entropy_with_logits(s_pos.float() - s_neg.float() - margin, labels.float())
+    return (y * F.softplus(margin - d) + (1 - y) * F.softplus(margin + d)).mean()
 
 
 def adversarial_latents(score: Callable[[Tensor], Tensor], latents: Tensor, eps: float,
