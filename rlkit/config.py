@@ -40,6 +40,15 @@ def _unit(obj: Any, *names: str) -> Problems:
 
 
 @dataclass
+class DecodeConfig:
+    """How the VAE decodes for pixel rewards (memory options for ReFL through the VAE)."""
+
+    gradient_checkpointing: bool = False  # recompute the decoder's activations in backward
+    slicing: bool = False  # decode a batch one image at a time
+    tiling: bool = False  # decode large images in overlapping tiles (diffusers' VAE tiling)
+
+
+@dataclass
 class ModelConfig:
     """The generator: a hub id or a local folder (``pkg://`` paths name files shipped inside the package)."""
 
@@ -49,6 +58,7 @@ class ModelConfig:
     resolution: int = 32
     max_sequence_length: int = 77
     gradient_checkpointing: bool = False
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
         self.pretrained = confload.resolve_package_path(self.pretrained)  # defaults resolve like YAML values

@@ -87,6 +87,35 @@ def test_one_update_trains_exactly_the_policy_lora_and_never_decodes(tmp_path, t
     assert changed == trainable
 
 
+def test_the_recipes_decode_options_reach_refl_through_the_vae(tmp_path, tiny_sd3_dir, monkeypatch):
+    """``model.decode``: a pixel reward's decode under ReFL recomputes the VAE in backward (one checkpointed
+    decode per forward, none in the no-grad evaluation) and slices, with the gradient of a plain decode."""
+    from rlkit.trainers.loop import PolicyRun
+    from rlkit.trainers.refl import refl_forward
+
+    checkpointed = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **kw: checkpointed.append(fn.__name__) or original(fn, *a, **kw))
+    grads = {}
+    for options in ({}, {"gradient_checkpointing": True, "slicing": True}):
+        data = tiny_recipe(tmp_path / str(len(grads)), tiny_sd3_dir, max_steps=1)
+        data["rewards"] = [{"name": "shapes-clip"}]
+        data["model"]["decode"] = options
+        recipe = recipe_from_dict(data)
+        torch.manual_seed(0)
+        run = PolicyRun.setup(recipe, total_updates=1, micro_batch=2, grad_accum=1)
+        assert run.gen.vae.use_slicing == bool(options) and run.gen.decode_checkpointing == bool(options)
+        checkpointed.clear()
+        rng = run.step_generator(0, 0)
+        loss, _ = refl_forward(run.gen, run.model, run.reward, run.sample_prompts(rng, 2), run.global_noise(rng, 2),
+                               recipe.refl, k=2)
+        loss.mean().backward()
+        assert checkpointed == (["_decode"] if options else [])
+        grads[bool(options)] = torch.cat([p.grad.flatten() for p in run.model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6)
+
+
 def test_setup_places_every_reward_on_the_accelerator_device_unless_its_args_name_one(tmp_path, tiny_sd3_dir,
                                                                                       placed_reward):
     """The training reward (here a mixture) and the golden rewards go where the policy computes; a reward

@@ -10,12 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from rewards.base import TextConditioning
+
+if TYPE_CHECKING:
+    from rlkit.config import DecodeConfig
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -70,6 +74,7 @@ class SD3Generator:
     pipeline: Any  # diffusers.StableDiffusion3Pipeline (owns the modules below)
     max_sequence_length: int = 77
     cache_limit: int | None = None  # distinct prompts whose embeddings stay in memory (None: all)
+    decode_checkpointing: bool = False  # see configure_decode
     _cache: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -159,8 +164,20 @@ class SD3Generator:
         return TextConditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
     # -- latents <-> images --------------------------------------------------------------------------
+    def configure_decode(self, config: DecodeConfig) -> None:
+        """How :meth:`decode` runs from now on: diffusers' VAE slicing and tiling (VAE-wide settings), and whether
+        a decode that carries gradient recomputes the decoder's activations in backward."""
+        (self.vae.enable_slicing if config.slicing else self.vae.disable_slicing)()
+        (self.vae.enable_tiling if config.tiling else self.vae.disable_tiling)()
+        self.decode_checkpointing = config.gradient_checkpointing
+
     def decode(self, latents: Tensor) -> Tensor:
         """Transformer latents -> images in [0, 1]; differentiable when ``latents`` require grad."""
+        if self.decode_checkpointing and torch.is_grad_enabled() and latents.requires_grad:
+            return torch.utils.checkpoint.checkpoint(self._decode, latents, use_reentrant=False)
+        return self._decode(latents)
+
+    def _decode(self, latents: Tensor) -> Tensor:
         cfg = self.vae.config
         z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
