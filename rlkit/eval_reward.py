@@ -15,7 +15,9 @@ generator state for the chosen and the rejected image, so both see the same nois
 (``--levels``, noise-aware latent rewards) noise both latents of a pair with one shared eps,
 ``x_u = (1 - u) x0 + u eps``, and ask the reward to score that state at its own ``sigma = u``;
 ``ensemble(...)`` (``--ensemble``) runs the reward's own noise ensemble over those levels, one eps shared by
-the chosen and the rejected latent. Rewards with scoring modes (DiNa-LRM's ``options.mode``: ``renoise``,
+the chosen and the rejected latent. ``--pair-noise independent`` draws the chosen and the rejected side's noise
+apart instead, as the DiNa-LRM release's benchmark code does (use it to compare with the paper's tables); shared
+noise compares the two sides at the same noise and gives the lower-variance estimate. Rewards with scoring modes (DiNa-LRM's ``options.mode``: ``renoise``,
 ``state``, ``ensemble``) are switched to ``state`` for the level rows and to ``ensemble`` for the ensemble
 row, and restored afterwards.
 """
@@ -39,8 +41,10 @@ from torch import Tensor
 from rewards.base import Reward, RewardInput
 from rlkit.data import LoadOptions, PreferenceDataError, PreferencePair, load_pairs, load_side
 from rlkit.evaluate import Shard
+from rlkit.runtime.seeding import derive_seed
 
 CIMethod = Literal["wilson", "bootstrap"]
+PairNoise = Literal["shared", "independent"]
 CONVENTION = ("win: score(chosen) - score(rejected) > tie_tol; tie: |difference| <= tie_tol; "
               "accuracy = wins / pairs (ties count as wrong); accuracy_ties_half = (wins + ties/2) / pairs; "
               "accuracy_no_ties = wins / (wins + losses); the CI is for accuracy")
@@ -137,6 +141,7 @@ class EvalReport:
     confidence: float = DEFAULT_CONFIDENCE
     seed: int = 0
     seconds: float = 0.0
+    pair_noise: str = "shared"  # noise of the chosen and the rejected side: one draw, or two
     convention: str = CONVENTION
     reward_args: dict[str, Any] = field(default_factory=dict)
 
@@ -158,7 +163,8 @@ class EvalReport:
             f"# Pairwise accuracy: `{self.reward}` on `{self.data}`",
             "",
             f"{self.results[0].pairs if self.results else 0} pairs (label ties skipped: {self.skipped_label_ties}), "
-            f"tie tolerance {self.tie_tol:g}, {pct}% CI: {self.ci}, seed {self.seed}, {self.seconds:.1f} s.",
+            f"tie tolerance {self.tie_tol:g}, {pct}% CI: {self.ci}, seed {self.seed}, {self.pair_noise} noise "
+            f"per pair, {self.seconds:.1f} s.",
             "",
             f"Convention: {self.convention}.",
             "",
@@ -247,13 +253,19 @@ def _input(reward: Reward, prompts: list[str], x: Tensor, kind: str, sigmas: Ten
     return RewardInput(prompts=prompts, latents=x, sigmas=sigmas, decode=decode, generator=generator)
 
 
+def _side_seeds(seed: int, pair_noise: PairNoise) -> tuple[int, int]:
+    """The generator seeds of the chosen and the rejected side: one seed, or the rejected side's its own."""
+    return seed, (seed if pair_noise == "shared" else derive_seed(seed, "eval-reward/rejected"))
+
+
 def _score_pair_sides(reward: Reward, prompts: list[str], chosen: Tensor, rejected: Tensor, kind: str,
-                      sigmas: Tensor | None, decode: Callable[[Tensor], Tensor] | None, seed: int) -> Tensor:
-    """``score(chosen) - score(rejected)`` with the same generator state for both calls (a CPU generator, so
-    draws do not depend on the data's device)."""
+                      sigmas: Tensor | None, decode: Callable[[Tensor], Tensor] | None, seed: int,
+                      pair_noise: PairNoise = "shared") -> Tensor:
+    """``score(chosen) - score(rejected)``, the two calls with the same generator state (or, ``independent``,
+    states of their own); CPU generators, so draws do not depend on the data's device."""
     scores = []
-    for x in (chosen, rejected):
-        gen = torch.Generator().manual_seed(seed)
+    for x, side_seed in zip((chosen, rejected), _side_seeds(seed, pair_noise)):
+        gen = torch.Generator().manual_seed(side_seed)
         out = reward(_input(reward, prompts, x, kind, sigmas, decode, gen))
         scores.append(out.scores.detach().float().flatten().cpu())
     return scores[0] - scores[1]
@@ -280,12 +292,15 @@ def evaluate_pairwise(
     name: str = "",
     data_name: str = "",
     shard: Shard = Shard(),
+    pair_noise: PairNoise = "shared",
 ) -> EvalReport:
     """Pairwise accuracy of ``reward`` on ``pairs``: a row for the reward as configured (``include_clean``),
     one per noise level in ``levels`` (noise-aware latent rewards; chosen and rejected share eps) and one for
     the reward's noise ensemble over ``ensemble`` (rewards with scoring modes).
 
-    Data ties (label 0.5) are skipped; every result is reproducible from ``seed``. On several processes
+    ``pair_noise``: the chosen and the rejected side share each noise draw, or draw their own (the module
+    docstring says when to use which). Data ties (label 0.5) are skipped; every result is reproducible from
+    ``seed``. On several processes
     (``shard``) each scores every ``world``-th batch and the margins are gathered: every rank gets the report of
     one process. The ranks' forward passes are not kept in step, so not under ZeRO-3.
     """
@@ -293,6 +308,8 @@ def evaluate_pairwise(
 
     if batch_size <= 0:
         raise ValueError(f"evaluate_pairwise: batch_size must be > 0, got {batch_size}")
+    if pair_noise not in PairNoise.__args__:
+        raise ValueError(f"evaluate_pairwise: pair_noise must be one of {PairNoise.__args__}, got {pair_noise!r}")
     if not 0 < confidence < 1:
         raise ValueError(f"evaluate_pairwise: confidence must lie in (0, 1), got {confidence}")
     for u in (*levels, *ensemble):
@@ -331,13 +348,14 @@ def evaluate_pairwise(
                     batch_seed = seed + ROW_SEED_STRIDE * r + BATCH_SEED_STRIDE * b + g
                     with mode():
                         if u is None:
-                            m = _score_pair_sides(reward, prompts, chosen, rejected, kind, None, decode, batch_seed)
-                        else:
-                            gen = torch.Generator().manual_seed(batch_seed)  # on CPU: same eps on any device
-                            eps = torch.randn(chosen.shape, generator=gen).to(chosen.device)
+                            m = _score_pair_sides(reward, prompts, chosen, rejected, kind, None, decode, batch_seed,
+                                                  pair_noise)
+                        else:  # on CPU generators: the same eps on any device
+                            eps_c, eps_r = (torch.randn(chosen.shape, generator=torch.Generator().manual_seed(s))
+                                            .to(chosen.device) for s in _side_seeds(batch_seed, pair_noise))
                             sig = torch.full((len(idx),), u, device=chosen.device)
-                            xc, xr = (1 - u) * chosen + u * eps, (1 - u) * rejected + u * eps
-                            m = _score_pair_sides(reward, prompts, xc, xr, kind, sig, decode, batch_seed)
+                            xc, xr = (1 - u) * chosen + u * eps_c, (1 - u) * rejected + u * eps_r
+                            m = _score_pair_sides(reward, prompts, xc, xr, kind, sig, decode, batch_seed, pair_noise)
                     margins[setting][torch.tensor(idx)] = m
             bar.update(sum(len(idx) for idx, _, _ in groups))
     finally:
@@ -349,7 +367,7 @@ def evaluate_pairwise(
     results = [summarize(s, margins[s], tie_tol, ci, confidence, bootstrap_samples, seed) for s, _, _ in settings]
     return EvalReport(reward=name or type(reward).__name__, data=data_name, results=results,
                       skipped_label_ties=skipped, tie_tol=tie_tol, ci=ci, confidence=confidence, seed=seed,
-                      seconds=time.perf_counter() - start_time)
+                      seconds=time.perf_counter() - start_time, pair_noise=pair_noise)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie-tol", type=float, default=0.0)
+    p.add_argument("--pair-noise", default="shared", choices=list(PairNoise.__args__),
+                   help="one noise draw for both sides of a pair (default), or one each as the release's benchmark")
     p.add_argument("--ci", default="wilson", choices=["wilson", "bootstrap"])
     p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -437,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             reward, pairs, levels=args.levels, ensemble=args.ensemble, include_clean=not args.no_clean,
             batch_size=args.batch_size, seed=args.seed, tie_tol=args.tie_tol, ci=args.ci, confidence=args.confidence,
             decode=decode, image_size=size, device=args.device, progress=not args.no_progress, name=args.reward,
-            data_name=str(args.data))
+            data_name=str(args.data), pair_noise=args.pair_noise)
     except (PreferenceDataError, KeyError, ValueError, FileNotFoundError) as exc:
         print(f"rlkit eval-reward: {exc}", file=sys.stderr)
         return 2

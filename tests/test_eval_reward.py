@@ -132,6 +132,33 @@ def test_noise_levels_share_eps_within_a_pair_and_pass_sigma():
     assert noise.std() > 0.5 and not torch.allclose(noise[0], noise[1])
 
 
+def test_independent_pair_noise_draws_each_side_its_own_and_costs_accuracy(capsys, tmp_path):
+    """``pair_noise="independent"`` (the release's benchmark protocol): each side of a pair gets its own eps
+    and generator state; the chosen side keeps the shared protocol's draws."""
+    pairs = [latent_pair(0.01, 0.0, row=i) for i in range(16)]
+    shared, apart = SumReward(jitter=1.0), SumReward(jitter=1.0)
+    kwargs = dict(levels=[0.5], batch_size=4, progress=False)
+    same = evaluate_pairwise(shared, pairs, **kwargs)
+    report = evaluate_pairwise(apart, pairs, pair_noise="independent", **kwargs)
+    assert same.row("u=0.50").accuracy == same.row(CLEAN_ROW).accuracy == 1.0
+    assert report.row("u=0.50").accuracy < 0.9 and report.row(CLEAN_ROW).accuracy < 0.9  # noise no longer cancels
+    assert report.pair_noise == "independent" and "independent noise per pair" in report.to_markdown()
+    # call order per group: clean chosen, clean rejected, level chosen, level rejected
+    torch.testing.assert_close(apart.calls[2].latents, shared.calls[2].latents)  # the chosen side's eps is kept
+    eps_r = apart.calls[3].latents / 0.5  # x_u = (1 - u) x0 + u eps with rejected x0 = 0
+    eps_c = (apart.calls[2].latents - 0.5 * 0.01) / 0.5
+    assert not torch.allclose(eps_r, eps_c) and eps_r.std() > 0.5
+    with pytest.raises(ValueError, match="pair_noise must be one of"):
+        evaluate_pairwise(shared, pairs, pair_noise="per-image", progress=False)
+    rewards.register("test-eval-sum-noisy")(SumReward)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "p", "chosen": torch.full(SHAPE, 0.01).tolist(),
+                                        "rejected": torch.zeros(SHAPE).tolist()}) + "\n" for _ in range(8)))
+    assert main(["--reward", "test-eval-sum-noisy", "--args", "jitter=1.0", "--data", str(data), "--no-progress",
+                 "--device", "cpu", "--pair-noise", "independent"]) == 0
+    assert "independent noise per pair" in capsys.readouterr().out
+
+
 def test_noise_levels_are_reproducible_from_the_seed_and_change_with_it():
     class Nonlinear(SumReward):
         def forward(self, batch):
