@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from rlkit.data import BucketConfig, LoadOptions, PreferencePair, image_to_tensor, load_image, load_pairs, open_image
+from rlkit.data.pairs import image_identity
 from rlkit.data.buckets import RELEASE_AR_THRESHOLD, resize_to_bucket
 
 LATENT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+MEMO_LIMIT = 256  # latents kept for reuse (a prompt's images; ~1 MB each at SD3.5-M's 1024 px)
 METADATA_KEY = b"rlkit.cache_latents"
 
 
@@ -125,7 +127,7 @@ def cache_latents(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    memo: dict[tuple[str, tuple[int, int]], np.ndarray] = {}  # image path + bucket -> latent
+    memo: dict[str, np.ndarray] = {}  # image identity -> latent, within the bucket being written
     report = CacheReport(str(out), len(pairs), 0, dict(dropped))
     vae_cfg = getattr(getattr(generator, "vae", None), "config", None)
     meta = {"buckets": [list(s) for s in buckets.sizes], "min_pixels": buckets.min_pixels, "dtype": dtype,
@@ -133,32 +135,39 @@ def cache_latents(
             "vae_shift_factor": getattr(vae_cfg, "shift_factor", None)}
     schema = _schema().with_metadata({METADATA_KEY: json.dumps(meta).encode()})
     total = sum(len(v) for v in groups.values())
+    if not total:
+        raise ValueError(f"cache_latents: no pair to write ({len(pairs)} read, dropped: {dict(dropped) or 'none'}); "
+                         "check --min-size and --buckets against the images' sizes")
     bar = tqdm(total=total, desc="cache-latents", unit="pair", disable=not progress)
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for bucket in sorted(groups):
-            idx = groups[bucket]
-            for start in range(0, len(idx), batch_size):
-                batch = [pairs[i] for i in idx[start:start + batch_size]]
-                latents = _encode_batch(batch, bucket, generator, memo, report)
-                rows = _rows(batch, latents, bucket, LATENT_DTYPES[dtype])
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-                report.written += len(batch)
-                bar.update(len(batch))
-            report.buckets[f"{bucket[0]}x{bucket[1]}"] = len(idx)
-    bar.close()
-    tmp.replace(out)
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for bucket in sorted(groups):
+                memo.clear()  # latents of another bucket are never reused
+                idx = sorted(groups[bucket], key=lambda i: (pairs[i].prompt, i))  # a prompt's images sit together
+                for start in range(0, len(idx), batch_size):
+                    batch = [pairs[i] for i in idx[start:start + batch_size]]
+                    latents = _encode_batch(batch, bucket, generator, memo, report)
+                    rows = _rows(batch, latents, bucket, LATENT_DTYPES[dtype])
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                    report.written += len(batch)
+                    bar.update(len(batch))
+                report.buckets[f"{bucket[0]}x{bucket[1]}"] = len(idx)
+        tmp.replace(out)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)  # a failed run leaves no half-written file behind
     return report
 
 
 def _encode_batch(batch: list[PreferencePair], bucket: tuple[int, int], generator: Any,
-                  memo: dict[tuple[str, tuple[int, int]], np.ndarray], report: CacheReport) -> list[list[np.ndarray]]:
-    """``latents[side][k]`` for the batch; each distinct image path is encoded once per bucket."""
-    keys: dict[tuple[int, int], Any] = {}  # (k, side) -> memo key, or a unique key for images without a path
+                  memo: dict[str, np.ndarray], report: CacheReport) -> list[list[np.ndarray]]:
+    """``latents[side][k]`` for the batch; an image met again within its prompt's pairs is encoded once."""
+    keys: dict[tuple[int, int], Any] = {}  # (k, side) -> memo key, or a unique key for images without one
     todo: dict[Any, tuple[int, int]] = {}  # memo key -> first (k, side) that needs it encoded
     for k, pair in enumerate(batch):
         for side in (0, 1):
-            ref = _ref_text(pair, side)
-            key = (ref, bucket) if ref is not None else ("#", k, side)
+            identity = image_identity(pair, side)
+            key = identity if identity is not None else ("#", k, side)
             keys[(k, side)] = key
             if key not in memo and key not in todo:
                 todo[key] = (k, side)
@@ -172,7 +181,9 @@ def _encode_batch(batch: list[PreferencePair], bucket: tuple[int, int], generato
         fresh = {}
     out = [[fresh[keys[(k, side)]] if keys[(k, side)] in fresh else memo[keys[(k, side)]] for k in range(len(batch))]
            for side in (0, 1)]
-    memo.update((key, latent) for key, latent in fresh.items() if key[0] != "#")
+    if len(memo) + len(fresh) > MEMO_LIMIT:  # images repeat within a prompt's pairs, which sit together
+        memo.clear()
+    memo.update((key, latent) for key, latent in fresh.items() if isinstance(key, str))
     return out
 
 

@@ -338,7 +338,7 @@ class RewardModelConfig:
     epochs: int | None = None
     eval_every: int = 0
     eval_levels: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5])
-    eval_limit: int | None = None  # first N held-out pairs (the release evaluates 1000)
+    eval_limit: int | None = None  # N held-out pairs drawn at random, seeded (the release evaluates 1000)
     eval_batch_size: int = 16
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
 

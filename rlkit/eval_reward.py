@@ -17,9 +17,9 @@ generator state for the chosen and the rejected image, so both see the same nois
 ``ensemble(...)`` (``--ensemble``) runs the reward's own noise ensemble over those levels, one eps shared by
 the chosen and the rejected latent. ``--pair-noise independent`` draws the chosen and the rejected side's noise
 apart instead, as the DiNa-LRM release's benchmark code does (use it to compare with the paper's tables); shared
-noise compares the two sides at the same noise and gives the lower-variance estimate. Rewards with scoring modes (DiNa-LRM's ``options.mode``: ``renoise``,
-``state``, ``ensemble``) are switched to ``state`` for the level rows and to ``ensemble`` for the ensemble
-row, and restored afterwards.
+noise compares the two sides at the same noise and gives the lower-variance estimate. Rewards with scoring
+modes (DiNa-LRM's ``options.mode``: ``renoise``, ``state``, ``ensemble``) are switched to ``state`` for the level
+rows and to ``ensemble`` for the ensemble row, and restored afterwards.
 """
 
 from __future__ import annotations
@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", nargs="*", default=[], metavar="ROLE=COLUMN")
     p.add_argument("--split", default=None)
     p.add_argument("--image-root", default=None)
-    p.add_argument("--limit", type=int, default=None, help="first N pairs")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N pairs (a cached-latents file is ordered by bucket, smallest first)")
     p.add_argument("--levels", type=_floats, default=[], help="noise levels u, e.g. 0.1,0.3,0.5 (latent rewards)")
     p.add_argument("--ensemble", type=_floats, default=[],
                    help="noise-ensemble levels, e.g. 0.2,0.5,0.7 (rewards with an ensemble mode, DiNa-LRM)")

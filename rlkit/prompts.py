@@ -2,17 +2,64 @@
 
 ``shapes:<split>``       the Shapes world's captions (``train`` or ``heldout``)
 ``path/to/file.txt``     one prompt per line
-``path/to/file.jsonl``   a ``prompt`` field per line
+``path/to/file.jsonl``   a ``prompt`` field (or a JSON string) per line
+``path/to/file.json``    a list of prompts, or of objects with a ``prompt`` field
 ``hf:<dataset>[:split[:column]]``  a Hugging Face dataset column (default split ``train``, column ``prompt``)
+
+Every prompt must be a string: a ``null`` or a number is an error naming the file and the line (or row), not the
+prompt ``"None"``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Iterable
+
+SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _checked(where: str, items: Iterable[tuple[int, Any]]) -> list[str]:
+    """The prompts of ``(line or row, value)`` items; a value that is not a string names where it is."""
+    prompts = []
+    for i, value in items:
+        if isinstance(value, dict):
+            if "prompt" not in value:
+                raise ValueError(f"{where} {i}: expected a 'prompt' field, got the fields {sorted(value)}")
+            value = value["prompt"]
+        if not isinstance(value, str):
+            raise ValueError(f"{where} {i}: expected a prompt string, got {type(value).__name__} {value!r}")
+        prompts.append(value)
+    return prompts
+
+
+def _from_file(path: Path) -> list[str]:
+    text = path.read_text()
+    if path.suffix == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a list of prompts (or of objects with a 'prompt' field), "
+                             f"got {type(data).__name__}")
+        return _checked(f"{path}: item", enumerate(data))
+    records = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((i, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {i}: invalid JSON ({exc.msg})") from None
+    return _checked(f"{path}: line", records)
 
 
 def load_prompts(source: str, limit: int | None = None) -> list[str]:
+    """The prompts ``source`` names (module docstring), the first ``limit`` of them when a limit is given."""
+    if limit is not None and limit <= 0:
+        raise ValueError(f"prompt source {source!r}: limit must be > 0, got {limit}")
     if source.startswith("shapes:"):
         from rlkit.shapes import world
 
@@ -30,24 +77,16 @@ def load_prompts(source: str, limit: int | None = None) -> list[str]:
         ds = load_dataset(name, split=split)
         if column not in ds.column_names:
             raise ValueError(f"prompt source {source!r}: no column {column!r}; columns: {ds.column_names}")
-        prompts = [str(p) for p in ds[column]]
+        prompts = _checked(f"{source}: row", enumerate(ds[column]))
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt source {source!r}: no such file (expected shapes:<split>, a .txt or "
-                                    ".jsonl file, or hf:<dataset>)")
-        if path.suffix == ".jsonl":
-            prompts = []
-            for i, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    prompts.append(str(json.loads(line)["prompt"]))
-                except (json.JSONDecodeError, KeyError) as exc:
-                    raise ValueError(f"{path}: line {i}: expected a JSON object with a 'prompt' field "
-                                     f"({exc})") from None
-        else:
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            raise FileNotFoundError(f"prompt source {source!r}: no such file (expected shapes:<split>, a .txt, "
+                                    ".jsonl or .json file, or hf:<dataset>)")
+        if path.suffix not in SUFFIXES:
+            raise ValueError(f"prompt source {source!r}: unsupported file type {path.suffix!r}; expected one of "
+                             f"{', '.join(SUFFIXES)}")
+        prompts = _from_file(path)
     if not prompts:
         raise ValueError(f"prompt source {source!r} holds no prompts")
-    return prompts[:limit] if limit else prompts
+    return prompts[:limit] if limit is not None else prompts

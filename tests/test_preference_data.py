@@ -165,6 +165,7 @@ def test_hub_style_dataset_with_image_feature(tmp_path):
     ds.to_parquet(str(folder / "train.parquet"))
     pairs = load_pairs(f"hf:{folder}")
     assert pairs[0].file.startswith("hf:") and pairs[0].kind == "image"
+    assert isinstance(pairs[0].chosen, dict) and pairs[0].chosen["bytes"]  # kept encoded until a batch needs it
     batch = collate_pairs(pairs)
     assert batch.chosen[0, 0].mean() == 1.0 and batch.rejected[0, 1].mean() == 1.0
 
@@ -181,6 +182,22 @@ def test_missing_column_names_file_row_and_column(tmp_path):
     e = exc.value
     assert (e.file, e.row, e.column) == (str(data), 1, "path2")
     assert str(data) in str(e) and "row 1" in str(e) and "'path2'" in str(e)
+
+
+def test_a_jsonl_row_is_its_line_for_data_and_syntax_errors_alike_and_a_bad_label_is_named(tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"prompt": "a", "path1": "x", "path2": "y"}\n\n{"prompt": "b", "path1": "x"}\n')
+    with pytest.raises(PreferenceDataError) as exc:
+        load_pairs(blank)
+    assert (exc.value.row, exc.value.column) == (2, "path2")
+    blank.write_text('{"prompt": "a", "path1": "x", "path2": "y"}\n\n{oops\n')
+    with pytest.raises(PreferenceDataError) as exc:
+        load_pairs(blank)
+    assert exc.value.row == 2
+    label = write_jsonl(tmp_path / "label.jsonl", [{"prompt": "a", "chosen": "x.png", "rejected": "y.png",
+                                                    "label": "abc"}])
+    with pytest.raises(PreferenceDataError, match=r"row 0, column 'label': expected a number .*got 'abc'"):
+        load_pairs(label)
 
 
 def test_unknown_layout_and_bad_json_name_the_file(tmp_path):
@@ -256,8 +273,10 @@ def test_release_buckets_assign_by_aspect_then_area_and_drop_small_images():
     assert cfg.assign(200, 200) is None  # under 256^2
     assert cfg.assign(1000, 300) is None  # no bucket of that aspect
     assert BucketConfig(min_pixels=0).assign(200, 200) == (256, 256)
-    # a pair shares the smaller bucket when both aspects fit it
-    assert cfg.assign_pair((1024, 1024), (600, 600)) == (512, 512)
+    # a pair shares the larger bucket when both aspects fit it (the release scales the smaller image up)
+    assert cfg.assign_pair((1024, 1024), (600, 600)) == (1024, 1024)
+    assert cfg.assign_pair((512, 512), (1024, 1024)) == (1024, 1024)
+    assert cfg.assign_pair((1344, 896), (1248, 832)) == (1344, 896)
     assert cfg.assign_pair((1024, 1024), (1200, 800)) is None
     with pytest.raises(ValueError, match="BucketConfig.sizes"):
         BucketConfig(sizes=[(100, 64)], divisible=16)
@@ -330,7 +349,41 @@ def test_cache_latents_buckets_encodes_once_and_reads_back(tmp_path, tiny_genera
     assert torch.allclose(batch.rejected[first_b], want, atol=1e-4)  # batched encode: float noise only
 
 
-def test_cache_latents_cli_writes_parquet_with_min_size_setting(tmp_path, tiny_sd3_dir):
+def test_cache_latents_tells_images_apart_by_what_they_are_not_by_the_name_written(tmp_path, tiny_generator):
+    """The same relative name in two data folders, and hub records whose ``path`` is one bare file name, are
+    different pictures: each pair keeps its own latents (they had all been given the first one's)."""
+    from rlkit.cache_latents import cache_latents
+    from rlkit.data import image_to_tensor
+
+    colours = {"d1": ((255, 0, 0), (0, 0, 255)), "d2": ((0, 255, 0), (255, 255, 0))}
+    sources = []
+    for name, (chosen, rejected) in colours.items():
+        (tmp_path / name / "images").mkdir(parents=True)
+        png(tmp_path / name / "images/x.png", (32, 32), chosen)
+        png(tmp_path / name / "images/y.png", (32, 32), rejected)
+        sources.append(write_jsonl(tmp_path / name / "train.jsonl",
+                                   [{"prompt": name, "path1": "images/x.png", "path2": "images/y.png"}]))
+    hub = [(200, 200, 200), (50, 50, 50), (120, 0, 120), (0, 120, 120)]
+    table = pa.table({"prompt": ["h1", "h2"],
+                      "chosen": [{"bytes": png_bytes((32, 32), hub[0]), "path": "image.png"},
+                                 {"bytes": png_bytes((32, 32), hub[2]), "path": "image.png"}],
+                      "rejected": [{"bytes": png_bytes((32, 32), hub[1]), "path": "image.png"},
+                                   {"bytes": png_bytes((32, 32), hub[3]), "path": "image.png"}]})
+    pq.write_table(table, tmp_path / "hub.parquet")
+    pairs = load_pairs(sources[0]) + load_pairs(sources[1]) + load_pairs(tmp_path / "hub.parquet")
+    buckets = BucketConfig(sizes=[(32, 32)], min_pixels=0, divisible=4)
+    report = cache_latents(pairs, tiny_generator, tmp_path / "lat.parquet", buckets, batch_size=8, progress=False)
+    assert report.written == 4 and report.encoded_images == 8
+    want = {"d1": colours["d1"], "d2": colours["d2"], "h1": hub[:2], "h2": hub[2:]}
+    for pair in load_pairs(tmp_path / "lat.parquet"):
+        batch = collate_pairs([pair])
+        for side, colour in zip((batch.chosen[0], batch.rejected[0]), want[pair.prompt]):
+            image = image_to_tensor(Image.new("RGB", (32, 32), colour))[None]
+            with torch.no_grad():
+                torch.testing.assert_close(side, tiny_generator.encode(image)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_latents_cli_writes_parquet_with_min_size_setting(tmp_path, tiny_sd3_dir, capsys):
     from rlkit.cache_latents import main
 
     _, hpd = _cache_fixture(tmp_path)
@@ -343,6 +396,18 @@ def test_cache_latents_cli_writes_parquet_with_min_size_setting(tmp_path, tiny_s
     assert cached[0].prompt == "gray" and cached[0].shapes[0] == cached[0].shapes[1]
     rc = main(["--data", str(tmp_path / "nope.jsonl"), "--generator", str(tiny_sd3_dir), "--out", str(out)])
     assert rc == 2
+    capsys.readouterr()
+    empty = tmp_path / "empty.parquet"  # every pair dropped: an error, not an empty file
+    assert main(["--data", str(hpd), "--generator", str(tiny_sd3_dir), "--out", str(empty), "--min-size", "4096",
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert "no pair to write (2 read, dropped: {'too_small': 2})" in capsys.readouterr().err
+    small = tmp_path / "img/small.png"
+    noise = np.random.default_rng(0).integers(0, 256, (*Image.open(small).size[::-1], 3), dtype=np.uint8)
+    Image.fromarray(noise).save(small)
+    small.write_bytes(small.read_bytes()[:200])  # the header reads (its size is known), the pixels do not
+    assert main(["--data", str(hpd), "--generator", str(tiny_sd3_dir), "--out", str(empty), "--buckets", "8x8,32x32",
+                 "--min-size", "8", "--divisible", "4", "--device", "cpu", "--no-progress"]) == 2
+    assert not list(tmp_path.glob("empty.parquet*"))  # neither the file nor a half-written .tmp
 
 
 def test_a_label_for_the_second_side_orients_the_pair_so_chosen_wins(tmp_path):

@@ -2,8 +2,8 @@
 
 As in the DiNa-LRM release: a bucket is eligible when its log aspect ratio is within ``ar_threshold`` of
 the image's, and among those the one with the closest (log) area wins; images under ``min_pixels``
-(256² for the real recipe) are dropped; the two images of a pair share one bucket so that their latents
-can be compared token by token, and a pair whose images cannot share one is dropped.
+(256² for the real recipe) are dropped; the two images of a pair share one bucket (the larger one's) so that
+their latents can be compared token by token, and a pair whose images cannot share one is dropped.
 """
 
 from __future__ import annotations
@@ -56,13 +56,15 @@ class BucketConfig:
         return min(candidates, key=lambda s: abs(math.log(s[0] * s[1]) - area))
 
     def assign_pair(self, size_a: tuple[int, int], size_b: tuple[int, int]) -> tuple[int, int] | None:
-        """One bucket for both images (``(height, width)`` each): the smaller of their buckets that fits both."""
+        """One bucket for both images (``(height, width)`` each): the larger of their buckets that fits both, as
+        the release scales the smaller image up to the larger one's edge (a 512² image paired with a 1024² one
+        trains at 1024², not the 1024² one at 512²)."""
         a, b = self.assign(*size_a), self.assign(*size_b)
         if a is None or b is None:
             return None
         if a == b:
             return a
-        for bucket in sorted((a, b), key=lambda s: s[0] * s[1]):
+        for bucket in sorted((a, b), key=lambda s: -s[0] * s[1]):
             aspect = math.log(bucket[0] / bucket[1])
             if all(abs(math.log(h / w) - aspect) <= self.ar_threshold for h, w in (size_a, size_b)):
                 return bucket

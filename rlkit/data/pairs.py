@@ -147,7 +147,8 @@ def _data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_file(path: Path) -> Iterator[dict[str, Any]]:
+def _read_file(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(row, record)`` of a data file; a JSON Lines row is its line number from 0 (blank lines count)."""
     name = str(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -156,15 +157,15 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
             table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several unrelated types for a bad file
             raise PreferenceDataError(f"cannot read parquet ({type(exc).__name__}: {exc})", name) from None
-        for batch in table.to_batches():
-            yield from batch.to_pylist()
+        rows = (record for batch in table.to_batches() for record in batch.to_pylist())
+        yield from enumerate(rows)
     elif path.suffix == ".jsonl":
         with path.open() as fh:
             for i, line in enumerate(fh):
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)
+                    yield i, json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise PreferenceDataError(f"invalid JSON ({exc.msg})", name, i) from None
     else:
@@ -176,7 +177,7 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
             data = data["data"]
         if not isinstance(data, list):
             raise PreferenceDataError("expected a list of records (or {\"data\": [...]})", name)
-        yield from data
+        yield from enumerate(data)
 
 
 def iter_rows(source: str | Path, split: str | None = None) -> Iterator[tuple[str, int, dict[str, Any], str]]:
@@ -185,7 +186,7 @@ def iter_rows(source: str | Path, split: str | None = None) -> Iterator[tuple[st
     path = Path(text).expanduser()
     if not text.startswith(HF_PREFIX) and path.exists():
         for file in _data_files(path):
-            for i, record in enumerate(_read_file(file)):
+            for i, record in _read_file(file):
                 if not isinstance(record, dict):
                     raise PreferenceDataError(f"expected a mapping, got {type(record).__name__}", str(file), i)
                 yield str(file), i, record, str(file.parent)
@@ -201,7 +202,10 @@ def iter_rows(source: str | Path, split: str | None = None) -> Iterator[tuple[st
     except Exception as exc:  # the hub client raises many types; one readable line instead
         raise PreferenceDataError(f"cannot load hub data set {repo!r} ({type(exc).__name__}: {exc})", text) from None
     label = f"{HF_PREFIX}{repo}:{split or hub_split or 'train'}"
-    for i, record in enumerate(ds):
+    # rows as stored: an ``Image`` column stays a {"bytes", "path"} record, decoded when a batch needs it (iterating
+    # the data set itself would decode every picture of the set while the index is built)
+    rows = (record for batch in ds.with_format("arrow").iter(batch_size=1024) for record in batch.to_pylist())
+    for i, record in enumerate(rows):
         yield label, i, record, ""
 
 
@@ -251,6 +255,14 @@ def _prompt(record: dict[str, Any], cols: dict[str, str], file: str, row: int) -
     return value
 
 
+def _label(value: Any, file: str, row: int, column: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise PreferenceDataError(f"expected a number (the probability that the first side is preferred), got "
+                                  f"{value!r}", file, row, column) from None
+
+
 def _shape(value: Any, file: str, row: int, column: str) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -269,7 +281,7 @@ def _pairs_from_record(fmt: str, record: dict[str, Any], cols: dict[str, str], f
         rejected = _get(record, cols["rejected"], file, row)
         label = 1.0
         if fmt == "generic" and cols.get("label") in record and record[cols["label"]] is not None:
-            label = float(record[cols["label"]])
+            label = _label(record[cols["label"]], file, row, cols["label"])
             if not 0.0 <= label <= 1.0:
                 raise PreferenceDataError(f"label must lie in [0, 1], got {label}", file, row, cols["label"])
         kind = "latent" if _looks_like_latent(chosen) else "image"
@@ -281,7 +293,7 @@ def _pairs_from_record(fmt: str, record: dict[str, Any], cols: dict[str, str], f
                   _shape(record.get(cols["rejected_shape"]), file, row, cols["rejected_shape"]))
         meta = {k: record[k] for k in ("image1_path", "image2_path", "bucket") if k in record}
         chosen, rejected = _get(record, cols["chosen"], file, row), _get(record, cols["rejected"], file, row)
-        label = 1.0 if record.get("label") is None else float(record["label"])
+        label = 1.0 if record.get("label") is None else _label(record["label"], file, row, "label")
         return [PreferencePair(prompt, chosen, rejected, "latent", label, file, row, (cols["chosen"], cols["rejected"]),
                                shapes, root, meta)]
     return _ranked_pairs(record, prompt, cols, file, row, root, opts)
@@ -389,6 +401,25 @@ def open_image(pair: PreferencePair, side: int):
     except (OSError, UnidentifiedImageError) as exc:
         raise pair.error(f"unreadable image ({type(exc).__name__}: {exc})", side) from None
     raise pair.error(f"expected an image path, bytes or a PIL image, got {type(ref).__name__}", side)
+
+
+def image_identity(pair: PreferencePair, side: int) -> str | None:
+    """What tells one side's image apart from every other: its resolved path, or a hash of its bytes (a hub
+    ``{"bytes", "path"}`` record's ``path`` is often a bare file name that many rows share); None for a PIL
+    image, which has no identity to cache by."""
+    import hashlib
+
+    ref = pair.chosen if side == 0 else pair.rejected
+    if isinstance(ref, dict):
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, (bytes, bytearray)):
+        return "sha256:" + hashlib.sha256(ref).hexdigest()
+    if isinstance(ref, (str, Path)):
+        path = Path(ref).expanduser()
+        if not path.is_absolute() and pair.root:
+            path = Path(pair.root) / path
+        return str(path.resolve())
+    return None
 
 
 def load_image(pair: PreferencePair, side: int):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -214,6 +215,15 @@ def _load(sources: str | list[str], cfg: RewardModelConfig, what: str, gen) -> l
     return pairs
 
 
+def held_out_sample(pairs: list, limit: int | None, seed: int) -> list:
+    """``limit`` of ``pairs``, drawn at random (seeded) and kept in their order; all of them without a limit. Not
+    the first ``limit``: a cached set is ordered by bucket, and its first pairs are its smallest pictures."""
+    if limit is None or limit >= len(pairs):
+        return pairs
+    keep = sorted(random.Random(derive_seed(seed, "eval_limit")).sample(range(len(pairs)), limit))
+    return [pairs[i] for i in keep]
+
+
 def _build_model(recipe: Recipe, gen):
     from rewards.dina_lrm import DiNaLRM, DiNaLRMConfig, load_dina_lrm
 
@@ -256,7 +266,8 @@ def setup(recipe: Recipe) -> RewardModelRun:
         gen = common.load_generator(recipe.model, device=accelerator.device)
         gen.cache_limit = TEXT_CACHE_SIZE  # a 0.8 M-prompt set must not fill memory
         train_pairs = _load(cfg.data.train, cfg, "train", gen)
-        eval_pairs = _load(cfg.data.eval, cfg, "eval", gen)[: cfg.eval_limit] if cfg.data.eval else []
+        eval_pairs = held_out_sample(_load(cfg.data.eval, cfg, "eval", gen), cfg.eval_limit, recipe.seed) \
+            if cfg.data.eval else []
         torch.manual_seed(derive_seed(recipe.seed, "init"))  # same head init on every rank
         model = _build_model(recipe, gen)
     gen.transformer = None
