@@ -159,6 +159,15 @@ class Reward(nn.Module):
         statistics) leaves it as it is inside this context. Nothing to do for a stateless reward."""
         yield
 
+    def running_state(self) -> dict[str, Tensor]:
+        """The state that training calls update (see :meth:`held_out`), for checkpoints: a resumed run goes on
+        with it. Empty for a stateless reward; never the model's weights."""
+        return {}
+
+    def load_running_state(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no running state, but the checkpoint holds {sorted(state)}")
+
     def forward(self, batch: RewardInput) -> RewardOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

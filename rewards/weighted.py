@@ -203,6 +203,19 @@ class WeightedReward(Reward):
             for n, was in zip(self.normalizers, frozen):
                 n.frozen = was
 
+    def running_state(self) -> dict[str, Tensor]:
+        state = {f"normalizers.{k}": v.detach().clone() for k, v in self.normalizers.state_dict().items()}
+        for key, reward in zip(self.keys, self.components):
+            state.update({f"components.{key}.{k}": v for k, v in reward.running_state().items()})
+        return state
+
+    def load_running_state(self, state: dict[str, Tensor]) -> None:
+        mine = {k.removeprefix("normalizers."): v for k, v in state.items() if k.startswith("normalizers.")}
+        self.normalizers.load_state_dict(mine)  # strict: a checkpoint of another mixture is refused
+        for key, reward in zip(self.keys, self.components):
+            prefix = f"components.{key}."
+            reward.load_running_state({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+
     def attach_generator(self, generator: object) -> None:
         self._generator_decode = getattr(generator, "decode", None)
         for reward in self.components:

@@ -260,11 +260,16 @@ def bar_counts(console: str, desc: str) -> list[tuple[int, int]]:
 
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir, capsys):
+    """Bit-identical, the reward's running z-score statistics included (they went back to zero on resume)."""
     from rlkit.trainers import refl
 
-    full = recipe_from_dict(tiny_recipe(tmp_path / "a", tiny_sd3_dir, max_steps=3))
+    zscored = [{"name": "weighted", "args": {"components": [
+        {"name": "latent-direction", "args": {"seed": 1, "scale": 10.0}, "normalize": "zscore"}]}}]
+    override = [f"rewards={json.dumps(zscored)}"]
+    full = recipe_from_dict(tiny_recipe(tmp_path / "a", tiny_sd3_dir, max_steps=3), override)
     refl.train(full)
-    part = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=2), ["logging.progress=true"])
+    part = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=2),
+                            override + ["logging.progress=true"])
     capsys.readouterr()
     refl.train(part)
     out, err = capsys.readouterr()
@@ -273,8 +278,17 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir, caps
     assert "loss=" in err and "reward=" in err
     evaluations = [line for line in out.splitlines() if " eval: " in line]
     assert [line.split(" eval:")[0] for line in evaluations] == ["step 0", "step 2"]
-    assert all("proxy/latent-direction " in line for line in evaluations)
-    resumed = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=3), ["logging.progress=true"])
+    assert all("proxy/weighted " in line for line in evaluations)
+    stored = (part.run_dir / "recipe.yaml").read_text()
+    with pytest.raises(ValueError, match=r"resuming a run with other training settings \(optim.lr: 0.005 -> 0.001; "
+                                         r"seed: 3 -> 4\)"):
+        refl.train(recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=3),
+                                    override + ["seed=4", "optim.lr=1e-3"]))
+    assert (part.run_dir / "recipe.yaml").read_text() == stored
+    with (part.run_dir / "metrics.jsonl").open("a") as fh:  # what a run killed after step 2's checkpoint logged
+        fh.write(json.dumps({"step": 3, "train/loss": 99.0}) + "\n")
+    resumed = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=3),
+                               override + ["logging.progress=true"])
     refl.train(resumed)
     out, err = capsys.readouterr()
     assert bar_counts(err, "tiny")[::len(bar_counts(err, "tiny")) - 1] == [(2, 3), (3, 3)]  # from where it resumed
@@ -286,7 +300,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir, caps
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    assert any(r.get("resumed_from") == 2.0 for r in read_log(resumed.run_dir))
+    log = read_log(resumed.run_dir)
+    assert any(r.get("resumed_from") == 2.0 for r in log)
+    assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3] and 99.0 not in [r["train/loss"] for r in log
+                                                                                       if "train/loss" in r]
 
 
 @pytest.mark.slow
@@ -355,6 +372,10 @@ def test_pretrain_regulariser_ema_and_early_stopping(tmp_path, tiny_sd3_dir):
     assert all("train/loss_pretrain" in r and r["train/loss_pretrain"] > 0 for r in train)
     assert any(r.get("eval/early_stopped") == 1.0 for r in log)
     assert len(train) < 6, "early stopping ended the run before max_steps"
+    checkpoints = sorted(p.name for p in (recipe.run_dir / "checkpoints").iterdir())
+    refl.train(recipe)  # launched again, a run that stopped early stays stopped
+    assert len([r for r in read_log(recipe.run_dir) if "train/loss" in r]) == len(train)
+    assert sorted(p.name for p in (recipe.run_dir / "checkpoints").iterdir()) == checkpoints
 
     exported = load_file(recipe.run_dir / "export" / "pytorch_lora_weights.safetensors")
     run = PolicyRun.setup(recipe, total_updates=6, micro_batch=2, grad_accum=1)  # resumes the final checkpoint

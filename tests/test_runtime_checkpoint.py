@@ -120,6 +120,41 @@ def test_keep_last_prunes_old_checkpoints_and_leftovers(tmp_path):
         CheckpointManager(tmp_path, keep_last=0)
 
 
+def test_a_kill_while_a_step_is_saved_again_keeps_a_complete_copy(tmp_path, monkeypatch):
+    """keep_last 1: the re-save of step 2 sets the old copy aside until the new one is in place; killed in
+    between, the old copy is what resumes (the old code deleted it first and lost the run)."""
+    import rlkit.runtime.checkpoint as ckpt
+
+    accelerator, model, optimizer, _ = _setup()
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(accelerator, 2)
+    replace = os.replace
+
+    def killed_before_the_new_copy_lands(src, dst):
+        if str(src).endswith(".tmp"):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_before_the_new_copy_lands)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(accelerator, 2)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    assert not (tmp_path / step_dir_name(2)).exists()
+    assert latest_checkpoint(tmp_path) == tmp_path / (step_dir_name(2) + ".old")
+    assert manager.load_latest(accelerator)["step"] == 2
+    manager.save(accelerator, 3)  # the next save clears what the kill left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(3)]
+
+
+def test_a_new_save_survives_pruning_beside_a_later_step(tmp_path):
+    """A run folder that already holds step 6 (a run restarted without resume): the step just written stays."""
+    accelerator, *_ = _setup()
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(accelerator, 6)
+    manager.save(accelerator, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(2)]
+
+
 def test_nothing_to_resume(tmp_path):
     accelerator, *_ = _setup()
     assert CheckpointManager(tmp_path / "none").load_latest(accelerator) is None

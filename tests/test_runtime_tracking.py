@@ -74,6 +74,29 @@ def test_jsonl_and_tensorboard(tmp_path):
     assert "eval/samples" in events.Tags()["images"]
 
 
+def test_a_resumed_tracker_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
+    """Rows after the checkpoint's step leave metrics.jsonl (a line cut short by the kill too) and TensorBoard;
+    a fresh start keeps none of an earlier run's rows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = LoggingConfig(backends=["jsonl", "tensorboard"])
+    with Tracker(tmp_path, cfg) as killed:
+        for step in range(5):
+            killed.log({"loss": float(step)}, step=step)
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 5, "lo')  # the kill
+    with Tracker(tmp_path, cfg, resume_step=3) as resumed:  # the checkpoint was at step 3
+        resumed.log({"loss": 40.0}, step=4)
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0),
+                                                                        (4, 40.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0),
+                                                                    (4, 40.0)]
+    Tracker(tmp_path, cfg, resume_step=None).close()  # started afresh in the same folder
+    assert read_metrics(tmp_path) == []
+
+
 def test_disabled_tracker_writes_nothing(tmp_path):
     tracker = Tracker(tmp_path / "rank1", LoggingConfig(backends=["jsonl", "tensorboard"]), config={}, enabled=False)
     tracker.log({"loss": 1.0}, step=0)
@@ -89,6 +112,11 @@ def test_wandb_offline(tmp_path, monkeypatch):
         assert tracker._wandb.config["seed"] == 3
         tracker.log({"loss": 1.0}, step=0)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+    first = (tmp_path / "wandb_id.txt").read_text()
+    with Tracker(tmp_path, LoggingConfig(backends=["wandb"]), resume_step=0) as resumed:
+        assert resumed._wandb.id == first  # a resumed run goes on with its wandb run
+    with Tracker(tmp_path, LoggingConfig(backends=["wandb"])) as fresh:
+        assert fresh._wandb.id != first
 
 
 def test_console_shows_a_bar_from_the_resumed_step_and_a_line_per_evaluation(tmp_path, capsys):

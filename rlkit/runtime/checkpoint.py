@@ -27,8 +27,9 @@ MARKER = "COMPLETE"
 STATE_JSON = "trainer_state.json"
 EXTRA_FILE = "trainer_extra.pt"
 TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"  # a checkpoint being replaced by a re-save of its step, until the new one is in place
 STEP_DIGITS = 6
-STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d+)(\.old)?$")
 
 
 def step_dir_name(step: int) -> str:
@@ -116,14 +117,15 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every finished-looking ``step_N`` folder (``.tmp`` folders excluded), by step."""
+    """``(step, folder)`` of every finished-looking ``step_N`` folder (``.tmp`` folders excluded), by step; a
+    ``step_N.old`` one counts only while its replacement ``step_N`` is missing (a kill during a re-save)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = []
     for path in directory.iterdir():
         match = STEP_DIR.match(path.name)
-        if match and path.is_dir():
+        if match and path.is_dir() and not (match.group(2) and path.with_suffix("").is_dir()):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -180,24 +182,36 @@ class CheckpointManager:
                     _fsync_file(path)
             _write_synced(tmp / MARKER, json.dumps({"step": step, "files": _manifest(tmp)}, indent=1).encode())
             _fsync_dir(tmp)
-            if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
-                shutil.rmtree(final)
+            old = final.with_name(final.name + OLD_SUFFIX)
+            if final.exists():  # a re-save of the same step: set the old copy aside until the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(self.directory)
-            self.prune()
+            shutil.rmtree(old, ignore_errors=True)
+            self.prune(keep=final)
         accelerator.wait_for_everyone()
         return final
 
-    def prune(self) -> None:
-        """Removes all but the newest ``keep_last`` complete checkpoints, and leftover ``.tmp`` folders."""
-        complete = [path for _, path in list_checkpoints(self.directory) if is_complete(path)]
-        for path in complete[: -self.keep_last]:
+    def prune(self, keep: Path | None = None) -> None:
+        """Removes all but the newest ``keep_last`` complete checkpoints (never ``keep``, the one just written),
+        and leftover ``.tmp`` folders."""
+        complete = [path for _, path in list_checkpoints(self.directory) if is_complete(path) and path != keep]
+        for path in complete[: len(complete) - (self.keep_last - (keep is not None))]:
             shutil.rmtree(path, ignore_errors=True)
         for path in self.directory.glob(f"step_*{TMP_SUFFIX}"):
             shutil.rmtree(path, ignore_errors=True)
+        for path in self.directory.glob(f"step_*{OLD_SUFFIX}"):
+            if path.with_suffix("").is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
+
+    def latest_step(self) -> int | None:
+        """The step :meth:`load_latest` would resume from (None: nothing to resume)."""
+        folder = self.latest()
+        return None if folder is None else int(read_trainer_state(folder)["step"])
 
     def load_latest(self, accelerator) -> dict[str, Any] | None:
         """Restores the newest complete checkpoint into the prepared objects; returns ``{"step", ...extra}``.

@@ -19,12 +19,30 @@ from typing import Any
 import torch
 
 from rlkit.config import LoggingConfig
+from rlkit.runtime.checkpoint import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 IMAGES_DIR = "images"
 TENSORBOARD_DIR = "tensorboard"
 DEFAULT_WANDB_MODE = "offline"
+WANDB_ID_FILE = "wandb_id.txt"  # the run a resumed run goes on with
+
+
+def _keep_rows_up_to(path: Path, step: int | None) -> None:
+    """Rewrites a metrics file with only the records at or before ``step`` (none when ``step`` is None)."""
+    if not path.is_file():
+        return
+    kept = [] if step is None else [line for line in path.read_text().splitlines()
+                                    if line.strip() and _record_step(line) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except ValueError:  # a line cut short by a kill
+        return math.inf
 
 
 def _scalar(value: Any) -> float | None:
@@ -41,8 +59,12 @@ def _json_number(value: float) -> float | str:
 
 
 class Tracker:
+    """``resume_step``: the step of the checkpoint the run goes on from (None: a fresh start). What a killed run
+    logged after it, which no checkpoint keeps, is dropped from ``metrics.jsonl`` (all of it on a fresh start) and
+    hidden in TensorBoard (``purge_step``); wandb continues the run it started (its id is kept in the run folder)."""
+
     def __init__(self, run_dir: str | os.PathLike, cfg: LoggingConfig | None = None, config: Mapping | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, resume_step: int | None = None):
         self.cfg = cfg or LoggingConfig()
         self.run_dir = Path(run_dir)
         self.enabled = enabled
@@ -53,16 +75,22 @@ class Tracker:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        _keep_rows_up_to(self.run_dir / METRICS_FILE, resume_step)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         if "wandb" in self.cfg.backends:
             import wandb
 
+            id_file = self.run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
             self._wandb = wandb.init(project=self.cfg.project, name=self.run_dir.name, dir=str(self.run_dir),
-                                     mode=os.environ.get("WANDB_MODE", DEFAULT_WANDB_MODE), reinit="create_new")
+                                     mode=os.environ.get("WANDB_MODE", DEFAULT_WANDB_MODE), reinit="create_new",
+                                     id=run_id, resume="allow" if run_id else None)
+            write_text_atomic(id_file, self._wandb.id)
         if "tensorboard" in self.cfg.backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR),
+                                     purge_step=0 if resume_step is None else resume_step + 1)
         if config is not None:
             self.log_config(config)
 
@@ -71,7 +99,7 @@ class Tracker:
         if not self.enabled:
             return
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
-        (self.run_dir / CONFIG_FILE).write_text(text)
+        write_text_atomic(self.run_dir / CONFIG_FILE, text)
         if self._wandb is not None:
             self._wandb.config.update(json.loads(text), allow_val_change=True)
         if self._tb is not None:

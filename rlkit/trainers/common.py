@@ -235,6 +235,54 @@ def load_training_state(checkpoints, accelerator, *, scheduler, ema, guard) -> d
     return extra
 
 
+# recipe keys a resumed run may change: how long it runs, how it is evaluated, logged and checkpointed; anything
+# else would go on training another run from this one's weights, optimiser and data position
+RESUMABLE_CHANGES = ("name", "output_dir", "checkpoint.", "logging.", "eval.", "refl.max_steps",
+                     "flow_grpo.max_epochs", "reward_model.max_steps", "reward_model.epochs", "reward_model.eval_")
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
+
+
+def check_resumable(stored: Path, recipe: Recipe) -> None:
+    """Refuses to resume the run whose resolved recipe is ``stored`` with a recipe that trains something else."""
+    import yaml
+
+    if not stored.is_file():
+        return
+    before, now = _flat(yaml.safe_load(stored.read_text()) or {}), _flat(recipe.to_dict())
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        listed = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"{stored.parent}: resuming a run with other training settings ({listed}). Start a new run "
+                         f"(another `name`, or checkpoint.resume=false to train this one afresh), or resume it with "
+                         f"the settings it was started with")
+
+
+def open_run_folder(recipe: Recipe, accelerator, checkpoint_dir: str = "checkpoints"):
+    """The run folder's checkpoints and tracker, and the resolved ``recipe.yaml``. A run that resumes from a
+    checkpoint must keep its training settings (:func:`check_resumable`); its tracker drops what the killed run
+    logged after that checkpoint."""
+    from rlkit.config import save_resolved
+    from rlkit.runtime.checkpoint import CheckpointManager
+    from rlkit.runtime.tracking import Tracker
+
+    folder = run_dir(recipe)
+    checkpoints = CheckpointManager(folder / checkpoint_dir, keep_last=recipe.checkpoint.keep_last)
+    resume_step = checkpoints.latest_step() if recipe.checkpoint.resume else None
+    if resume_step is not None:
+        check_resumable(folder / "recipe.yaml", recipe)
+    if accelerator.is_main_process:
+        save_resolved(recipe, folder)
+    tracker = Tracker(folder, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process,
+                      resume_step=resume_step)
+    return checkpoints, tracker
+
+
 def checkpoint_or_stop(step: int, every: int, guard, save: Callable[[], Path], close: Iterable[Any] = ()) -> None:
     """After update ``step``, at the same point on every rank: ``save()`` when ``step`` is a multiple of ``every``
     (0: never) or when any rank received SIGTERM; after a stop, closes ``close`` (tracker, guard) and exits with

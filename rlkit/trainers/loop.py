@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from rewards.base import Reward
-from rlkit.config import PretrainLossConfig, Recipe, save_resolved
+from rlkit.config import PretrainLossConfig, Recipe
 from rlkit.runtime.accelerator import full_weights_loading, gathered
 from rlkit.runtime.seeding import derive_seed, make_generator
 from rlkit.trainers import common
@@ -60,6 +60,7 @@ class PolicyRun(common.Processes):
     started: float = field(default_factory=time.perf_counter)
     last_metrics: dict = field(default_factory=dict)
     stopped_early: bool = False
+    saved_step: int = -1  # the step of the newest checkpoint this run wrote or resumed from
     _skip: bool = False  # the current update saw a non-finite loss
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -69,14 +70,13 @@ class PolicyRun(common.Processes):
         """Loads, prepares and (at step 0) evaluates a run; ``check_reward`` refuses a reward the algorithm cannot
         use, as soon as it is built."""
         from rlkit.runtime.accelerator import build_accelerator
-        from rlkit.runtime.checkpoint import CheckpointManager
         from rlkit.runtime.ema import EMA
         from rlkit.runtime.guards import TrainingGuard
-        from rlkit.runtime.tracking import Tracker
 
         run_dir = common.run_dir(recipe)
         accelerator = build_accelerator(recipe.launch, grad_accum=grad_accum, micro_batch=micro_batch,
                                         grad_clip=recipe.optim.grad_clip)
+        checkpoints, tracker = common.open_run_folder(recipe, accelerator)  # before any weights load
         torch.manual_seed(derive_seed(recipe.seed, "init"))
         with full_weights_loading(accelerator):
             gen = common.load_generator(recipe.model, device=accelerator.device)
@@ -87,14 +87,10 @@ class PolicyRun(common.Processes):
         optimizer, scheduler = common.build_optimizer(params, recipe.optim, total_updates)
         model, optimizer = accelerator.prepare(gen.transformer, optimizer)
         ema = EMA(params, decay=recipe.ema.decay, update_every=recipe.ema.update_every) if recipe.ema.enabled else None
-        if accelerator.is_main_process:
-            save_resolved(recipe, run_dir)
-        tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
         proxy = {spec.name: reward for spec in recipe.rewards[:1]} if len(recipe.rewards) == 1 else {"mix": reward}
         with full_weights_loading(accelerator):
             evaluator = common.build_evaluator(recipe.eval, gen, proxy, recipe.model.resolution,
                                                device=accelerator.device)
-        checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=recipe.checkpoint.keep_last)
         run = cls(recipe=recipe, accelerator=accelerator, gen=gen, model=model, reward=reward, optimizer=optimizer,
                   scheduler=scheduler, ema=ema, tracker=tracker, evaluator=evaluator, checkpoints=checkpoints,
                   guard=TrainingGuard(), prompts=common.load_prompts(recipe.prompts.source, recipe.prompts.limit),
@@ -194,21 +190,26 @@ class PolicyRun(common.Processes):
         return metrics
 
     def save(self) -> Path:
+        self.saved_step = self.step
         return common.save_training_state(self.checkpoints, self.accelerator, self.step, scheduler=self.scheduler,
-                                          ema=self.ema, guard=self.guard, evaluator=self.evaluator.state_dict())
+                                          ema=self.ema, guard=self.guard, evaluator=self.evaluator.state_dict(),
+                                          reward=self.reward.running_state())
 
     def _resume(self) -> None:
         extra = common.load_training_state(self.checkpoints, self.accelerator, scheduler=self.scheduler,
                                            ema=self.ema, guard=self.guard)
         if extra is None:
             return
-        self.step = int(extra["step"])
+        self.step = self.saved_step = int(extra["step"])
         self.evaluator.load_state_dict(extra["evaluator"])
+        self.reward.load_running_state(extra.get("reward", {}))
+        self.stopped_early = self.evaluator.should_stop  # a run that stopped early stays stopped
         self.tracker.log({"resumed_from": float(self.step)}, step=self.step)
 
     def finish(self) -> dict[str, float]:
         metrics = self.evaluate() if self.evaluator.history[-1].step != self.step else self.last_metrics
-        self.save()
+        if self.saved_step != self.step:  # a second save of the same step would only put its one copy at risk
+            self.save()
         self.accelerator.wait_for_everyone()
         self.export()
         self.tracker.close()

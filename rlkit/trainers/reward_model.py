@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
-from rlkit.config import Recipe, RewardModelConfig, save_resolved, source_list
+from rlkit.config import Recipe, RewardModelConfig, source_list
 from rlkit.confload import package_path
 from rlkit.data import BucketBatchSampler, LoadOptions, PreferencePair, collate_pairs, load_pairs, shape_key
 from rlkit.evaluate import Shard
@@ -250,14 +250,14 @@ def _build_model(recipe: Recipe, gen):
 def setup(recipe: Recipe) -> RewardModelRun:
     """Accelerator, generator (text encoders + backbone), model, data, optimiser, EMA; resumed from the newest
     complete checkpoint when ``checkpoint.resume`` is set and there is one."""
-    from rlkit.runtime.checkpoint import CheckpointManager
     from rlkit.runtime.ema import EMA
     from rlkit.runtime.guards import TrainingGuard
-    from rlkit.runtime.tracking import Tracker
 
     cfg = recipe.reward_model
     accelerator = build_accelerator(recipe.launch, grad_clip=recipe.optim.grad_clip, grad_accum=cfg.grad_accum,
                                     micro_batch=cfg.batch_size)
+    run_dir = common.run_dir(recipe)
+    checkpoints, tracker = common.open_run_folder(recipe, accelerator, CHECKPOINT_DIR)  # before any weights load
     # whole on every rank (ZeRO-3 partitions only what ``prepare`` gets: the model). shapes:generated sources
     # sample the whole generator, before the model's adapter joins its first N blocks (so that a cache of them
     # matches the generator's own weights); then the model holds the embedders and those blocks, and the rest
@@ -287,11 +287,6 @@ def setup(recipe: Recipe) -> RewardModelRun:
     optimizer, scheduler = common.build_optimizer(params, recipe.optim, total)
     engine, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(params, recipe.ema.decay, recipe.ema.update_every) if recipe.ema.enabled else None
-    run_dir = common.run_dir(recipe)
-    if accelerator.is_main_process:
-        save_resolved(recipe, run_dir)
-    tracker = Tracker(run_dir, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process)
-    checkpoints = CheckpointManager(run_dir / CHECKPOINT_DIR, keep_last=recipe.checkpoint.keep_last)
     run = RewardModelRun(recipe, accelerator, gen, model, engine, optimizer, scheduler, ema, tracker, params,
                          train_pairs, eval_pairs, sampler, total, run_dir, checkpoints, TrainingGuard())
     if recipe.checkpoint.resume:
