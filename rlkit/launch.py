@@ -10,17 +10,47 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from rlkit.config import ConfigError, Recipe, load_recipe
 
+LAUNCHER_CONFIG = "accelerate_config.yaml"
 
-def launch_command(recipe: Recipe, recipe_path: str, overrides: list[str]) -> list[str]:
-    """The ``accelerate launch`` command that runs ``recipe_path`` on every rank."""
+
+def launcher_config(recipe: Recipe) -> dict:
+    """The accelerate config file of the recipe's ``launch`` section. Passed as ``--config_file``, it stands in for
+    the user's default config (``accelerate config``), whose values would otherwise be merged in: its
+    DeepSpeed settings turn DeepSpeed on in a run without it, and its accumulation steps override the recipe's."""
     launch = recipe.launch
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.num_processes),
-           "--num_machines", "1", "--mixed_precision", launch.mixed_precision, "--dynamo_backend", "no"]
+    config = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "machine_rank": 0,
+              "num_processes": launch.num_processes, "mixed_precision": launch.mixed_precision, "use_cpu": False,
+              "distributed_type": "DEEPSPEED" if launch.deepspeed else ("MULTI_GPU" if launch.num_processes > 1
+                                                                         else "NO")}
+    if launch.deepspeed:
+        config["deepspeed_config"] = {"zero_stage": launch.deepspeed, "offload_optimizer_device": "none",
+                                      "offload_param_device": "none", "zero3_init_flag": False}
+    return config
+
+
+def write_launcher_config(recipe: Recipe) -> Path:
+    """:func:`launcher_config` as ``accelerate_config.yaml`` in the run folder."""
+    import yaml
+
+    from rlkit.runtime.checkpoint import write_text_atomic
+
+    return write_text_atomic(recipe.run_dir / LAUNCHER_CONFIG, yaml.safe_dump(launcher_config(recipe)))
+
+
+def launch_command(recipe: Recipe, recipe_path: str, overrides: list[str], config_file: str | Path) -> list[str]:
+    """The ``accelerate launch`` command that runs ``recipe_path`` on every rank, with ``config_file`` (written
+    by :func:`write_launcher_config`) in place of the user's default accelerate config."""
+    launch = recipe.launch
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "--num_processes", str(launch.num_processes), "--num_machines", "1",
+           "--mixed_precision", launch.mixed_precision, "--dynamo_backend", "no"]
     if launch.main_process_port:
         cmd += ["--main_process_port", str(launch.main_process_port)]
     if launch.deepspeed:
@@ -46,10 +76,26 @@ def main(argv: list[str]) -> int:
 
         run(recipe)
         return 0
-    cmd = launch_command(recipe, args.recipe, args.overrides)
+    cmd = launch_command(recipe, args.recipe, args.overrides, write_launcher_config(recipe))
     print("launching:", shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
     env = dict(os.environ)
     env.pop("ACCELERATE_USE_CPU", None)  # accelerate would silently drop DeepSpeed
-    return subprocess.call(cmd, env=env)
+    return run_forwarding_signals(cmd, env)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Runs ``cmd`` and passes SIGTERM / SIGINT on to it (a scheduler stopping ``rlkit train`` stops the ranks,
+    which checkpoint and exit, instead of leaving them running as orphans); returns its exit status."""
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -51,8 +51,9 @@ class SweepOption:
     overrides: list[str] = field(default_factory=list)
 
     def check(self) -> Problems:
-        if not self.label or any(c in self.label for c in "/ \t"):
-            yield "label", f"must be a non-empty name without '/' or spaces, got {self.label!r}"
+        if not self.label or any(c in self.label for c in "/ \t") or RUN_NAME_SEP in self.label:
+            yield "label", (f"must be a non-empty name without '/', spaces or {RUN_NAME_SEP!r} (which joins the "
+                            f"labels of a run's name), got {self.label!r}")
         for i, text in enumerate(self.overrides):
             if "=" not in text:
                 yield f"overrides.{i}", f"overrides are written key=value, got {text!r}"
@@ -195,7 +196,7 @@ def run_local(sweep: Sweep, isolate: bool = False, log=print) -> list[Path]:
             continue
         log(f"[sweep] {run.name}: running")
         started = time.perf_counter()
-        if isolate:
+        if isolate or recipe.launch.num_processes > 1 or recipe.launch.deepspeed:  # `rlkit train` starts the ranks
             peak = _run_subprocess(sweep.base_path, run.overrides)
         else:
             from rlkit.trainers import run as train
@@ -212,10 +213,11 @@ def run_local(sweep: Sweep, isolate: bool = False, log=print) -> list[Path]:
 
 
 def _run_subprocess(base: Path, overrides: list[str]) -> int:
-    """``python -m rlkit BASE overrides`` in a child; returns the child's peak RSS (bytes)."""
+    """``rlkit train BASE overrides`` in a child (accelerate's ranks when the recipe's ``launch`` asks for them);
+    returns the peak RSS (bytes) of the child and the processes it waited for."""
     import os
 
-    proc = subprocess.Popen([sys.executable, "-m", "rlkit", str(base), *overrides])
+    proc = subprocess.Popen([sys.executable, "-m", "rlkit", "train", str(base), *overrides])
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
@@ -225,11 +227,12 @@ def _run_subprocess(base: Path, overrides: list[str]) -> int:
 
 def accelerate_commands(sweep: Sweep) -> list[str]:
     """One ``accelerate launch`` line a run, from each recipe's ``launch`` section."""
-    from rlkit.launch import launch_command
+    from rlkit.launch import launch_command, write_launcher_config
 
     lines = []
     for run in sweep.runs():
-        cmd = launch_command(sweep.recipe(run), str(sweep.base_path), run.overrides)
+        recipe = sweep.recipe(run)
+        cmd = launch_command(recipe, str(sweep.base_path), run.overrides, write_launcher_config(recipe))
         if cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]:
             cmd = ["accelerate", "launch", *cmd[3:]]
         lines.append(shlex.join(cmd))
@@ -241,8 +244,9 @@ def write_launch_script(sweep: Sweep) -> Path:
     out = sweep.dir / "launch.sh"
     body = ["#!/usr/bin/env bash", f"# sweep {sweep.name}: {len(sweep.runs())} runs, one after another", "set -e"]
     for run, line in zip(sweep.runs(), accelerate_commands(sweep)):
-        body.append(f"[ -f {shlex.quote(str(sweep.dir / run.name / DONE_FILE))} ] || "
-                    f"{{ {line} && touch {shlex.quote(str(sweep.dir / run.name / DONE_FILE))}; }}")
+        done = shlex.quote(str(sweep.dir / run.name / DONE_FILE))
+        # an if, not `[ ] || { cmd && touch; }`: set -e does not stop a failing command inside && or || lists
+        body += [f"if [ ! -f {done} ]; then", f"  {line}", f"  touch {done}", "fi"]
     body.append(f"rlkit compare {shlex.quote(str(sweep.dir))}")
     out.write_text("\n".join(body) + "\n")
     out.chmod(0o755)

@@ -5,7 +5,7 @@ import yaml
 
 from rlkit.cli import main
 from rlkit.config import load_recipe
-from rlkit.launch import launch_command
+from rlkit.launch import launch_command, write_launcher_config
 
 
 def test_validate_reports_three_mistakes_exit_2_no_traceback(tmp_path):
@@ -59,10 +59,37 @@ def test_train_builds_accelerate_command_from_launch_section(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}],
                                     "launch": {"num_processes": 2, "deepspeed": 3, "mixed_precision": "bf16"}}))
-    cmd = launch_command(load_recipe(path), str(path), ["seed=3"])
+    recipe = load_recipe(path, [f"output_dir={tmp_path / 'runs'}"])
+    config = write_launcher_config(recipe)
+    cmd = launch_command(recipe, str(path), ["seed=3"], config)
     joined = " ".join(cmd)
     assert "--num_processes 2" in joined and "--use_deepspeed --zero_stage 3" in joined
+    assert f"--config_file {config}" in joined  # in place of the user's default accelerate config
     assert "--mixed_precision bf16" in joined and joined.endswith(f"-m rlkit {path} seed=3")
+    written = yaml.safe_load(config.read_text())
+    assert written["distributed_type"] == "DEEPSPEED" and written["deepspeed_config"]["zero_stage"] == 3
+    assert "gradient_accumulation_steps" not in written["deepspeed_config"]  # the recipe sets it, not the launcher
+
+
+def test_a_signal_to_rlkit_train_reaches_the_ranks():
+    """SIGTERM to the launcher is passed on to accelerate (and so to the ranks, which checkpoint and exit)."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    from rlkit.launch import run_forwarding_signals
+
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+             "print('ready', flush=True); time.sleep(60)")
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert run_forwarding_signals([sys.executable, "-c", child], dict(os.environ)) == 7
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGTERM) is before  # the launcher's own handler is back
 
 
 def test_shapes_subcommands_route_and_name_what_they_expect(capsys):

@@ -30,6 +30,15 @@ def test_single_process_accelerator_and_frozen_helper():
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
 
 
+def test_a_launchers_exported_accumulation_and_a_wrong_process_count_do_not_pass(monkeypatch):
+    """``accelerate config`` exports its accumulation steps to every launched process; the recipe's count wins.
+    A run started with another process count than the recipe's launch section is refused."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    assert build_accelerator(LaunchConfig(), grad_accum=2).gradient_accumulation_steps == 2
+    with pytest.raises(RuntimeError, match=r"launch.num_processes=2 but this run has 1 process"):
+        build_accelerator(LaunchConfig(num_processes=2))
+
+
 def test_deepspeed_refuses_accelerate_use_cpu_and_stage_mismatch(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU"):
@@ -61,6 +70,9 @@ def test_deepspeed_batch_sizes_follow_world_size():
                            gradient_accumulation_steps=4, num_processes=2)
     set_deepspeed_batch_size(fake, 3)
     assert config == {"train_micro_batch_size_per_gpu": 3, "train_batch_size": 3 * 4 * 2}
+    config["gradient_accumulation_steps"] = 5  # the plugin's count, where a launcher's setting would differ
+    set_deepspeed_batch_size(fake, 3)
+    assert config["train_batch_size"] == 3 * 5 * 2
     with pytest.raises(ValueError, match="micro_batch"):
         set_deepspeed_batch_size(fake, 0)
 

@@ -85,16 +85,31 @@ def test_expansion_names_and_overrides(tmp_path):
     assert main([str(path), "--emit", "accelerate"]) == 0
     launch = (sweep.dir / "launch.sh").read_text()
     assert launch.count("accelerate launch") == 4 and "name=b__lr1__seed1" in launch
+    assert launch.count("--config_file") == 4 and (recipes[3].run_dir / "accelerate_config.yaml").is_file()
+    # a failing run stops the script with its status, and is not marked done
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, status in (("accelerate", 3), ("rlkit", 0)):
+        (bin_dir / tool).write_text(f"#!/bin/sh\nexit {status}\n")
+        (bin_dir / tool).chmod(0o755)
+    import os
+    import subprocess
+
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(sweep.dir / "launch.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 3 and not list(sweep.dir.rglob("DONE*"))
 
 
 def test_bad_sweep_names_the_field(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "latent-direction"}]}))
-    path = write_sweep(tmp_path, base, seeds=[0, 0], axes=[{"name": "r", "options": [{"label": "a b"}]}])
+    path = write_sweep(tmp_path, base, seeds=[0, 0], axes=[{"name": "r", "options": [{"label": "a b"}]},
+                                                          {"name": "lr", "options": [{"label": "lr__1e-3"}]}])
     with pytest.raises(ConfigError) as err:
         load_sweep(path)
     text = str(err.value)
     assert "seeds" in text and "axes.0.options.0.label" in text
+    assert "axes.1.options.0.label" in text and "'__' (which joins the labels of a run's name)" in text
     bad = write_sweep(tmp_path, base, overrides=["refl.max_step=3"])
     with pytest.raises(ConfigError, match="max_step"):
         load_sweep(bad).validate()

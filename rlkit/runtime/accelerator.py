@@ -58,7 +58,7 @@ def build_accelerator(
     ``Accelerator``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     if grad_accum < 1:
         raise ValueError(f"build_accelerator: grad_accum must be >= 1, got {grad_accum}")
@@ -82,12 +82,17 @@ def build_accelerator(
             accelerator_kwargs.setdefault("cpu", True)  # else DistributedType.NO: no DDP wrapper, no gradient sync
     accelerator = Accelerator(
         mixed_precision=launch.mixed_precision,
-        gradient_accumulation_steps=grad_accum,
+        # a plugin, not gradient_accumulation_steps: accelerate lets a launcher's exported setting override that
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum),
         deepspeed_plugin=plugin,
         project_dir=project_dir,
         kwargs_handlers=handlers,
         **accelerator_kwargs,
     )
+    if accelerator.num_processes != launch.num_processes:
+        raise RuntimeError(f"the recipe says launch.num_processes={launch.num_processes} but this run has "
+                           f"{accelerator.num_processes} process(es); start it with `rlkit train RECIPE`, or make "
+                           "the launcher's --num_processes agree")
     if micro_batch is not None:
         set_deepspeed_batch_size(accelerator, micro_batch)
     return accelerator
@@ -165,7 +170,8 @@ def set_deepspeed_batch_size(accelerator, micro_batch: int) -> None:
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["train_batch_size"] = micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+    steps = config.get("gradient_accumulation_steps", accelerator.gradient_accumulation_steps)
+    config["train_batch_size"] = micro_batch * steps * accelerator.num_processes
 
 
 def prepare_frozen(accelerator, model: nn.Module) -> nn.Module:
