@@ -194,11 +194,13 @@ def _reward_images(recipe: dict, steps: int) -> int | None:
     procs = int(recipe.get("launch", {}).get("num_processes", 1) or 1)
     algo = recipe.get("algorithm")
     if algo == "refl":
-        return steps * int(recipe.get("refl", {}).get("batch_size", 1)) * procs
+        refl = recipe.get("refl", {})
+        return steps * int(refl.get("batch_size", 1)) * int(refl.get("grad_accum", 1) or 1) * procs
     if algo == "flow_grpo":
         g = recipe.get("flow_grpo", {})
         per = int(g.get("prompts_per_epoch", 0) or 0) * int(g.get("group_size", 0) or 0)
-        epochs = steps // max(int(g.get("updates_per_epoch", 1) or 1), 1)
+        updates = max(int(g.get("updates_per_epoch", 1) or 1) * int(g.get("inner_epochs", 1) or 1), 1)
+        epochs = math.ceil(steps / updates)  # a partial last epoch scored its rollouts too
         return epochs * per if per else None
     return None
 

@@ -94,6 +94,12 @@ def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
     assert summaries["pix_s0"].golden_sem == {"judge": pytest.approx(0.03)}  # the last evaluation's
     assert summaries["pix_s0"].golden["judge"].sem == pytest.approx([0.01, 0.02, 0.03])
     assert summaries["dina_s0"].reward_images == 20 * 4 * 2  # steps x batch x processes
+    from rlkit.compare import _reward_images
+
+    assert _reward_images({"algorithm": "refl", "refl": {"batch_size": 2, "grad_accum": 3}}, 5) == 5 * 2 * 3
+    grpo = {"algorithm": "flow_grpo", "launch": {"num_processes": 4},  # prompts x group: global, per epoch
+            "flow_grpo": {"prompts_per_epoch": 8, "group_size": 4, "updates_per_epoch": 2, "inner_epochs": 2}}
+    assert _reward_images(grpo, 8) == 2 * 32 and _reward_images(grpo, 9) == 3 * 32  # a partial epoch scored too
     assert summaries["dina_s0"].wall_s == pytest.approx(41.5) and summaries["dina_s0"].peak_memory_bytes == 3 * 2**20
     assert summaries["dina_s1"].wall_s == pytest.approx(40.0)  # from the metrics' elapsed time
 

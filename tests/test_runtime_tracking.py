@@ -95,6 +95,9 @@ def test_a_resumed_tracker_drops_what_the_killed_run_logged_after_its_checkpoint
                                                                     (4, 40.0)]
     Tracker(tmp_path, cfg, resume_step=None).close()  # started afresh in the same folder
     assert read_metrics(tmp_path) == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a run killed mid-write
+    with pytest.warns(UserWarning, match="skipping its last record, cut short"):
+        assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
 
 
 def test_disabled_tracker_writes_nothing(tmp_path):
