@@ -384,6 +384,11 @@ class Recipe:
             yield "rewards", f"algorithm {self.algorithm!r} needs at least one reward"
         if self.algorithm == "reward_model" and not self.reward_model.data.train:
             yield "reward_model.data.train", "reward-model training needs a preference data set"
+        epoch = self.flow_grpo.inner_epochs * self.flow_grpo.updates_per_epoch
+        if self.algorithm == "flow_grpo" and self.checkpoint.every % epoch:
+            yield "checkpoint.every", (f"must be a multiple of the {epoch} updates of a Flow-GRPO epoch (inner_epochs "
+                                       "x updates_per_epoch): a run resumed inside an epoch would draw its rollouts "
+                                       "again from the updated policy")
         policy = {"refl": self.refl, "flow_grpo": self.flow_grpo}.get(self.algorithm)
         if policy is not None and policy.kl_beta > 0 and not self.lora.enabled:
             yield f"{self.algorithm}.kl_beta", ("> 0 needs lora.enabled: the reference policy is the LoRA-disabled "

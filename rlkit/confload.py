@@ -8,6 +8,7 @@ The schema itself lives in :mod:`rlkit.config`; this module knows nothing about 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -290,7 +291,9 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def build(cls: type, data: dict, file: str = "", overrides: list[str] | None = None):
-    """Builds dataclass ``cls`` from ``data`` (+ overrides); raises :class:`ConfigError` with every problem."""
+    """Builds dataclass ``cls`` from ``data`` (+ overrides, applied to a copy: the caller's mapping is left as it
+    is); raises :class:`ConfigError` with every problem."""
+    data = copy.deepcopy(data)
     problems = apply_overrides(data, overrides or [])
     builder = _Builder(file)
     obj = builder.build_dataclass(cls, data, "")

@@ -385,6 +385,25 @@ def test_resume_at_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path, tiny
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+def test_a_stop_inside_an_epoch_waits_for_its_end(tmp_path, tiny_sd3_dir, monkeypatch):
+    """SIGTERM after the first of an epoch's two updates: the run trains the second and checkpoints there, so a
+    resume starts a fresh epoch (inside one it would draw the epoch's rollouts again from the updated policy).
+    A recipe that would checkpoint inside an epoch is refused."""
+    from rlkit.config import ConfigError
+    from rlkit.runtime.guards import TrainingGuard
+    from rlkit.trainers import flow_grpo
+
+    spec = tiny_recipe(tmp_path, tiny_sd3_dir, {"updates_per_epoch": 2, "max_epochs": 2})
+    with pytest.raises(ConfigError, match=r"checkpoint.every: must be a multiple of the 2 updates"):
+        recipe_from_dict(spec, ["checkpoint.every=3"])
+    recipe = recipe_from_dict(spec)
+    monkeypatch.setattr(TrainingGuard, "should_stop", lambda self: True)  # a signal arrived before step 1 ended
+    with pytest.raises(SystemExit, match="stopped by signal after step 2"):
+        flow_grpo.train(recipe)
+    assert [p.name for p in (recipe.run_dir / "checkpoints").iterdir()] == ["step_000002"]
+    assert [r["step"] for r in read_log(recipe.run_dir) if "train/loss" in r] == [1, 2]
+
+
 # -- recipes --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", RECIPES)
 def test_shipped_recipes_load_and_split_over_processes(name):

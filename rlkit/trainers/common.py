@@ -283,11 +283,15 @@ def open_run_folder(recipe: Recipe, accelerator, checkpoint_dir: str = "checkpoi
     return checkpoints, tracker
 
 
-def checkpoint_or_stop(step: int, every: int, guard, save: Callable[[], Path], close: Iterable[Any] = ()) -> None:
+def checkpoint_or_stop(step: int, every: int, guard, save: Callable[[], Path], close: Iterable[Any] = (),
+                       boundary: int = 1) -> None:
     """After update ``step``, at the same point on every rank: ``save()`` when ``step`` is a multiple of ``every``
     (0: never) or when any rank received SIGTERM; after a stop, closes ``close`` (tracker, guard) and exits with
-    the message as status (1, not 0: sweep scripts mark a run done on 0; the next launch resumes it)."""
-    stop = guard.should_stop()
+    the message as status (1, not 0: sweep scripts mark a run done on 0; the next launch resumes it).
+
+    ``boundary``: a stop waits for a step that is a multiple of it (Flow-GRPO: the end of an epoch, whose rollouts
+    a resumed run could not draw again from the policy that drew them)."""
+    stop = guard.should_stop() and step % boundary == 0
     folder = save() if (every and step % every == 0) or stop else None
     if stop:
         for thing in close:

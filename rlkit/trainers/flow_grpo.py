@@ -318,6 +318,7 @@ def train(recipe: Recipe) -> dict:
                           grad_accum=plan.grad_accum, check_reward=functools.partial(check_reward, cfg=cfg))
     if run.world != plan.world:
         raise RuntimeError(f"WORLD_SIZE says {plan.world} processes but the accelerator has {run.world}")
+    run.checkpoint_boundary = plan.updates_per_epoch  # checkpoints end epochs: a resume draws the next epoch afresh
     while not run.finished:
         epoch, first = divmod(run.step, plan.updates_per_epoch)
         t0 = time.perf_counter()

@@ -61,6 +61,7 @@ class PolicyRun(common.Processes):
     last_metrics: dict = field(default_factory=dict)
     stopped_early: bool = False
     saved_step: int = -1  # the step of the newest checkpoint this run wrote or resumed from
+    checkpoint_boundary: int = 1  # a SIGTERM stop saves at a multiple of it (Flow-GRPO: an epoch's updates)
     _skip: bool = False  # the current update saw a non-finite loss
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class PolicyRun(common.Processes):
         if every and self.step % every == 0 and self.step < self.total_updates:
             self.evaluate()
         common.checkpoint_or_stop(self.step, self.recipe.checkpoint.every, self.guard, self.save,
-                                  close=(self.tracker, self.guard))
+                                  close=(self.tracker, self.guard), boundary=self.checkpoint_boundary)
 
     @property
     def finished(self) -> bool:
