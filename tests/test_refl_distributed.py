@@ -17,6 +17,7 @@ from rlkit.config import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT))  # tests.dist_scripts.nan_reward, named by a recipe
 from test_refl_trainer import read_log, tiny_recipe  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -120,3 +121,32 @@ def test_logged_stats_are_the_mean_over_ranks_and_max_keys_their_largest():
     assert combined == {"loss": 2.0, "ratio_dev_max": 0.5, "reward": 0.5}
     single = type("OneRank", (), {"num_processes": 1})()
     assert over_ranks(single, mine) == mine and over_ranks(single, mine) is not mine
+
+
+@pytest.mark.parametrize("nan_at", [0, 1])  # the update's first micro-batch, or its accumulation boundary
+def test_a_skipped_update_under_zero2_leaves_nothing_behind(nan_at, tmp_path, tiny_sd3_dir):
+    """A non-finite loss in one micro-batch of a 2-micro-batch update: the update is skipped on every rank, and
+    neither steps the optimiser on part of its gradients nor passes them on to the next update (DeepSpeed steps
+    inside the boundary's backward and keeps its own gradient sums); the result equals one process's."""
+    from rlkit.trainers import refl
+
+    reward = [{"name": "tests.dist_scripts.nan_reward:NaNAt", "args": {"seed": 1, "scale": 10.0, "nan_at": nan_at}}]
+    runs = {}
+    for name, batch in (("one", 2), ("two", 1)):
+        data = tiny_recipe(tmp_path / name, tiny_sd3_dir, max_steps=3, batch_size=batch, grad_accum=2)
+        data["rewards"], data["checkpoint"]["every"] = reward, 0
+        runs[name] = recipe_from_dict(data)
+        if name == "one":
+            refl.train(runs[name])
+        else:
+            path = tmp_path / "two.yaml"
+            path.write_text(yaml.safe_dump(data))
+            launch_two(path, 2, [])
+    logs = {name: [r for r in read_log(run.run_dir) if "train/loss" in r] for name, run in runs.items()}
+    assert [r.get("train/skipped") for r in logs["two"]] == [1.0, None, None] == [r.get("train/skipped")
+                                                                                 for r in logs["one"]]
+    assert [r["train/loss"] for r in logs["two"][1:]] == pytest.approx([r["train/loss"] for r in logs["one"][1:]],
+                                                                       rel=1e-5)
+    a, b = (load_file(run.run_dir / "export" / "pytorch_lora_weights.safetensors") for run in runs.values())
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)

@@ -212,6 +212,24 @@ def optimizer_step(accelerator, optimizer, scheduler, ema, params: Iterable[torc
     return stats
 
 
+def discard_gradients(accelerator, optimizer, model) -> None:
+    """Drops what a skipped update accumulated. Under DeepSpeed the accelerate optimiser's ``zero_grad`` does
+    nothing and the ZeRO optimiser accumulates the micro-batches itself: its buffers are cleared and its micro-step
+    count reset, so that nothing of the skipped update reaches the next one."""
+    from rlkit.runtime.accelerator import uses_deepspeed
+
+    optimizer.zero_grad(set_to_none=True)
+    if uses_deepspeed(accelerator):
+        zero = model.optimizer  # the engine's ZeRO optimiser (stage 3 resets its micro-step count itself)
+        zero.zero_grad(set_to_none=True)
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
+        if isinstance(zero, DeepSpeedZeroOptimizer):  # ZeRO-1/2 sum the micro-batches' reduced gradients apart
+            zero.micro_step_id = INITIAL_MICRO_STEP_ID
+            zero.all_grad_tensors = {i: None for i in zero.all_grad_tensors}
+            zero.averaged_gradients = {}
+
+
 def save_training_state(checkpoints, accelerator, step: int, *, scheduler, ema, guard,
                         write: Callable[[Path], None] | None = None, **extra: Any) -> Path:
     """A resumable checkpoint (:class:`rlkit.runtime.checkpoint.CheckpointManager`): what ``accelerator``

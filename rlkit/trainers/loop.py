@@ -144,7 +144,11 @@ class PolicyRun(common.Processes):
         return self.accelerator.accumulate(self.model)
 
     def backward(self, loss: Tensor) -> None:
-        """Backward unless the loss is NaN/inf (then the step is skipped and counted)."""
+        """Backward unless the loss is NaN/inf (then the update is skipped and counted). After a skip, the update's
+        later micro-batches do not run backward either (on every rank alike: the check is collective): under
+        DeepSpeed the backward of the accumulation boundary steps the optimiser."""
+        if self._skip:
+            return
         if not self.guard.check(loss, self.step):
             self._skip = True
             return
@@ -154,7 +158,7 @@ class PolicyRun(common.Processes):
         """Clips, steps the optimiser and schedule, updates EMA, logs, evaluates and checkpoints."""
         skipped, self._skip = self._skip, False
         if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
+            common.discard_gradients(self.accelerator, self.optimizer, self.model)
             stats["skipped"] = 1.0
         else:
             stats.update(common.optimizer_step(self.accelerator, self.optimizer, self.scheduler, self.ema,
