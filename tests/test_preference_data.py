@@ -154,6 +154,35 @@ def test_latent_layout_reads_npy_bytes_raw_bytes_with_shape_and_lists(tmp_path):
     assert p.kind == "latent" and torch.equal(collate_pairs([p]).rejected[0], torch.from_numpy(z2))
 
 
+def test_a_parquet_files_latents_stay_on_disk_until_a_batch_reads_them(tmp_path):
+    """The index holds references to the latent cells, not their bytes; they are read a row group at a time,
+    the same values as an eager read, also in a process the pairs were pickled to."""
+    import pickle
+
+    from rlkit.data.pairs import ParquetCell
+
+    latents = [np.full((2, 3, 4), i, dtype=np.float32) for i in range(10)]
+    table = pa.table({"prompt": [f"p{i}" for i in range(5)],
+                      "latent1": [npy(latents[2 * i]) for i in range(5)],
+                      "latent2": [npy(latents[2 * i + 1]) for i in range(5)],
+                      "latent1_shape": [[2, 3, 4]] * 5, "latent2_shape": [[2, 3, 4]] * 5})
+    pq.write_table(table, tmp_path / "lat.parquet", row_group_size=2)  # row groups of 2, 2 and 1 rows
+    pairs = load_pairs(tmp_path / "lat.parquet")
+    assert [p.row for p in pairs] == [0, 1, 2, 3, 4] and all(isinstance(p.chosen, ParquetCell) for p in pairs)
+    assert [(p.chosen.group, p.chosen.index) for p in pairs] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    cells = pairs[0].chosen.cells
+    assert not cells._groups  # nothing read yet
+    batch = collate_pairs(pairs[3:])
+    assert batch.chosen[:, 0, 0, 0].tolist() == [6.0, 8.0] and batch.rejected[:, 0, 0, 0].tolist() == [7.0, 9.0]
+    assert sorted(cells._groups) == [(1, "latent1"), (1, "latent2"), (2, "latent1"), (2, "latent2")]
+    copy = pickle.loads(pickle.dumps(pairs[1]))
+    assert collate_pairs([copy]).rejected[0, 0, 0, 0].item() == 3.0
+    elsewhere = pickle.loads(pickle.dumps(pairs[0]))  # a process that has not opened the file yet
+    (tmp_path / "lat.parquet").unlink()
+    with pytest.raises(PreferenceDataError, match=r"row 0, column 'latent1': unreadable latent"):
+        collate_pairs([elsewhere])
+
+
 def test_hub_style_dataset_with_image_feature(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({

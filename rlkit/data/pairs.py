@@ -13,9 +13,11 @@ Sources: a ``.parquet`` / ``.jsonl`` / ``.json`` file, a folder of such files, o
   lower rank is better; or ``human_preference``, higher is better), expanded into every ordered pair.
 
 Images are kept as references (a path, bytes, a ``{"bytes", "path"}`` mapping, or a PIL image) and
-latents as stored values (tensor, array, ``.npy`` bytes, raw bytes with a shape column, nested lists):
-nothing is decoded until a batch needs it, so a 0.8 M-pair index stays small. Every problem is a
-:class:`PreferenceDataError` naming the file, the row and the column.
+latents as stored values (tensor, array, ``.npy`` bytes, raw bytes with a shape column, nested lists); the
+``latent1`` / ``latent2`` columns of a parquet file (what :mod:`rlkit.cache_latents` and the release write) stay
+on disk as :class:`ParquetCell` references, read a row group at a time when a batch needs them. Nothing is decoded
+until then, so a 0.8 M-pair index stays small. Every problem is a :class:`PreferenceDataError` naming the file,
+the row and the column.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -51,6 +53,7 @@ RANKED_IMAGE_COLUMNS = ("image_path", "images", "image", "image_paths")
 RANKED_RANK_COLUMNS = ("rank", "ranks", "ranking", "human_preference")
 HIGHER_IS_BETTER_COLUMNS = ("human_preference",)
 HPDV3_META = ("model1", "model2", "choice_dist", "confidence")
+LAZY_COLUMNS = ("latent1", "latent2")  # a parquet file's binary latent columns, read when a batch needs them
 
 
 class PreferenceDataError(ValueError):
@@ -64,6 +67,49 @@ class PreferenceDataError(ValueError):
         if column is not None:
             where.append(f"column {column!r}")
         super().__init__(f"{', '.join(where)}: {message}")
+
+
+class ParquetCells:
+    """Reads single cells of one parquet file a row group at a time, keeping the last ``keep`` row groups' columns
+    (batches drawn from one bucket of a cached set meet the same row groups)."""
+
+    def __init__(self, path: str, keep: int = 8):
+        self.path, self.keep = path, keep
+        self._file: Any = None
+        self._groups: OrderedDict[tuple[int, str], list] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:  # for spawned processes: the open file and the cache stay behind
+        return {"path": self.path, "keep": self.keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["keep"])
+
+    def read(self, group: int, index: int, column: str) -> Any:
+        key = (group, column)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+        else:
+            if self._file is None:
+                import pyarrow.parquet as pq
+
+                self._file = pq.ParquetFile(self.path)
+            self._groups[key] = self._file.read_row_group(group, columns=[column]).column(0).to_pylist()
+            while len(self._groups) > self.keep:
+                self._groups.popitem(last=False)
+        return self._groups[key][index]
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetCell:
+    """One cell of a parquet file (row ``index`` of row group ``group``), read on use."""
+
+    cells: ParquetCells
+    group: int
+    index: int
+    column: str
+
+    def read(self) -> Any:
+        return self.cells.read(self.group, self.index, self.column)
 
 
 @dataclass
@@ -151,14 +197,27 @@ def _read_file(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(row, record)`` of a data file; a JSON Lines row is its line number from 0 (blank lines count)."""
     name = str(path)
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            parquet = pq.ParquetFile(path)
+            schema = parquet.schema_arrow
         except Exception as exc:  # pyarrow raises several unrelated types for a bad file
             raise PreferenceDataError(f"cannot read parquet ({type(exc).__name__}: {exc})", name) from None
-        rows = (record for batch in table.to_batches() for record in batch.to_pylist())
-        yield from enumerate(rows)
+        lazy = [c for c in LAZY_COLUMNS if c in schema.names
+                and (pa.types.is_binary(schema.field(c).type) or pa.types.is_large_binary(schema.field(c).type))]
+        cells = ParquetCells(name)
+        row = 0
+        for group in range(parquet.num_row_groups):
+            try:
+                table = parquet.read_row_group(group, columns=[c for c in schema.names if c not in lazy])
+            except Exception as exc:  # noqa: BLE001 - as above
+                raise PreferenceDataError(f"cannot read parquet ({type(exc).__name__}: {exc})", name) from None
+            for index, record in enumerate(table.to_pylist()):
+                record.update({c: ParquetCell(cells, group, index, c) for c in lazy})
+                yield row, record
+                row += 1
     elif path.suffix == ".jsonl":
         with path.open() as fh:
             for i, line in enumerate(fh):
@@ -332,7 +391,7 @@ def _ranked_pairs(record: dict[str, Any], prompt: str, cols: dict[str, str], fil
 
 
 def _looks_like_latent(value: Any) -> bool:
-    if isinstance(value, (Tensor, np.ndarray)):
+    if isinstance(value, (Tensor, np.ndarray, ParquetCell)):  # a lazy cell is a latent column's
         return True
     if isinstance(value, (bytes, bytearray)):
         return bytes(value[:6]) == NPY_MAGIC
@@ -442,6 +501,8 @@ def load_latent(pair: PreferencePair, side: int) -> Tensor:
     value = pair.chosen if side == 0 else pair.rejected
     shape = pair.shapes[side]
     try:
+        if isinstance(value, ParquetCell):
+            value = value.read()
         if isinstance(value, Tensor):
             out = value.detach().float()
         elif isinstance(value, np.ndarray):
@@ -459,7 +520,7 @@ def load_latent(pair: PreferencePair, side: int) -> Tensor:
             raise pair.error(f"expected a latent (tensor, array, npy bytes, list), got {type(value).__name__}", side)
     except PreferenceDataError:
         raise
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         raise pair.error(f"unreadable latent ({type(exc).__name__}: {exc})", side) from None
     if shape is not None:
         if out.numel() != int(np.prod(shape)):
