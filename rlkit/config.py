@@ -54,7 +54,8 @@ class ModelConfig:
 
     pretrained: str = "pkg://rlkit/shapes/assets/generator"
     revision: str | None = None
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights of frozen parts; trainable LoRA stays fp32
+    # weights of frozen parts; the trainable LoRA stays fp32 (under DeepSpeed: its master copy, in the optimiser)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     resolution: int = 32
     max_sequence_length: int = 77
     gradient_checkpointing: bool = False
