@@ -229,6 +229,22 @@ def test_a_jsonl_row_is_its_line_for_data_and_syntax_errors_alike_and_a_bad_labe
         load_pairs(label)
 
 
+def test_a_folder_of_several_splits_is_refused_and_one_of_shards_is_read_whole(tmp_path):
+    record = {"prompt": "a", "path1": "x.png", "path2": "y.png"}
+    hpdv3 = tmp_path / "hpdv3"
+    hpdv3.mkdir()
+    for split in ("train", "test", "all"):
+        (hpdv3 / f"{split}.json").write_text(json.dumps([record]))
+    with pytest.raises(PreferenceDataError, match=r"holds the splits \['all', 'test', 'train'\]; name the file"):
+        load_pairs(hpdv3)
+    assert len(load_pairs(hpdv3 / "train.json")) == 1
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        write_jsonl(shards / f"train-0000{i}-of-00002.jsonl", [record])
+    assert len(load_pairs(shards)) == 2
+
+
 def test_unknown_layout_and_bad_json_name_the_file(tmp_path):
     data = write_jsonl(tmp_path / "odd.jsonl", [{"text": "x", "img": "y"}])
     with pytest.raises(PreferenceDataError, match="cannot tell the layout"):

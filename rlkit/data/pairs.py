@@ -181,11 +181,24 @@ class LoadOptions:
 # reading rows
 
 
+SPLIT_NAMES = ("train", "test", "validation", "val", "eval", "dev", "all")
+
+
+def _split_of(file: Path) -> str | None:
+    """The split a data file's name says it holds (``train.json``, ``test-00000-of-00002.parquet``), if any."""
+    stem = file.stem.lower()
+    return next((s for s in SPLIT_NAMES if stem == s or stem.startswith((f"{s}-", f"{s}_", f"{s}."))), None)
+
+
 def _data_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
         if not files:
             raise PreferenceDataError(f"no {', '.join(DATA_SUFFIXES)} files in this folder", str(path))
+        splits = sorted({s for s in map(_split_of, files) if s is not None})
+        if len(splits) > 1:  # HPDv3's folder holds train.json, test.json and all.json: never read them as one set
+            raise PreferenceDataError(f"this folder holds the splits {splits}; name the file (or folder) of the one "
+                                      "to read", str(path))
         return files
     if path.suffix not in DATA_SUFFIXES:
         raise PreferenceDataError(f"unsupported file type {path.suffix!r}; expected {', '.join(DATA_SUFFIXES)}",
