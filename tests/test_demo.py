@@ -59,6 +59,8 @@ def test_demo_without_checkpoints_says_how_to_rebuild(tmp_path, monkeypatch, cap
     (0.30, 0.70, False, False),  # brought closer to real pictures
     (0.30, 0.20, True, False),  # pushed further off by more than the tolerance
     (1.30, 1.40, False, False),  # further off, but by less than the tolerance
+    (0.95, 0.78, True, False),  # from inside the band to outside it, by less than the tolerance
+    (1.10, 1.30, True, False),
 ])
 def test_a_guard_is_reward_hacking_only_when_the_run_pushes_it_off(before, after, hacked, real):
     from rlkit.shapes.demo import RunSummary

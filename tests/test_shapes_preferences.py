@@ -26,6 +26,16 @@ def test_a_drawn_loser_gets_exactly_one_attribute_wrong_at_the_configured_rates(
         assert changed[attribute] / len(scenes) == pytest.approx(share, abs=0.03)
 
 
+def test_a_training_pairs_loser_is_never_a_held_out_combination():
+    """Held-out combinations reach no training stage, not even as the wrong picture of a drawn pair (a quarter
+    of the training losers had been one); an evaluation pair's loser may be anything."""
+    rng = np.random.default_rng(1)
+    losers = [preferences._one_attribute_off(s, rng) for s in world.sample_scenes(4000, rng, "train")]
+    assert not any(world.is_heldout(o) for o in losers)
+    held_out = [preferences._one_attribute_off(s, rng, "heldout") for s in world.sample_scenes(400, rng, "heldout")]
+    assert any(world.is_heldout(o) for o in held_out)  # e.g. another position: the same held-out combination
+
+
 @pytest.mark.parametrize("source, expected", [
     ("shapes:drawn:4096", ("shapes:drawn", 4096, 0)), ("shapes:drawn:8:3", ("shapes:drawn", 8, 3)),
     ("shapes:generated:8192:2", ("shapes:generated", 8192, 2)),

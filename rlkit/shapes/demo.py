@@ -115,7 +115,8 @@ class RunSummary:
 
     @property
     def hacked(self) -> bool:
-        """A guard is off real pictures *and* the run moved it further off, by more than the tolerance.
+        """A guard is off real pictures after the run, which either took it there from within the band, or moved it
+        further off by more than the tolerance.
 
         A base generator can already be off (blurrier than real pictures, say); a run that keeps it there or
         brings it closer is not hacking its reward, one that pushes it away is.
@@ -123,7 +124,7 @@ class RunSummary:
         for name, after in self.guards.items():
             before = self.guards_before.get(name, 1.0)
             drifted = abs(after / before - 1) > GUARD_TOLERANCE and abs(after - 1) > abs(before - 1)
-            if off_real(after) and drifted:
+            if off_real(after) and (not off_real(before) or drifted):
                 return True
         return False
 

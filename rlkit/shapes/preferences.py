@@ -125,13 +125,17 @@ def build_preferences(generator: SD3Generator,
 DRAWN_CHANGES = {"shape": 0.5, "color": 0.25, "position": 0.25}  # which attribute a drawn pair's loser gets wrong
 
 
-def _one_attribute_off(scene: world.Scene, rng: np.random.Generator) -> world.Scene:
-    """``scene`` with one attribute replaced by another value (shape half the time, colour or position else)."""
+def _one_attribute_off(scene: world.Scene, rng: np.random.Generator, split: str = "train") -> world.Scene:
+    """``scene`` with one attribute replaced by another value (shape half the time, colour or position else). For
+    the training split the result is never a held-out combination: those pictures reach no training stage, not
+    even as a loser."""
     attribute = rng.choice(list(DRAWN_CHANGES), p=list(DRAWN_CHANGES.values()))
     values = {"shape": world.SHAPES, "color": tuple(world.COLORS), "position": tuple(world.POSITIONS)}[attribute]
     current = getattr(scene, attribute)
-    other = [v for v in values if v != current][rng.integers(0, len(values) - 1)]
-    return replace(scene, **{attribute: other})
+    others = [replace(scene, **{attribute: v}) for v in values if v != current]
+    if split == "train":
+        others = [o for o in others if not world.is_heldout(o)]
+    return others[rng.integers(0, len(others))]
 
 
 DRAWN_SOURCE = "shapes:drawn"  # a pair source of the reward-model trainer: ``shapes:drawn:<pairs>[:<seed>]``
@@ -161,7 +165,7 @@ def drawn_pairs(generator: SD3Generator, num_pairs: int, seed: int = 0, annotato
     batch = 0
     while len(pairs) < num_pairs:
         scenes = world.sample_scenes(batch_size, rng, split)
-        others = [_one_attribute_off(s, rng) for s in scenes]
+        others = [_one_attribute_off(s, rng, split) for s in scenes]
         picture_seed = seed * 1_000_003 + batch  # one seed for both sides: the same jitter
         batch += 1
         right, wrong = world.draw_batch(scenes, picture_seed), world.draw_batch(others, picture_seed)
