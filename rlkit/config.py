@@ -189,7 +189,7 @@ class EvalConfig:
     images_per_prompt: int = 1
     seed: int = 1234
     num_steps: int = 20
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None  # None: the trained algorithm's (refl / flow_grpo guidance_scale)
     golden: list[RewardSpec] = field(default_factory=list)
     grid_images: int = 16
     early_stopping_patience: int = 0  # evaluations in a row the first golden reward may fall; 0 = off
@@ -379,6 +379,11 @@ class Recipe:
     refl: ReFLConfig = field(default_factory=ReFLConfig)
     flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.eval.guidance_scale is None:  # evaluate with the sampler the policy is trained with
+            policy = {"refl": self.refl, "flow_grpo": self.flow_grpo}.get(self.algorithm)
+            self.eval.guidance_scale = policy.guidance_scale if policy is not None else 1.0
 
     def check(self) -> Problems:
         if self.algorithm in ("refl", "flow_grpo") and not self.rewards:

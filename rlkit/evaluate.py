@@ -186,10 +186,11 @@ class Evaluator:
 
     def _update_patience(self, result: EvalResult) -> None:
         key = self.primary_key
-        if key is None or not self.history:
+        past = [r.metrics[key] for r in self.history if key is not None and key in r.metrics]
+        if not past:  # no golden reward, or one that joined on resume: it has no history to fall from yet
+            self._bad_evals = 0
             return
-        best = max(r.metrics[key] for r in self.history)
-        self._bad_evals = self._bad_evals + 1 if result.metrics[key] < best else 0
+        self._bad_evals = self._bad_evals + 1 if result.metrics[key] < max(past) else 0
 
     def state_dict(self) -> dict:
         return {"history": [(r.step, r.metrics) for r in self.history], "bad_evals": self._bad_evals}

@@ -28,6 +28,10 @@ def test_defaults_yaml_and_overrides_take_precedence_in_order(tmp_path):
     assert r.rewards[0].weight == 0.5 and r.rewards[0].args == {"scale": 0.1}
     assert r.launch.deepspeed == 3
     assert r.refl.grad_step_range == (30, 39)
+    # evaluation samples as the policy trains unless told otherwise
+    assert r.eval.guidance_scale == r.refl.guidance_scale == 4.5
+    assert recipe_from_dict({**BASE, "algorithm": "flow_grpo"}).eval.guidance_scale == 1.0
+    assert recipe_from_dict(BASE, ["eval.guidance_scale=2.0"]).eval.guidance_scale == 2.0
     data = {**BASE, "optim": {"lr": 3e-4}}
     recipe_from_dict(data, ["optim.lr=1e-5"])
     assert data["optim"] == {"lr": 3e-4}  # the overrides edit a copy, not the caller's mapping

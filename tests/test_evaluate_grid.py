@@ -86,3 +86,23 @@ def test_two_ranks_share_the_evaluation_and_get_the_numbers_and_grid_of_one_proc
     assert torch.equal(grids["two"][0], grids["one"][0])
     with pytest.raises(ValueError, match="rank 2 of 2"):
         Shard(2, 2, lambda t: t)
+
+
+def test_patience_counts_falls_of_the_first_golden_reward_and_ignores_evaluations_without_it():
+    """A golden reward that joined on resume has no history: no KeyError, no fall counted until it has one."""
+    from rlkit.evaluate import EvalResult
+
+    def evaluator(history):
+        return Evaluator(["p"], images_per_prompt=1, seed=0, num_steps=1, guidance_scale=1.0,
+                         golden={"judge": None, "other": None}, proxy={}, patience=2,
+                         history=[EvalResult(step, metrics) for step, metrics in history])
+
+    older = evaluator([(0, {"eval/golden/other": 0.5}), (1, {"eval/golden/other": 0.6})])  # before "judge" joined
+    older._update_patience(EvalResult(2, {"eval/golden/judge": 0.3}))
+    assert older._bad_evals == 0 and not older.should_stop
+    falls = evaluator([(0, {"eval/golden/judge": 0.5}), (1, {"eval/golden/judge": 0.4})])
+    falls._bad_evals = 1
+    falls._update_patience(EvalResult(2, {"eval/golden/judge": 0.45}))
+    assert falls._bad_evals == 2 and falls.should_stop  # below the best (0.5) twice in a row
+    falls._update_patience(EvalResult(3, {"eval/golden/judge": 0.5}))
+    assert falls._bad_evals == 0

@@ -135,8 +135,8 @@ class PolicyRun(common.Processes):
         prompts = [self.prompts[int(i)] for i in torch.randint(0, len(self.prompts), (size,), generator=rng)]
         base = self.gen.transformer
         with use_adapter(base, None):
-            latents = sample(self.gen, prompts, num_steps=self.recipe.eval.num_steps,
-                             guidance_scale=self.recipe.eval.guidance_scale, generator=rng)
+            latents = sample(self.gen, prompts, num_steps=self.recipe.refl.num_steps,  # the training sampler
+                             guidance_scale=self.recipe.refl.guidance_scale, generator=rng)
         return SamplePool(latents.detach(), prompts)
 
     # -- one update --------------------------------------------------------------------------------------
