@@ -116,6 +116,10 @@ def test_keep_last_prunes_old_checkpoints_and_leftovers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(3), step_dir_name(4)]
     manager.save(accelerator, 4)  # saving the same step again replaces it
     assert is_complete(tmp_path / step_dir_name(4))
+    many = CheckpointManager(tmp_path / "many", keep_last=4)
+    for step in (1, 2, 3):
+        many.save(accelerator, step)
+    assert [s for s, _ in list_checkpoints(tmp_path / "many")] == [1, 2, 3]  # fewer than keep_last: all stay
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
 

@@ -197,7 +197,7 @@ class CheckpointManager:
         """Removes all but the newest ``keep_last`` complete checkpoints (never ``keep``, the one just written),
         and leftover ``.tmp`` folders."""
         complete = [path for _, path in list_checkpoints(self.directory) if is_complete(path) and path != keep]
-        for path in complete[: len(complete) - (self.keep_last - (keep is not None))]:
+        for path in complete[: max(0, len(complete) - (self.keep_last - (keep is not None)))]:
             shutil.rmtree(path, ignore_errors=True)
         for path in self.directory.glob(f"step_*{TMP_SUFFIX}"):
             shutil.rmtree(path, ignore_errors=True)

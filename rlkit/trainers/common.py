@@ -204,6 +204,10 @@ def optimizer_step(accelerator, optimizer, scheduler, ema, params: Iterable[torc
     stats: dict[str, float] = {}
     if grad_clip and not uses_deepspeed(accelerator):
         stats["grad_norm"] = float(accelerator.clip_grad_norm_(params, grad_clip))
+    elif uses_deepspeed(accelerator):  # the engine clipped (and stepped) in the boundary's backward
+        norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        if norm is not None:
+            stats["grad_norm"] = float(norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
