@@ -292,7 +292,7 @@ class GeneratorTrainConfig:
     # that carries to held-out prompts. Measured 2026-12-07 (issue #8; the shipped world: 9000 steps at 0, then
     # 2500 more at 0.4, the energy-term decoder, pairs at CFG 1-2, 270 held-out samples at CFG 1): base 0.34, a
     # DiNa-LRM on it ranks held-out pairs at 0.88 (the annotators' ceiling 0.88), Flow-GRPO-Fast +0.18 in 30
-    # updates over 3 seeds inside both realism guards (+0.21 with the adversarially trained DiNa-LRM it ships).
+    # updates over 3 seeds inside both realism guards (+0.20 with the adversarially trained DiNa-LRM it ships).
     # Without it, the same decoder gives a base of 0.55 whose DiNa-LRM reaches 0.64 and from which no trainer
     # gains. The order matters: a generator pretrained from scratch at 0.4
     # (9000 steps, then the decoder phases 3000 + 1500 at hf_weight 0.03, pairs at CFG 1-2, an
