@@ -56,6 +56,35 @@ def test_golden_judge_rejects_a_painted_canvas_and_an_empty_one():
     assert judges.golden_scores(empty, prompts, "fraction").sum() == 0
 
 
+def _painted(shape: str, rx: float, ry: float, extra: tuple[float, float] | None = None) -> torch.Tensor:
+    """A red ``shape`` of radii ``rx``, ``ry`` at the centre of a grey 32x32 picture (and a blue disc at ``extra``)."""
+    gx, gy = world._grid(32)
+    picture = np.full((3, 32, 32), 0.5)
+    parts = [("red", shape, 16, 16, rx, ry)] + ([("blue", "circle", *extra, 4, 4)] if extra else [])
+    for colour, name, cx, cy, ax, ay in parts:
+        alpha = np.clip(0.5 - world.shape_sdf(name, gx, gy, cx, cy, ax, ay) / 0.8, 0.0, 1.0)  # a soft edge
+        picture = picture * (1 - alpha) + np.array(world.COLORS[colour])[:, None, None] * alpha
+    return torch.tensor(picture, dtype=torch.float32)[None]
+
+
+def test_the_golden_judge_checks_what_the_annotators_do_not():
+    """A rectangle is no square and an ellipse no circle, and a second object makes the picture wrong: the golden
+    judge says so, while the annotators (and so the reward models that learn from them) read them as right."""
+    cases = {"a red square at the center": [(_painted("square", 5, 5), 1.0), (_painted("square", 5.5, 2.5), 0.0)],
+             "a red circle at the center": [(_painted("circle", 5, 5), 1.0), (_painted("circle", 5, 3.5), 0.0),
+                                            (_painted("circle", 5, 5, extra=(5, 5)), 0.0)]}
+    for prompt, pictures in cases.items():
+        for picture, golden in pictures:
+            reading = judges.read_scenes(picture, [prompt])
+            assert reading.all_correct.item() == 1.0  # what the annotators' reader sees
+            assert judges.golden_scores(picture, [prompt]).item() == golden
+    two = _painted("circle", 5, 5, extra=(5, 5))
+    assert judges.golden_scores(two, ["a red circle at the center"], "fraction").item() == 0.0
+    out = rewards.build("shapes-golden")(RewardInput(prompts=["a red square at the center"],
+                                                      images=_painted("square", 5.5, 2.5)))
+    assert out.extras["shape_correct"].item() == 0.0 and out.extras["color_correct"].item() == 1.0
+
+
 def test_golden_reward_through_registry_reads_pixels_or_decodes(drawn):
     images, scenes = drawn
     reward = rewards.build("shapes-golden")

@@ -50,7 +50,7 @@ import torch
 from rlkit.runtime.checkpoint import write_text_atomic
 from rlkit.shapes import world
 from rlkit.shapes.clip import ClipTrainConfig, ShapesClipModel, retrieval_accuracy, train_clip
-from rlkit.shapes.judges import ASSETS_DIR, ATTRIBUTES, read_scenes, realism_ratios
+from rlkit.shapes.judges import ASSETS_DIR, golden_correct, read_scenes, reading_score, realism_ratios
 from rlkit.shapes.preferences import PreferenceConfig, build_preferences, save_preferences
 from rlkit.shapes.pretrain import (PRETRAIN_WORK_SUFFIX, DecoderTrainConfig, GeneratorTrainConfig, PretrainConfig,
                                    VAETrainConfig, load_generator, pretrain, sample_images)
@@ -107,8 +107,8 @@ def stage_configs(fast: bool) -> dict:
 
 def _golden_summary(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     reading = read_scenes(images, prompts)
-    out = {f"{a}": float(reading.correct[a].float().mean()) for a in ATTRIBUTES}
-    out.update(all=float(reading.all_correct.mean()), fraction=float(reading.fraction.mean()))
+    out = {f"{a}": float(correct.float().mean()) for a, correct in golden_correct(reading).items()}
+    out.update({mode: float(reading_score(reading, mode).mean()) for mode in ("all", "fraction")})
     return out
 
 

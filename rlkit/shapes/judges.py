@@ -6,7 +6,9 @@
   the blob's centroid on the 3x3 grid.
 - :class:`GoldenJudgeReward` (``shapes-golden``) scores that reading; it is for evaluation only. It is
   analytic on purpose: two learned CNNs share blind spots, so a learned proxy reward can be hacked in
-  ways a learned judge would not notice.
+  ways a learned judge would not notice. It also checks what the annotators do not (:func:`golden_correct`):
+  one object in the picture, and a blob as wide as it is tall (every shape of the world is), so that the
+  reward models, which learn from the annotators, do not share all of its blind spots.
 - :class:`AnnotatorJudge` are the "humans" that label preference pairs: each perceives an attribute
   score plus Gaussian noise (Thurstone), so ``P(a > b) = Phi((s_a - s_b) / sqrt(2 var))``.
 - :func:`realism_ratios`: foreground area and high-frequency energy relative to real pictures (1 = real).
@@ -37,6 +39,7 @@ FOREGROUND_CONTRAST = 0.5  # ... and the share of the way to the picture's most 
 FOREGROUND_PEAK_QUANTILE = 0.995  # "most distant colour": past a few outlying pixels
 ATTRIBUTES = ("color", "shape", "position")
 SHAPE_FIT_WEIGHT = 0.4  # share of the graded template fit in what annotators value
+ASPECT_RANGE = (0.75, 1.33)  # blob box height / width the golden judge accepts (every drawn shape spans 1)
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Reading:
     shape_iou: Tensor  # (B,) IoU of the prompt's own shape template with the blob
     position: list[str | None]  # grid cell of the blob's centroid
     correct: dict[str, Tensor]  # attribute -> (B,) bool, for the prompt's scene
+    aspect: Tensor  # (B,) the blob's box height / width (nan without a blob)
+    other_area: Tensor  # (B,) pixels of the largest foreground object besides the blob (and its rim)
 
     @property
     def fraction(self) -> Tensor:
@@ -151,7 +156,25 @@ def read_scenes(images: Tensor, prompts: list[str]) -> Reading:
         "shape": torch.tensor([s == a.shape for s, a in zip(shapes, asked)]),
         "position": torch.tensor([p == a.position for p, a in zip(positions, asked)]),
     }
-    return Reading(area=area, shape=shapes, shape_iou=prompt_iou, position=positions, correct=correct)
+    aspect = torch.full((len(prompts),), math.nan)
+    for i in range(len(prompts)):
+        ys, xs = torch.nonzero(blobs[i], as_tuple=True)
+        if len(ys):
+            aspect[i] = (ys.max() - ys.min() + 1).item() / (xs.max() - xs.min() + 1).item()
+    others = _foreground_mask(images) & (rim == 0)
+    other_area = _largest_component(others).flatten(1).sum(1).float()
+    return Reading(area=area, shape=shapes, shape_iou=prompt_iou, position=positions, correct=correct,
+                   aspect=aspect, other_area=other_area)
+
+
+def golden_correct(reading: Reading) -> dict[str, Tensor]:
+    """The golden judge's verdict per attribute: the reading's, where the picture holds one object (a second one
+    of at least ``MIN_AREA`` pixels fails every attribute) whose box is about as wide as tall (else its shape is
+    wrong: a rectangle is not a square, an ellipse not a circle). The annotators do not check either."""
+    single = reading.other_area < MIN_AREA
+    square = (reading.aspect >= ASPECT_RANGE[0]) & (reading.aspect <= ASPECT_RANGE[1])
+    return {"color": reading.correct["color"] & single, "shape": reading.correct["shape"] & square & single,
+            "position": reading.correct["position"] & single}
 
 
 GOLDEN_MODES = ("all", "fraction", "utility")
@@ -163,12 +186,14 @@ def golden_scores(images: Tensor, prompts: list[str], mode: str = "all") -> Tens
 
 
 def reading_score(reading: Reading, mode: str = "all") -> Tensor:
-    """All attributes correct (``"all"``), the fraction correct (``"fraction"``), or the annotators' noiseless
-    utility (``"utility"``, :func:`utility_of`: what a perfect reward model of the preference set returns)."""
+    """All attributes correct (``"all"``), the fraction correct (``"fraction"``), both by :func:`golden_correct`,
+    or the annotators' noiseless utility (``"utility"``, :func:`utility_of`: what a perfect reward model of the
+    preference set returns)."""
+    correct = torch.stack([golden_correct(reading)[a] for a in ATTRIBUTES]).float()
     if mode == "all":
-        return reading.all_correct
+        return correct.min(0).values
     if mode == "fraction":
-        return reading.fraction
+        return correct.mean(0)
     if mode == "utility":
         return utility_of(reading)
     raise ValueError(f"golden judge mode must be one of {GOLDEN_MODES}, got {mode!r}")
@@ -195,8 +220,9 @@ class GoldenJudgeReward(Reward):
         images = batch.pixels()
         reading = read_scenes(images, batch.prompts)
         scores = reading_score(reading, self.mode)
-        extras = {f"{a}_correct": reading.correct[a].float() for a in ATTRIBUTES}
-        extras.update(fraction=reading.fraction, all_correct=reading.all_correct)
+        golden = golden_correct(reading)
+        extras = {f"{a}_correct": golden[a].float() for a in ATTRIBUTES}
+        extras.update(fraction=reading_score(reading, "fraction"), all_correct=reading_score(reading, "all"))
         # realism guards reported beside the score (compare with real pictures' values)
         extras.update(foreground_area=foreground_area(images), high_frequency=high_frequency_energy(images))
         device = images.device
@@ -309,11 +335,16 @@ def foreground_area(images: Tensor) -> Tensor:
     counts the blurred rim as area: the shipped generator's soft samples of held-out prompts read 1.18x
     real pictures that way, and 0.96x by the contour.
     """
+    return _foreground_mask(images).flatten(1).float().mean(1)
+
+
+def _foreground_mask(images: Tensor) -> Tensor:
+    """``(B, H, W)`` bool: the pixels inside the half-contrast contour (:func:`foreground_area`)."""
     background = _border_colour(images)
-    dist = (images - background[..., None, None]).norm(dim=1).flatten(1)
-    peak = dist.quantile(FOREGROUND_PEAK_QUANTILE, dim=1, keepdim=True)
+    dist = (images - background[..., None, None]).norm(dim=1)
+    peak = dist.flatten(1).quantile(FOREGROUND_PEAK_QUANTILE, dim=1)
     threshold = (FOREGROUND_CONTRAST * peak).clamp_min(FOREGROUND_TOLERANCE)
-    return (dist > threshold).float().mean(1)
+    return dist > threshold[:, None, None]
 
 
 def high_frequency_energy(images: Tensor) -> Tensor:
