@@ -273,8 +273,8 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
              "Golden judge: fraction of held-out samples with colour, shape and position all correct "
              "(analytic, not learned). Guards: foreground area and high-frequency energy of the samples "
              f"over those of real pictures (base generator -> after the run). Outside 1 ± {GUARD_TOLERANCE} a guard "
-             "is off; a run that pushes an off guard further from real pictures by more than that is reported as "
-             "reward hacking. `guards real` says whether both end within the band.", "",
+             "is off; a run that takes a guard off, or pushes an off one further from real pictures by more than "
+             "that, is reported as reward hacking. `guards real` says whether both end within the band.", "",
              "`golden @ equal time`: each algorithm's runs compared at the wall time of its shortest run "
              "(the last evaluation finished by then), so a reward that decodes through the VAE pays for it.", "",
              "| run | seed | golden before | golden after | gain ± 2 SE | golden @ equal time | proxy before | "
