@@ -175,6 +175,9 @@ def test_a_parquet_files_latents_stay_on_disk_until_a_batch_reads_them(tmp_path)
     batch = collate_pairs(pairs[3:])
     assert batch.chosen[:, 0, 0, 0].tolist() == [6.0, 8.0] and batch.rejected[:, 0, 0, 0].tolist() == [7.0, 9.0]
     assert sorted(cells._groups) == [(1, "latent1"), (1, "latent2"), (2, "latent1"), (2, "latent2")]
+    cells.max_bytes = 1  # a memory budget below one row group's column keeps only the one being read
+    collate_pairs(pairs[:1])
+    assert list(cells._groups) == [(0, "latent2")]
     copy = pickle.loads(pickle.dumps(pairs[1]))
     assert collate_pairs([copy]).rejected[0, 0, 0, 0].item() == 3.0
     elsewhere = pickle.loads(pickle.dumps(pairs[0]))  # a process that has not opened the file yet

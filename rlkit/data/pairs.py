@@ -71,18 +71,19 @@ class PreferenceDataError(ValueError):
 
 class ParquetCells:
     """Reads single cells of one parquet file a row group at a time, keeping the last ``keep`` row groups' columns
-    (batches drawn from one bucket of a cached set meet the same row groups)."""
+    within ``max_bytes`` (batches drawn from one bucket of a cached set meet the same row groups). Parquet reads a
+    column a row group at a time, so small row groups read fastest: :mod:`rlkit.cache_latents` writes one a batch."""
 
-    def __init__(self, path: str, keep: int = 8):
-        self.path, self.keep = path, keep
+    def __init__(self, path: str, keep: int = 8, max_bytes: int = 2 << 30):
+        self.path, self.keep, self.max_bytes = path, keep, max_bytes
         self._file: Any = None
-        self._groups: OrderedDict[tuple[int, str], list] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, str], tuple[list, int]] = OrderedDict()  # -> (cells, bytes)
 
     def __getstate__(self) -> dict[str, Any]:  # for spawned processes: the open file and the cache stay behind
-        return {"path": self.path, "keep": self.keep}
+        return {"path": self.path, "keep": self.keep, "max_bytes": self.max_bytes}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["keep"])
+        self.__init__(state["path"], state["keep"], state["max_bytes"])
 
     def read(self, group: int, index: int, column: str) -> Any:
         key = (group, column)
@@ -93,10 +94,12 @@ class ParquetCells:
                 import pyarrow.parquet as pq
 
                 self._file = pq.ParquetFile(self.path)
-            self._groups[key] = self._file.read_row_group(group, columns=[column]).column(0).to_pylist()
-            while len(self._groups) > self.keep:
+            chunk = self._file.read_row_group(group, columns=[column]).column(0)
+            self._groups[key] = (chunk.to_pylist(), chunk.nbytes)
+            while len(self._groups) > 1 and (len(self._groups) > self.keep
+                                             or sum(n for _, n in self._groups.values()) > self.max_bytes):
                 self._groups.popitem(last=False)
-        return self._groups[key][index]
+        return self._groups[key][0][index]
 
 
 @dataclass(frozen=True, slots=True)
