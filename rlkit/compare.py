@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from rlkit.config import ALGORITHMS
+from rlkit.confload import flatten
 from rlkit.runtime.tracking import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -160,21 +161,6 @@ def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = D
     return out
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        out = {}
-        for i, v in enumerate(data):
-            out.update(_flatten(v, f"{prefix}.{i}"))
-        out[f"{prefix}.len"] = len(data)
-        return out
-    return {prefix: json.dumps(data) if isinstance(data, (list, dict)) else data}
-
-
 def own_keys(keys: list[str], algorithm: str | None) -> list[str]:
     """``keys`` without the sections of the algorithms a run does not run (a ReFL run's ``flow_grpo.*`` defaults
     differ from a Flow-GRPO run's settings, but say nothing about the ReFL run)."""
@@ -184,7 +170,7 @@ def own_keys(keys: list[str], algorithm: str | None) -> list[str]:
 
 def varied_keys(recipes: list[dict]) -> list[str]:
     """Recipe keys whose values differ between runs (name, output folder and seed left out)."""
-    flat = [_flatten(r) for r in recipes]
+    flat = [flatten(r) for r in recipes]
     keys = sorted(set().union(*flat)) if flat else []
     return [k for k in keys if k not in IGNORED_RECIPE_KEYS and len({repr(f.get(k)) for f in flat}) > 1]
 
@@ -224,7 +210,7 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
     for d, recipe in zip(run_dirs, recipes):
         rows = read_metrics(d)
         done = _read_done(d)
-        flat = _flatten(recipe)
+        flat = flatten(recipe)
         labels = {k: v for k, v in done.get("labels", {}).items() if k != "seed"}
         group = ", ".join(labels.values()) if labels else ", ".join(
             f"{k}={flat.get(k)}" for k in own_keys(varied, recipe.get("algorithm"))) or "all"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -301,6 +302,23 @@ def build(cls: type, data: dict, file: str = "", overrides: list[str] | None = N
     if problems:
         raise ConfigError(problems)
     return obj
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A recipe's plain data as ``{"dotted.key": value}``; a list of mappings (``rewards``) by index, with its length
+    as ``<key>.len``; other lists as JSON text, so that values compare and print as one."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}.{i}"))
+        out[f"{prefix}.len"] = len(data)
+        return out
+    return {prefix: json.dumps(data) if isinstance(data, (list, dict)) else data}
 
 
 def to_dict(obj: Any) -> Any:

@@ -456,23 +456,30 @@ def load_pairs(source: str | Path, options: LoadOptions | None = None, **kwargs:
 # materialising one side of a pair
 
 
+def _image_ref(pair: PreferencePair, side: int) -> Any:
+    """One side's image as stored: bytes (a hub ``{"bytes", "path"}`` record's bytes when it has them), a path
+    resolved against the pair's root, or whatever else was given (a PIL image)."""
+    ref = pair.chosen if side == 0 else pair.rejected
+    if isinstance(ref, dict):  # the Hugging Face ``Image`` feature: {"bytes": ..., "path": ...}
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, (str, Path)):
+        path = Path(ref).expanduser()
+        return Path(pair.root) / path if not path.is_absolute() and pair.root else path
+    return ref
+
+
 def open_image(pair: PreferencePair, side: int):
     """The PIL image of ``pair.chosen`` (side 0) or ``pair.rejected`` (side 1), opened lazily (size known)."""
     from PIL import Image, UnidentifiedImageError
 
-    ref = pair.chosen if side == 0 else pair.rejected
-    if isinstance(ref, dict):  # the Hugging Face ``Image`` feature: {"bytes": ..., "path": ...}
-        ref = ref.get("bytes") or ref.get("path")
+    ref = _image_ref(pair, side)
     try:
         if isinstance(ref, Image.Image):
             return ref
         if isinstance(ref, (bytes, bytearray)):
             return Image.open(io.BytesIO(ref))
-        if isinstance(ref, (str, Path)):
-            path = Path(ref).expanduser()
-            if not path.is_absolute() and pair.root:
-                path = Path(pair.root) / path
-            return Image.open(path)
+        if isinstance(ref, Path):
+            return Image.open(ref)
     except (OSError, UnidentifiedImageError) as exc:
         raise pair.error(f"unreadable image ({type(exc).__name__}: {exc})", side) from None
     raise pair.error(f"expected an image path, bytes or a PIL image, got {type(ref).__name__}", side)
@@ -484,17 +491,10 @@ def image_identity(pair: PreferencePair, side: int) -> str | None:
     image, which has no identity to cache by."""
     import hashlib
 
-    ref = pair.chosen if side == 0 else pair.rejected
-    if isinstance(ref, dict):
-        ref = ref.get("bytes") or ref.get("path")
+    ref = _image_ref(pair, side)
     if isinstance(ref, (bytes, bytearray)):
         return "sha256:" + hashlib.sha256(ref).hexdigest()
-    if isinstance(ref, (str, Path)):
-        path = Path(ref).expanduser()
-        if not path.is_absolute() and pair.root:
-            path = Path(pair.root) / path
-        return str(path.resolve())
-    return None
+    return str(ref.resolve()) if isinstance(ref, Path) else None
 
 
 def load_image(pair: PreferencePair, side: int):

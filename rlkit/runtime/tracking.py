@@ -34,9 +34,10 @@ def _keep_rows_up_to(path: Path, step: int | None) -> None:
     """Rewrites a metrics file with only the records at or before ``step`` (none when ``step`` is None)."""
     if not path.is_file():
         return
-    kept = [] if step is None else [line for line in path.read_text().splitlines()
-                                    if line.strip() and _record_step(line) <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [] if step is None else [line for line in lines if _record_step(line) <= step]
+    if kept != lines:  # a resume of a run that was not killed between checkpoints has nothing to drop
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _record_step(line: str) -> float:

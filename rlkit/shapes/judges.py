@@ -51,7 +51,7 @@ class Reading:
     shape_iou: Tensor  # (B,) IoU of the prompt's own shape template with the blob
     position: list[str | None]  # grid cell of the blob's centroid
     correct: dict[str, Tensor]  # attribute -> (B,) bool, for the prompt's scene
-    aspect: Tensor  # (B,) the blob's box height / width (nan without a blob)
+    aspect: Tensor  # (B,) the blob's box height / width (nan without a blob of MIN_AREA)
     other_area: Tensor  # (B,) pixels of the largest foreground object besides the blob (and its rim)
 
     @property
@@ -137,6 +137,7 @@ def read_scenes(images: Tensor, prompts: list[str]) -> Reading:
     shapes: list[str | None] = []
     positions: list[str | None] = []
     prompt_iou = torch.zeros(len(prompts))
+    aspect = torch.full((len(prompts),), math.nan)
     for i, scene in enumerate(asked):
         if area[i] < MIN_AREA:
             shapes.append(None)
@@ -151,20 +152,21 @@ def read_scenes(images: Tensor, prompts: list[str]) -> Reading:
         prompt_iou[i] = ious[scene.shape] if area[i] <= MAX_AREA else 0.0
         ys, xs = np.nonzero(mask)
         positions.append(_position_of(xs.mean() + 0.5, ys.mean() + 0.5, size))
+        aspect[i] = (ys.max() - ys.min() + 1) / (xs.max() - xs.min() + 1)
     correct = {
         "color": area >= MIN_AREA,
         "shape": torch.tensor([s == a.shape for s, a in zip(shapes, asked)]),
         "position": torch.tensor([p == a.position for p, a in zip(positions, asked)]),
     }
-    aspect = torch.full((len(prompts),), math.nan)
-    for i in range(len(prompts)):
-        ys, xs = torch.nonzero(blobs[i], as_tuple=True)
-        if len(ys):
-            aspect[i] = (ys.max() - ys.min() + 1).item() / (xs.max() - xs.min() + 1).item()
     others = _foreground_mask(images) & (rim == 0)
     other_area = _largest_component(others).flatten(1).sum(1).float()
     return Reading(area=area, shape=shapes, shape_iou=prompt_iou, position=positions, correct=correct,
                    aspect=aspect, other_area=other_area)
+
+
+def _golden_score(correct: dict[str, Tensor], mode: str) -> Tensor:
+    stacked = torch.stack([correct[a] for a in ATTRIBUTES]).float()
+    return stacked.min(0).values if mode == "all" else stacked.mean(0)
 
 
 def golden_correct(reading: Reading) -> dict[str, Tensor]:
@@ -189,11 +191,8 @@ def reading_score(reading: Reading, mode: str = "all") -> Tensor:
     """All attributes correct (``"all"``), the fraction correct (``"fraction"``), both by :func:`golden_correct`,
     or the annotators' noiseless utility (``"utility"``, :func:`utility_of`: what a perfect reward model of the
     preference set returns)."""
-    correct = torch.stack([golden_correct(reading)[a] for a in ATTRIBUTES]).float()
-    if mode == "all":
-        return correct.min(0).values
-    if mode == "fraction":
-        return correct.mean(0)
+    if mode in ("all", "fraction"):
+        return _golden_score(golden_correct(reading), mode)
     if mode == "utility":
         return utility_of(reading)
     raise ValueError(f"golden judge mode must be one of {GOLDEN_MODES}, got {mode!r}")
@@ -219,10 +218,12 @@ class GoldenJudgeReward(Reward):
     def forward(self, batch: RewardInput) -> RewardOutput:
         images = batch.pixels()
         reading = read_scenes(images, batch.prompts)
-        scores = reading_score(reading, self.mode)
         golden = golden_correct(reading)
         extras = {f"{a}_correct": golden[a].float() for a in ATTRIBUTES}
-        extras.update(fraction=reading_score(reading, "fraction"), all_correct=reading_score(reading, "all"))
+        extras.update(fraction=_golden_score(golden, "fraction"), all_correct=_golden_score(golden, "all"))
+        scores = {"all": extras["all_correct"], "fraction": extras["fraction"]}.get(self.mode)
+        if scores is None:
+            scores = reading_score(reading, self.mode)
         # realism guards reported beside the score (compare with real pictures' values)
         extras.update(foreground_area=foreground_area(images), high_frequency=high_frequency_energy(images))
         device = images.device

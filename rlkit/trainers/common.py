@@ -19,7 +19,7 @@ import torch
 
 import rewards as reward_registry
 from rewards.base import Reward
-from rlkit.confload import resolve_package_path
+from rlkit.confload import flatten, resolve_package_path
 from rlkit.config import EvalConfig, LoRAConfig, ModelConfig, OptimConfig, Recipe, RewardSpec
 from rlkit.evaluate import Evaluator, Shard
 from rlkit.models.sd3 import SD3Generator
@@ -265,19 +265,13 @@ RESUMABLE_CHANGES = ("name", "output_dir", "checkpoint.", "logging.", "eval.ever
                      "reward_model.max_steps", "reward_model.epochs", "reward_model.eval_every")
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: data}
-
-
 def check_resumable(stored: Path, recipe: Recipe) -> None:
     """Refuses to resume the run whose resolved recipe is ``stored`` with a recipe that trains something else."""
     import yaml
 
     if not stored.is_file():
         return
-    before, now = _flat(yaml.safe_load(stored.read_text()) or {}), _flat(recipe.to_dict())
+    before, now = flatten(yaml.safe_load(stored.read_text()) or {}), flatten(recipe.to_dict())
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
