@@ -7,9 +7,11 @@ runs grouped by what varied between their recipes (mean line, shaded min-max ove
 
 Reward hacking is flagged when, after a golden reward's best evaluation, the proxy kept rising while that
 golden reward fell: ``proxy(last) > proxy(at golden best) + tol`` and ``golden(last) < golden(best) - tol'``
-with ``tol' = max(tol, 2 sqrt(se(best)^2 + se(last)^2))`` where the evaluator logged the golden means' standard
-errors: a fall two standard errors of the difference deep, as the demo counts a gain, so that evaluation noise
-(and picking the best of several noisy evaluations) is not called hacking.
+with ``tol' = max(tol, 2 se(last - best))``: a fall two standard errors of the difference deep, as the demo counts a
+gain, so that evaluation noise (and picking the best of several noisy evaluations) is not called hacking. The error
+is paired by slot where both evaluations wrote their per-slot scores (:func:`rlkit.evaluate.gain_sem`), else
+``sqrt(se(best)^2 + se(last)^2)`` from the logged standard errors of the two means; 0 where neither was written.
+The table gives each golden gain's paired standard error (``golden_gain_sem``) where it can.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import csv
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ import yaml
 
 from rlkit.config import ALGORITHMS
 from rlkit.confload import flatten
+from rlkit.evaluate import gain_sem
 from rlkit.runtime.tracking import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,6 +71,8 @@ class RunSummary:
     peak_memory_bytes: int | None
     reward_images: int | None
     update_s: float | None
+    # each golden gain's standard error, paired by slot (rlkit.evaluate.gain_sem), where the evaluations wrote scores
+    gain_sem: dict[str, float] = field(default_factory=dict)
     hacking: list[str] = field(default_factory=list)  # golden names that fell while the proxy rose
 
     @property
@@ -85,6 +91,8 @@ class RunSummary:
                                if self.proxy_curve else None}
         for name, c in self.golden.items():
             out[f"golden_gain/{name}"] = c.gain
+            if name in self.gain_sem:
+                out[f"golden_gain_sem/{name}"] = self.gain_sem[name]
             if name in self.golden_sem:
                 out[f"golden_sem/{name}"] = self.golden_sem[name]
         out["wall_s"] = self.wall_s
@@ -132,18 +140,29 @@ def curves(rows: list[dict], prefix: str) -> dict[str, Curve]:
     return out
 
 
-def fall_noise(golden: Curve, best: int) -> float:
-    """Two standard errors of the difference between the golden value at ``best`` and the last one (0 where the
-    evaluator logged no standard errors)."""
+PairedSem = Callable[[str, int, int], float | None]  # (golden name, first step, last step) -> paired error
+
+
+def paired_sem(run_dir: Path) -> PairedSem:
+    """The run's golden gains' standard errors paired by slot (:func:`rlkit.evaluate.gain_sem`)."""
+    return lambda name, first, last: gain_sem(run_dir, f"golden/{name}", first, last)
+
+
+def fall_noise(golden: Curve, best: int, paired_se: float | None = None) -> float:
+    """Two standard errors of the difference between the golden value at ``best`` and the last one: ``paired_se``
+    where given, else the logged errors of the two means taken as independent (0 where none were logged)."""
+    if paired_se is not None:
+        return 2.0 * paired_se
     if len(golden.sem) != len(golden.values):
         return 0.0
     errors = golden.sem[best], golden.sem[-1]
     return 2.0 * math.hypot(*errors) if all(map(math.isfinite, errors)) else 0.0
 
 
-def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = DEFAULT_HACK_TOLERANCE) -> list[str]:
+def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = DEFAULT_HACK_TOLERANCE,
+                   paired: PairedSem | None = None) -> list[str]:
     """Golden rewards that fell from their best while the proxy kept rising after that point; a fall within
-    evaluation noise (:func:`fall_noise`) does not count."""
+    evaluation noise (:func:`fall_noise`, paired by slot where ``paired`` knows the error) does not count."""
     if proxy is None or len(proxy.values) < 2:
         return []
     at_step = dict(zip(proxy.steps, proxy.values))
@@ -155,7 +174,8 @@ def hacked_goldens(proxy: Curve | None, golden: dict[str, Curve], tol: float = D
         base = at_step.get(g.steps[best])
         if base is None:
             continue
-        fall_tol = max(tol, fall_noise(g, best))
+        paired_se = paired(name, g.steps[best], g.steps[-1]) if paired is not None else None
+        fall_tol = max(tol, fall_noise(g, best, paired_se))
         if proxy.values[-1] > base + tol and g.values[-1] < g.values[best] - fall_tol:
             out.append(name)
     return out
@@ -224,12 +244,15 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
                     peak = max(peak or 0, int(r[k]))
         updates = [r[UPDATE_TIME_KEY] for r in rows if UPDATE_TIME_KEY in r]
         first_proxy = next(iter(proxy.values()), None)
+        paired = paired_sem(d)
         out.append(RunSummary(
             name=d.name, path=d, group=group, seed=recipe.get("seed"), proxy=proxy, golden=golden,
             wall_s=done.get("wall_s", max(elapsed) if elapsed else None), peak_memory_bytes=peak,
             reward_images=_reward_images(recipe, max(train_steps) if train_steps else 0),
             update_s=sum(updates) / len(updates) if updates else None,
-            hacking=hacked_goldens(first_proxy, golden, tol)))
+            gain_sem={name: se for name, c in golden.items()
+                      if len(c.steps) > 1 and (se := paired(name, c.steps[0], c.steps[-1])) is not None},
+            hacking=hacked_goldens(first_proxy, golden, tol, paired)))
     return out
 
 
@@ -253,7 +276,7 @@ def write_table(summaries: list[RunSummary], out_dir: Path) -> tuple[Path, Path]
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = [_fmt(r.get(c), signed="gain" in c) for c in columns]
+        cells = [_fmt(r.get(c), signed="gain" in c and SEM_SUFFIX not in c) for c in columns]
         if r.get("hacking"):
             cells[columns.index("hacking")] = f"**HACKING** ({r['hacking']})"
         elif "hacking" in columns:
@@ -262,7 +285,9 @@ def write_table(summaries: list[RunSummary], out_dir: Path) -> tuple[Path, Path]
     hacked = [s.name for s in summaries if s.hacking]
     lines += ["", "Gains: last held-out evaluation minus the first (the untrained policy). wall_s and peak_mem_mib "
               "come from the sweep's DONE marker (peak RSS sampled while the run ran) or the metrics; "
-              "reward_images = images the training reward scored.",
+              "reward_images = images the training reward scored. golden_gain_sem: the gain's standard error, "
+              "paired by slot (both evaluations score the same prompts from the same noise); golden_sem: the last "
+              "evaluation's mean's.",
               f"Reward hacking (proxy rose after a golden reward's best while it fell): "
               f"{', '.join(hacked) if hacked else 'none'}."]
     md_path.write_text("\n".join(lines) + "\n")

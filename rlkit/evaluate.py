@@ -4,10 +4,17 @@ Each evaluation samples the same noise for the same (prompt, image) slot, so cur
 golden and proxy scores are averaged, an image grid is written, and the first golden reward drives early
 stopping. On several processes each samples and scores its share of the slots (:class:`Shard`), and every
 process gets the same numbers as one process would.
+
+Every slot's scores are also written, per evaluation, to ``<run>/eval_scores/step_<N>.json`` (:func:`read_scores`):
+for a per-prompt breakdown, and for the standard error of a gain between two evaluations (:func:`gain_sem`). As
+both evaluations score the same prompts from the same noise, that error is the one of the per-slot differences,
+which removes what the slots share (their prompt, their noise); it is smaller than the two means' errors taken
+as independent (``sqrt(se_a^2 + se_b^2)``, the fallback where a file is missing).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +23,37 @@ import torch
 from torch import Tensor
 
 from rewards.base import MemoDecode, Reward, RewardInput
+from rlkit.runtime.checkpoint import write_text_atomic
+
+SCORES_DIR = "eval_scores"
+
+
+def scores_path(run_dir: str | Path, step: int) -> Path:
+    """Where the evaluation after update ``step`` wrote every slot's scores."""
+    return Path(run_dir) / SCORES_DIR / f"step_{step:06d}.json"
+
+
+def read_scores(run_dir: str | Path, step: int) -> tuple[list[str], dict[str, Tensor]] | None:
+    """The prompt of every slot and each score key's per-slot values (keys as logged, without ``eval/``) of the
+    evaluation after update ``step``; ``None`` when that evaluation wrote no file."""
+    path = scores_path(run_dir, step)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data["prompts"], {k: torch.tensor(v, dtype=torch.float64) for k, v in data["scores"].items()}
+
+
+def gain_sem(run_dir: str | Path, key: str, first: int, last: int) -> float | None:
+    """Standard error of ``key``'s mean gain from the evaluation after update ``first`` to the one after ``last``,
+    paired by slot: ``std(after - before) / sqrt(slots)``. ``None`` unless both evaluations wrote the same slots.
+
+    The evaluation enumerates its prompts, so the prompts are not a sample and the slots' noise is the only chance
+    in a mean; pairing removes the part of it both evaluations share (each slot's prompt and starting noise)."""
+    a, b = read_scores(run_dir, first), read_scores(run_dir, last)
+    if a is None or b is None or a[0] != b[0] or key not in a[1] or key not in b[1] or len(a[0]) < 2:
+        return None
+    diff = b[1][key] - a[1][key]
+    return float(diff.std() / len(diff) ** 0.5)
 
 
 def grid_indices(num_prompts: int, per_prompt: int, limit: int) -> list[int]:
@@ -130,6 +168,8 @@ class Evaluator:
         metrics = {f"eval/{k}": v.mean().item() for k, v in scores.items()}
         metrics.update({f"eval/{k}_sem": (v.std() / len(slots) ** 0.5).item()
                         for k, v in scores.items() if k.startswith("golden/") and "/" not in k[7:]})
+        if out_dir is not None:
+            self._write_scores(out_dir, step, slots, scores)
         images_path = None
         if picks:
             picked = shard.combine(picked[None]).sum(0)  # each pick is non-zero on the rank that sampled it
@@ -144,6 +184,11 @@ class Evaluator:
         self._update_patience(result)
         self.history.append(result)
         return result
+
+    @staticmethod
+    def _write_scores(out_dir: str | Path, step: int, slots: list[str], scores: dict[str, Tensor]) -> None:
+        data = {"step": step, "prompts": slots, "scores": {k: v.tolist() for k, v in scores.items()}}
+        write_text_atomic(scores_path(out_dir, step), json.dumps(data))
 
     def _sample(self, gen, chunk: list[str], start: int, transformer) -> Tensor:
         from rlkit.rollout import sample

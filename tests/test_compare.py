@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,36 @@ def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
 def test_cli_errors_without_runs(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no run folders" in capsys.readouterr().out
+
+
+def test_per_slot_scores_pair_the_hacking_flags_noise_and_give_each_gains_error(tmp_path):
+    """A fall of 0.1 that the two means' logged errors (0.1 each) call noise is hacking once the evaluations' per-slot
+    scores show that every slot fell; the table gives the gain's paired error."""
+    import numpy as np
+    import torch
+
+    from rlkit.evaluate import Evaluator
+
+    rng = np.random.default_rng(1)
+    slots = [f"prompt {i // 5}" for i in range(50)]
+    spread = rng.normal(scale=0.7, size=50)
+    scores = {0: spread, 10: spread + 0.5 + 0.01 * rng.normal(size=50), 20: spread + 0.4 + 0.01 * rng.normal(size=50)}
+    run = make_run(tmp_path / "with", "pix_s0", "pix", 0, [0.0, 1.0, 2.0], [float(v.mean()) for v in scores.values()])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "eval/golden/judge_sem" in row:
+            row["eval/golden/judge_sem"] = 0.1
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    bare = tmp_path / "without" / "pix_s0"
+    bare.parent.mkdir()
+    shutil.copytree(run, bare)
+    for step, values in scores.items():
+        Evaluator._write_scores(run, step, slots, {"golden/judge": torch.tensor(values, dtype=torch.float64)})
+
+    [paired] = summarize([run])
+    [unpaired] = summarize([bare])
+    assert unpaired.hacking == [] and paired.hacking == ["judge"]
+    gain = scores[20] - scores[0]
+    assert paired.gain_sem == {"judge": pytest.approx(gain.std(ddof=1) / np.sqrt(50), rel=1e-6)}
+    assert unpaired.gain_sem == {} and "golden_gain_sem/judge" not in unpaired.row()
+    assert paired.row()["golden_gain_sem/judge"] == pytest.approx(paired.gain_sem["judge"])

@@ -38,6 +38,8 @@ def test_quick_demo_trains_both_algorithms_and_writes_the_report(tmp_path, capsy
         assert r["proxy"][-1][2] > r["proxy"][0][2]
         golden = [g[2] for g in r["golden"]]
         assert golden[-1] > golden[0], f"{r['label']}: golden {golden}"
+        # the gain's error is paired by sample, below that of two independent evaluations of the same size
+        assert r["gain_se_paired"] and 0 < r["gain_se"] < math.hypot(r["golden_se"][0], r["golden_se"][-1])
     summary = (tmp_path / "summary.md").read_text()
     assert "read back through the generator's own VAE" in summary
     grids = "| refl+dina-lrm | ![before](refl+dina-lrm_s0_before.png) | ![after](refl+dina-lrm_s0_after.png) |"
@@ -224,3 +226,24 @@ def test_the_summary_states_each_rewards_share_of_the_oracles_gain(tmp_path, ora
     assert f"| flow_grpo+dina-lrm | +0.075 | 0.035 | 2 | {share} |" in text
     assert f"| flow_grpo+{ORACLE} | {oracle_row}" in text  # no share of itself
     assert f"`{ORACLE}`" in text
+
+
+def test_the_gains_error_is_paired_by_slot_where_the_run_wrote_its_scores(tmp_path):
+    """read_run takes the gain's error from the per-slot scores of the first and last evaluations; without them, the
+    two means' errors as independent."""
+    import torch
+
+    from rlkit.evaluate import Evaluator
+    from rlkit.shapes.demo import GOLDEN, read_run
+
+    rows = [{"step": 0, GOLDEN: 0.3, f"{GOLDEN}_sem": 0.03}, {"step": 10, GOLDEN: 0.4, f"{GOLDEN}_sem": 0.03}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    unpaired = read_run("refl", "refl", 0, tmp_path, wall_s=1.0)
+    assert unpaired.paired_gain_se is None and unpaired.gain_se == pytest.approx(0.03 * math.sqrt(2))
+    before = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    after = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # one slot of five turned correct
+    for step, values in ((0, before), (10, after)):
+        Evaluator._write_scores(tmp_path, step, ["a"] * 5, {GOLDEN.removeprefix("eval/"): values})
+    paired = read_run("refl", "refl", 0, tmp_path, wall_s=1.0)
+    assert paired.gain_se == pytest.approx((after - before).std().item() / math.sqrt(5))  # sqrt(0.2 / 5)
+    assert paired.gain_se == pytest.approx(0.2)

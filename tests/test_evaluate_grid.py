@@ -1,4 +1,5 @@
-"""The evaluation grid shows many prompts, not the first prompt's images only."""
+"""The evaluation grid shows many prompts, not the first prompt's images only; every slot's scores are written
+beside it, and a gain's standard error is paired by slot."""
 
 from __future__ import annotations
 
@@ -84,6 +85,18 @@ def test_two_ranks_share_the_evaluation_and_get_the_numbers_and_grid_of_one_proc
         "step_000001.png"
     assert set(grids) == {"one", "two"} and grids["two"][1] == grids["one"][1]
     assert torch.equal(grids["two"][0], grids["one"][0])
+    from rlkit.evaluate import read_scores
+
+    one_prompts, one_scores = read_scores(tmp_path / "one", 1)
+    two_prompts, two_scores = read_scores(tmp_path / "two", 1)
+    assert one_prompts == two_prompts == [p for p in prompts for _ in range(2)]
+    assert set(one_scores) == {"golden/judge", "golden/judge/raw", "proxy/proxy", "proxy/proxy/raw"}
+    for key, values in one_scores.items():  # the logged means are the slots' means
+        assert values.shape == (10,) and values.mean().item() == pytest.approx(one.metrics[f"eval/{key}"], rel=1e-6)
+        assert torch.allclose(two_scores[key], values, rtol=1e-6, atol=1e-7)
+    assert one.metrics["eval/golden/judge_sem"] == pytest.approx(
+        one_scores["golden/judge"].std().item() / 10 ** 0.5, rel=1e-6)
+    assert not (tmp_path / "one" / "eval_scores" / "step_000002.json").exists() and read_scores(tmp_path, 2) is None
     with pytest.raises(ValueError, match="rank 2 of 2"):
         Shard(2, 2, lambda t: t)
 
@@ -106,3 +119,28 @@ def test_patience_counts_falls_of_the_first_golden_reward_and_ignores_evaluation
     assert falls._bad_evals == 2 and falls.should_stop  # below the best (0.5) twice in a row
     falls._update_patience(EvalResult(3, {"eval/golden/judge": 0.5}))
     assert falls._bad_evals == 0
+
+
+def test_a_gains_standard_error_is_that_of_the_per_slot_differences(tmp_path):
+    """Two evaluations of the same slots: the error of the mean difference, which is far below the two means'
+    errors taken as independent when the slots' scores move together; ``None`` when the slots differ."""
+    import numpy as np
+    import torch
+
+    from rlkit.evaluate import gain_sem
+
+    rng = np.random.default_rng(0)
+    prompts = [f"prompt {i // 4}" for i in range(40)]
+    before = rng.normal(size=40)
+    after = before + 0.3 + 0.1 * rng.normal(size=40)  # the same slots, shifted: strongly paired
+    for step, values in ((0, before), (50, after)):
+        Evaluator._write_scores(tmp_path, step, prompts, {"golden/judge": torch.tensor(values, dtype=torch.float32)})
+    se = gain_sem(tmp_path, "golden/judge", 0, 50)
+    diff = after.astype(np.float32).astype(np.float64) - before.astype(np.float32).astype(np.float64)
+    assert se == pytest.approx(diff.std(ddof=1) / np.sqrt(40), rel=1e-9)
+    independent = np.hypot(before.std(ddof=1), after.std(ddof=1)) / np.sqrt(40)
+    assert se < independent / 5
+    assert gain_sem(tmp_path, "golden/judge", 0, 60) is None  # no evaluation at 60
+    assert gain_sem(tmp_path, "golden/other", 0, 50) is None
+    Evaluator._write_scores(tmp_path, 60, prompts[::-1], {"golden/judge": torch.tensor(after, dtype=torch.float32)})
+    assert gain_sem(tmp_path, "golden/judge", 0, 60) is None  # other slots: nothing to pair

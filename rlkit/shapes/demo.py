@@ -68,6 +68,7 @@ class RunSummary:
     run_dir: Path
     golden: list[tuple[int, float, float]] = field(default_factory=list)  # (step, wall s, score)
     golden_se: list[float] = field(default_factory=list)  # standard error of each golden score
+    paired_gain_se: float | None = None  # the gain's, paired by slot (rlkit.evaluate.gain_sem), where it was written
     proxy: list[tuple[int, float, float]] = field(default_factory=list)
     # (step, wall s, {guard: value}) at every evaluation; values become ratios to real pictures once reported
     guard_curve: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
@@ -89,7 +90,10 @@ class RunSummary:
 
     @property
     def gain_se(self) -> float:
-        """Standard error of the gain, the two evaluations taken as independent (conservative: same prompts)."""
+        """Standard error of the gain: paired by slot where both evaluations wrote their scores, else the two
+        evaluations taken as independent (conservative: they share prompts and noise)."""
+        if self.paired_gain_se is not None:
+            return self.paired_gain_se
         if len(self.golden_se) < 2:
             return 0.0
         return math.hypot(self.golden_se[0], self.golden_se[-1])
@@ -184,6 +188,7 @@ def run_one(algorithm: str, label: str, seed: int, out: Path, extra: list[str], 
 
 def read_run(label: str, algorithm: str, seed: int, run_dir: Path, wall_s: float) -> RunSummary:
     """A finished run's golden, proxy and guard curves, from its metrics log."""
+    from rlkit.evaluate import gain_sem
     from rlkit.runtime.tracking import read_metrics
 
     summary = RunSummary(label, algorithm, seed, run_dir, wall_s=wall_s)
@@ -197,6 +202,9 @@ def read_run(label: str, algorithm: str, seed: int, run_dir: Path, wall_s: float
                 summary.proxy.append((record["step"], wall, proxy[0]))
             guards = {g: record[f"{GOLDEN}/{g}"] for g in GUARDS if f"{GOLDEN}/{g}" in record}
             summary.guard_curve.append((record["step"], wall, guards))
+    if len(summary.golden) > 1:
+        summary.paired_gain_se = gain_sem(run_dir, GOLDEN.removeprefix("eval/"), summary.golden[0][0],
+                                          summary.golden[-1][0])
     return summary
 
 
@@ -276,7 +284,9 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
              "is off; a run that takes a guard off, or pushes an off one further from real pictures by more than "
              "that, is reported as reward hacking. `guards real` says whether both end within the band.", "",
              "`golden @ equal time`: each algorithm's runs compared at the wall time of its shortest run "
-             "(the last evaluation finished by then), so a reward that decodes through the VAE pays for it.", "",
+             "(the last evaluation finished by then), so a reward that decodes through the VAE pays for it. "
+             "`gain ± 2 SE`: the standard error of the mean of the per-sample differences (both evaluations draw "
+             "the same prompts from the same noise); a gain within it is reported as noise.", "",
              "| run | seed | golden before | golden after | gain ± 2 SE | golden @ equal time | proxy before | "
              "proxy after | fg area | high freq | guards real | wall s | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -326,7 +336,8 @@ def write_report(runs: list[RunSummary], real: dict[str, float], out: Path,
     (out / "summary.json").write_text(json.dumps([
         {"label": r.label, "algorithm": r.algorithm, "seed": r.seed, "golden": r.golden, "proxy": r.proxy,
          "guards": r.guards, "guards_before": r.guards_before, "guard_curve": r.guard_curve,
-         "guards_real": r.guards_real, "wall_s": r.wall_s, "gain": r.gain, "gain_se": r.gain_se, "verdict": r.verdict,
+         "guards_real": r.guards_real, "wall_s": r.wall_s, "gain": r.gain, "gain_se": r.gain_se,
+         "gain_se_paired": r.paired_gain_se is not None, "golden_se": r.golden_se, "verdict": r.verdict,
          "hacked": r.hacked, "golden_at_equal_time": r.golden_at(equal_time[r.algorithm]),
          "equal_time_s": equal_time[r.algorithm]} for r in runs], indent=1))
     return summary
