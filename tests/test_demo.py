@@ -54,6 +54,32 @@ def test_demo_without_checkpoints_says_how_to_rebuild(tmp_path, monkeypatch, cap
     assert f"rlkit shapes build {tmp_path}`" in capsys.readouterr().out
 
 
+def test_recipe_overrides_reach_every_run_after_the_demos_own_and_a_wrong_one_stops_it_first(tmp_path, monkeypatch,
+                                                                                             capsys):
+    import rlkit.shapes.demo as demo
+
+    monkeypatch.setattr(demo, "run_one", lambda *a: pytest.fail("a run started despite a wrong override"))
+    assert main(["--out", str(tmp_path), "eval.sed=7"]) == 2
+    assert "eval.sed: unknown key; did you mean 'seed'?" in capsys.readouterr().out
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(algorithm, label, seed, out, extra, quick):
+        seen.append((label, extra))
+        if len(seen) == 3:
+            raise Stop
+        return demo.RunSummary(label, algorithm, seed, out, golden=[(0, 0.0, 0.3), (10, 1.0, 0.4)])
+
+    monkeypatch.setattr(demo, "run_one", record)
+    with pytest.raises(Stop):
+        main(["--out", str(tmp_path), "--pixel-reward", "eval.seed=7", "optim.lr=1e-4"])
+    assert seen == [("refl+dina-lrm", ["eval.seed=7", "optim.lr=1e-4"]),
+                    ("refl+pixel-clip", [*demo.ARMS["pixel-clip"]["refl"], "eval.seed=7", "optim.lr=1e-4"]),
+                    ("flow_grpo+dina-lrm", ["eval.seed=7", "optim.lr=1e-4"])]
+
+
 @pytest.mark.parametrize("before, after, hacked, real", [
     (1.00, 1.10, False, True),  # within the band
     (1.00, 1.50, True, False),  # a realistic base pushed off

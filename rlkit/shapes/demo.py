@@ -9,7 +9,8 @@ grids for the same seeds, and ``summary.md`` with the numbers.
 ``--quick`` is the shortened run CI uses (minutes); ``--seeds 0 1 2`` repeats each run for mean and spread;
 ``--pixel-reward`` adds the same runs with the pixel-space CLIP reward (decodes through the VAE);
 ``--oracle`` adds Flow-GRPO runs trained on the annotators' noiseless utility, the gain a perfect reward model of
-the preference set gives the same recipe (the summary states each reward's share of it).
+the preference set gives the same recipe (the summary states each reward's share of it); ``KEY=VALUE`` arguments
+override every run's recipe (``eval.seed=7``: other noise for the held-out samples than the recipes were tuned on).
 """
 
 from __future__ import annotations
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle", action="store_true",
                         help="also run Flow-GRPO on the annotators' noiseless utility (a perfect reward model)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="recipe overrides for every run, after the demo's own (e.g. eval.seed=7: other noise for "
+                             "the held-out samples than the recipes were tuned on)")
     args = parser.parse_args(argv)
 
     from rlkit.shapes.judges import ASSETS_DIR
@@ -361,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"rlkit demo: the shipped Shapes checkpoints {missing} are missing from {ASSETS_DIR}; "
               f"rebuild them with `rlkit shapes build {ASSETS_DIR}`")
+        return 2
+    from rlkit.config import ConfigError, load_recipe
+
+    try:  # a wrong override fails here, before any run
+        for algorithm in args.algorithms:
+            load_recipe(RECIPES / f"{algorithm}_shapes.yaml", args.overrides)
+    except ConfigError as exc:
+        print(f"rlkit demo: {exc}")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     arms = ["dina-lrm"] + (["pixel-clip"] if args.pixel_reward else []) + ([ORACLE] if args.oracle else [])
@@ -373,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             if extra is None:
                 print(f"== {algorithm}+{arm}: skipped, the {arm} reward is not differentiable", flush=True)
                 continue
+            extra = [*extra, *args.overrides]
             for seed in args.seeds:
                 label = f"{algorithm}+{arm}"
                 print(f"== {label}, seed {seed}", flush=True)
