@@ -79,7 +79,9 @@ class RewardInput:
     text: TextConditioning | None = None  # cached prompt embeddings of the generator, when shared
     decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [0, 1], differentiable
     images: Tensor | None = None  # (B, 3, H, W) in [0, 1], when already decoded
-    generator: torch.Generator | None = None  # stochastic rewards (DiNa-LRM noise) draw from this
+    # stochastic rewards (DiNa-LRM noise) draw from this; a list holds one per sample (its noise then does not depend
+    # on the batch it is scored in: rlkit's evaluation)
+    generator: torch.Generator | list[torch.Generator] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.prompts)

@@ -1,9 +1,11 @@
 """Held-out evaluation shared by every trainer: fixed prompts, fixed seeds, golden rewards never differentiated.
 
-Each evaluation samples the same noise for the same (prompt, image) slot, so curves compare like with like;
-golden and proxy scores are averaged, an image grid is written, and the first golden reward drives early
-stopping. On several processes each samples and scores its share of the slots (:class:`Shard`), and every
-process gets the same numbers as one process would.
+Each evaluation samples the same noise for the same (prompt, image) slot, so curves compare like with like. The noise
+is drawn per slot, seeded by the evaluation's seed and the slot's index (the sampler's starting noise, and the noise
+a stochastic reward such as DiNa-LRM draws), so a slot's sample and scores do not depend on the batch size or the
+number of processes, and runs whose evaluations share prompts, seed and sampler draw the same samples from the same
+policy. Golden and proxy scores are averaged, an image grid is written, and the first golden reward drives early
+stopping. On several processes each samples and scores its share of the slots (:class:`Shard`).
 
 Every slot's scores are also written, per evaluation, to ``<run>/eval_scores/step_<N>.json`` (:func:`read_scores`):
 for a per-prompt breakdown, and for the standard error of a gain between two evaluations (:func:`gain_sem`). As
@@ -26,6 +28,7 @@ from rewards.base import MemoDecode, Reward, RewardInput
 from rlkit.runtime.checkpoint import write_text_atomic
 
 SCORES_DIR = "eval_scores"
+SCORE_SEED_OFFSET = 2**32  # slot i's sampler noise is seeded seed + i, the noise its rewards draw seed + 2^32 + i
 
 
 def scores_path(run_dir: str | Path, step: int) -> Path:
@@ -101,7 +104,7 @@ class EvalResult:
 
 @torch.no_grad()
 def score_all(rewards: dict[str, Reward], prompts: list[str], latents: Tensor, decode, text=None,
-              generator: torch.Generator | None = None) -> dict[str, Tensor]:
+              generator: torch.Generator | list[torch.Generator] | None = None) -> dict[str, Tensor]:
     """Scores ``latents`` with every reward; the VAE decode is shared and runs only if a pixel reward asks."""
     memo = MemoDecode(decode)
     batch = RewardInput(prompts=prompts, latents=latents, sigmas=torch.zeros(len(prompts), device=latents.device),
@@ -191,14 +194,16 @@ class Evaluator:
         write_text_atomic(scores_path(out_dir, step), json.dumps(data))
 
     def _sample(self, gen, chunk: list[str], start: int, transformer) -> Tensor:
-        from rlkit.rollout import sample
+        from rlkit.rollout import per_image_generators, sample
 
-        g = torch.Generator(device="cpu").manual_seed(self.seed + start)
-        return sample(gen, chunk, num_steps=self.num_steps, guidance_scale=self.guidance_scale, generator=g,
+        generators = per_image_generators(self.seed, range(start, start + len(chunk)))
+        return sample(gen, chunk, num_steps=self.num_steps, guidance_scale=self.guidance_scale, generator=generators,
                       transformer=transformer, resolution=self.resolution)
 
     def _score(self, gen, chunk: list[str], latents: Tensor, start: int) -> dict[str, Tensor]:
-        g = torch.Generator(device="cpu").manual_seed(self.seed + 7919 + start)
+        from rlkit.rollout import per_image_generators
+
+        g = per_image_generators(self.seed + SCORE_SEED_OFFSET, range(start, start + len(chunk)))
         return score_all({**{f"golden/{k}": r for k, r in self.golden.items()},
                           **{f"proxy/{k}": r for k, r in self.proxy.items()}},
                          chunk, latents, gen.decode, text=gen.encode_prompts(chunk), generator=g)

@@ -103,6 +103,26 @@ def test_modes_reproducible_and_differentiable(mode, trained_folder, tiny_sd3_di
     assert reward.scores_noisy_states == (mode == "state")
 
 
+@pytest.mark.parametrize("mode", ["renoise", "ensemble"])
+def test_one_generator_per_sample_makes_a_samples_noise_its_own(mode, trained_folder, tiny_sd3_dir):
+    """With a generator per sample, a sample scores the same alone as in a batch (rlkit's evaluation seeds each slot);
+    a wrong count is refused."""
+    reward = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir), mode=mode)
+    x = torch.randn(2, 4, 8, 8)
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    with torch.no_grad():
+        both = reward(RewardInput(prompts=list(PROMPTS), latents=x, generator=generators([5, 6]))).scores
+        second = reward(RewardInput(prompts=list(PROMPTS[1:]), latents=x[1:], generator=generators([6]))).scores
+        swapped = reward(RewardInput(prompts=list(PROMPTS), latents=x, generator=generators([6, 5]))).scores
+    torch.testing.assert_close(second, both[1:], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(swapped, both, rtol=1e-3, atol=1e-4)  # the noise is the generators', not the batch's
+    with pytest.raises(ValueError, match="holds 1 generators for 2 samples"):
+        reward(RewardInput(prompts=list(PROMPTS), latents=x, generator=generators([5])))
+
+
 def test_noise_needs_an_explicit_generator(trained_folder, tiny_sd3_dir):
     reward = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir))
     with pytest.raises(ValueError, match="generator"):

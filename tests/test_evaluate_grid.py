@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from rewards.base import RewardInput
 from rlkit.evaluate import Evaluator, grid_indices
 
 
@@ -144,3 +145,37 @@ def test_a_gains_standard_error_is_that_of_the_per_slot_differences(tmp_path):
     assert gain_sem(tmp_path, "golden/other", 0, 50) is None
     Evaluator._write_scores(tmp_path, 60, prompts[::-1], {"golden/judge": torch.tensor(after, dtype=torch.float32)})
     assert gain_sem(tmp_path, "golden/judge", 0, 60) is None  # other slots: nothing to pair
+
+
+def test_a_slots_sample_and_scores_do_not_depend_on_the_batch_size(tiny_generator, tiny_sd3_dir, tmp_path):
+    """Every slot draws its own sampler noise and its own reward noise (a DiNa-LRM ensemble here), so evaluations
+    in batches of 1, 4 and 10 give each slot the same scores; another seed gives others."""
+    import torch
+    from test_dina_lrm import randomize_head, tiny_config
+
+    import rewards
+    from rewards.dina_lrm.reward import DiNaLRMReward
+    from rlkit.evaluate import read_scores
+
+    dina = DiNaLRMReward(config=tiny_config(), base_model=str(tiny_sd3_dir), mode="ensemble")
+    dina.raw_scores(RewardInput(prompts=["a"], latents=torch.zeros(1, 4, 8, 8),
+                                generator=torch.Generator().manual_seed(0)))  # materialises the backbone
+    randomize_head(dina)
+    prompts = ["a red circle at the top", "a blue square at the left", "a green cross at the center",
+               "a yellow triangle", "a white circle on the right"]
+
+    def evaluate(batch_size: int, seed: int = 3) -> dict:
+        out = tmp_path / f"b{batch_size}_s{seed}"
+        Evaluator(prompts, images_per_prompt=2, seed=seed, num_steps=2, guidance_scale=1.0,
+                  golden={"judge": rewards.build("latent-direction", seed=1, scale=10.0)}, proxy={"dina": dina},
+                  batch_size=batch_size, resolution=32, grid_images=0).run(tiny_generator, step=0, out_dir=out)
+        return read_scores(out, 0)[1]
+
+    one = evaluate(1)
+    assert one["proxy/dina"].std() > 0
+    for batch_size in (4, 10):
+        scores = evaluate(batch_size)
+        for key in ("golden/judge", "proxy/dina"):
+            torch.testing.assert_close(scores[key], one[key], rtol=1e-4, atol=1e-5)
+    other = evaluate(4, seed=4)
+    assert not torch.allclose(other["golden/judge"], one["golden/judge"], atol=1e-3)

@@ -287,8 +287,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir, caps
     assert (part.run_dir / "recipe.yaml").read_text() == stored
     with (part.run_dir / "metrics.jsonl").open("a") as fh:  # what a run killed after step 2's checkpoint logged
         fh.write(json.dumps({"step": 3, "train/loss": 99.0}) + "\n")
-    resumed = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=3),
-                               override + ["logging.progress=true"])
+    resumed = recipe_from_dict(tiny_recipe(tmp_path / "b", tiny_sd3_dir, max_steps=3),  # evaluated one at a time
+                               override + ["logging.progress=true", "eval.batch_size=1"])
     refl.train(resumed)
     out, err = capsys.readouterr()
     assert bar_counts(err, "tiny")[::len(bar_counts(err, "tiny")) - 1] == [(2, 3), (3, 3)]  # from where it resumed
@@ -302,6 +302,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir, caps
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     log = read_log(resumed.run_dir)
     assert any(r.get("resumed_from") == 2.0 for r in log)
+    final = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in (read_log(full.run_dir)[-1], log[-1])]
+    assert final[0] and final[1] == pytest.approx(final[0], rel=1e-5)  # each sample's noise is its own
     assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3] and 99.0 not in [r["train/loss"] for r in log
                                                                                        if "train/loss" in r]
 

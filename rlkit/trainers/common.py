@@ -257,10 +257,11 @@ def load_training_state(checkpoints, accelerator, *, scheduler, ema, guard) -> d
     return extra
 
 
-# recipe keys a resumed run may change: how long it runs, how often it is evaluated, which golden rewards judge it,
-# how it is logged and checkpointed. Anything else would go on training another run from this one's weights,
-# optimiser and data position, or evaluate it on other prompts, seeds or samplers than its earlier evaluations
-RESUMABLE_CHANGES = ("name", "output_dir", "checkpoint.", "logging.", "eval.every", "eval.golden",
+# recipe keys a resumed run may change: how long it runs, how often and in what batches it is evaluated (each sample
+# draws its own noise), which golden rewards judge it, how it is logged and checkpointed. Anything else would go on
+# training another run from this one's weights, optimiser and data position, or evaluate it on other prompts, seeds
+# or samplers than its earlier evaluations
+RESUMABLE_CHANGES = ("name", "output_dir", "checkpoint.", "logging.", "eval.every", "eval.batch_size", "eval.golden",
                      "eval.early_stopping_patience", "eval.grid_images", "refl.max_steps", "flow_grpo.max_epochs",
                      "reward_model.max_steps", "reward_model.epochs", "reward_model.eval_every")
 
