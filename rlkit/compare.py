@@ -2,8 +2,9 @@
 
 Per run: the proxy reward's gain and every golden reward's gain on the held-out prompts (last evaluation
 minus the first, which is the untrained model), wall time, peak memory, the reward calls of training, and
-the reward-hacking flag. The plot shows proxy and golden curves against steps and against wall time,
-runs grouped by what varied between their recipes (mean line, shaded min-max over seeds).
+the reward-hacking flag. Runs are grouped by what varied between their recipes; where a group holds several runs
+(seeds), a second table gives each group's mean gains and their standard deviation over its runs. The plot shows
+proxy and golden curves against steps and against wall time, per group (mean line, shaded min-max over seeds).
 
 Reward hacking is flagged when, after a golden reward's best evaluation, the proxy kept rising while that
 golden reward fell: ``proxy(last) > proxy(at golden best) + tol`` and ``golden(last) < golden(best) - tol'``
@@ -20,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -264,25 +266,63 @@ def _fmt(value: Any, signed: bool = False) -> str:
     return str(value)
 
 
-def write_table(summaries: list[RunSummary], out_dir: Path) -> tuple[Path, Path]:
-    rows = [s.row() for s in summaries]
+def group_rows(summaries: list[RunSummary]) -> list[dict[str, Any]]:
+    """One row per group of runs (what varied, seeds pooled): how many runs, and the mean and standard deviation
+    over them of the proxy's gain and of every golden gain; how many runs were flagged as hacking."""
+    groups: dict[str, list[RunSummary]] = defaultdict(list)
+    for s in summaries:
+        groups[s.group].append(s)
+    out = []
+    for group, runs in groups.items():
+        row: dict[str, Any] = {"group": group, "runs": len(runs)}
+        gains = {"proxy_gain": [r.proxy_curve.gain for r in runs if r.proxy_curve]}
+        for name in dict.fromkeys(n for r in runs for n in r.golden):
+            gains[f"golden_gain/{name}"] = [r.golden[name].gain for r in runs if name in r.golden]
+        for key, values in gains.items():
+            values = [v for v in values if math.isfinite(v)]
+            row[key] = sum(values) / len(values) if values else None
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        row["hacking"] = sum(bool(r.hacking) for r in runs)
+        out.append(row)
+    return out
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
     columns: list[str] = []
     for r in rows:
         columns += [c for c in r if c not in columns]
+    return columns
+
+
+def _cells(row: dict[str, Any], columns: list[str]) -> list[str]:
+    """A table row's cells; gains signed, their errors and spreads not."""
+    return [_fmt(row.get(c), signed="gain" in c and SEM_SUFFIX not in c and not c.endswith("_std")) for c in columns]
+
+
+def _markdown_table(columns: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(c) + " |" for c in cells)]
+
+
+def write_table(summaries: list[RunSummary], out_dir: Path) -> tuple[Path, Path]:
+    rows = [s.row() for s in summaries]
+    columns = _columns(rows)
     csv_path, md_path = out_dir / "compare.csv", out_dir / "compare.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    cells = []
     for r in rows:
-        cells = [_fmt(r.get(c), signed="gain" in c and SEM_SUFFIX not in c) for c in columns]
-        if r.get("hacking"):
-            cells[columns.index("hacking")] = f"**HACKING** ({r['hacking']})"
-        elif "hacking" in columns:
-            cells[columns.index("hacking")] = "no"
-        lines.append("| " + " | ".join(cells) + " |")
+        cells.append(_cells(r, columns))
+        if "hacking" in columns:
+            cells[-1][columns.index("hacking")] = f"**HACKING** ({r['hacking']})" if r.get("hacking") else "no"
+    lines = _markdown_table(columns, cells)
     hacked = [s.name for s in summaries if s.hacking]
+    groups = group_rows(summaries)
+    if len(groups) < len(summaries):  # some group holds several runs (seeds)
+        group_columns = _columns(groups)
+        lines += ["", "By group: the mean over its runs, and their standard deviation (`_std`); `hacking` counts the "
+                  "flagged runs.", "", *_markdown_table(group_columns, [_cells(g, group_columns) for g in groups])]
     lines += ["", "Gains: last held-out evaluation minus the first (the untrained policy). wall_s and peak_mem_mib "
               "come from the sweep's DONE marker (peak RSS sampled while the run ran) or the metrics; "
               "reward_images = images the training reward scored. golden_gain_sem: the gain's standard error, "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlkit.compare import Curve, hacked_goldens, main, summarize, varied_keys, write_report
+from rlkit.compare import Curve, group_rows, hacked_goldens, main, summarize, varied_keys, write_report
 
 
 def make_run(root: Path, name: str, reward: str, seed: int, proxy: list[float], golden: list[float]) -> Path:
@@ -112,6 +112,15 @@ def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
     assert [r["proxy"] for r in table] == ["dina", "dina", "pix"] and float(table[2]["proxy_gain"]) == 3.0
     md = paths["markdown"].read_text()
     assert "**HACKING** (judge)" in md and "| no |" in md and "Reward hacking" in md and ": pix_s0." in md
+    # the groups, seeds pooled: dina's proxy gains 1.0 and 0.8, golden gains 0.4 and 0.4
+    groups = {g["group"]: g for g in group_rows(list(summaries.values()))}
+    dina = groups["rewards.0.name=dina"]
+    assert dina["runs"] == 2 and dina["hacking"] == 0
+    assert dina["proxy_gain"] == pytest.approx(0.9) and dina["proxy_gain_std"] == pytest.approx(0.02 ** 0.5)
+    assert dina["golden_gain/judge"] == pytest.approx(0.4) and dina["golden_gain/judge_std"] == pytest.approx(0.0)
+    pix = groups["rewards.0.name=pix"]
+    assert pix["runs"] == 1 and pix["hacking"] == 1 and pix["golden_gain/judge_std"] is None
+    assert "By group" in md and "| rewards.0.name=dina | 2 | +0.9 | 0.1414 | +0.4 |" in md
     png = paths["plot"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
