@@ -4,7 +4,9 @@
 "normalize": "zscore"}, ...])``. Each component's score is normalised on its own (``none``, ``affine``
 with ``shift``/``scale``, or a running z-score) before weighting, so rewards of different scales (HPSv3 is
 unbounded, PickScore sits near 21) mix by stated rules. ``extras`` log every component's score before
-and after normalisation, and the component's own extras (its raw scores), under ``<key>/...``.
+and after normalisation, and the component's own extras (its raw scores), under ``<key>/...``. Held-out
+evaluation puts z-scored components on one scale for a whole run: the statistics of the first evaluation
+(:meth:`WeightedReward.held_out_total`), not the running ones, which follow training.
 
 Pixel components share one decode: when the batch carries latents, the mixture wraps the decoder (the
 batch's, or the attached generator's) in a :class:`~rewards.base.MemoDecode` for the call; a mixture
@@ -236,6 +238,39 @@ class WeightedReward(Reward):
         if fn is None or isinstance(fn, MemoDecode):
             return batch
         return dataclasses.replace(batch, decode=MemoDecode(fn))
+
+    @property
+    def zscored(self) -> list[str]:
+        """The keys of the components normalised by running statistics."""
+        return [k for k, spec in zip(self.keys, self.specs) if spec.normalize.kind == "zscore"]
+
+    def held_out_reference(self, scores: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
+        """Mean and standard deviation of each z-scored component's ``<key>/score`` in ``scores`` (one evaluation's
+        samples): the fixed statistics of :meth:`held_out_total`."""
+        return {k: (float(scores[f"{k}/score"].double().mean()), float(scores[f"{k}/score"].double().std(False)))
+                for k in self.zscored}
+
+    def held_out_total(self, scores: Mapping[str, Tensor],
+                       reference: Mapping[str, tuple[float, float]]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total and each component's ``<key>/normalized`` score, recomputed from the components' ``<key>/score`` in
+        ``scores``, each z-scored one by ``reference`` (:meth:`held_out_reference`) instead of the running statistics.
+
+        The running statistics follow the training batches, so held-out scores normalised by them are not on one
+        scale from one evaluation to the next (and before the first update they are not normalised at all);
+        rlkit's evaluator normalises every evaluation by the statistics of its first one, the base policy's."""
+        total: Tensor | None = None
+        normalized: dict[str, Tensor] = {}
+        for key, spec, normalizer, weight in zip(self.keys, self.specs, self.normalizers, self.weights):
+            score = scores[f"{key}/score"]
+            if spec.normalize.kind == "zscore":
+                mean, std = reference[key]
+                normed = score - mean if std <= spec.normalize.eps else (score - mean) / (std + spec.normalize.eps)
+            else:
+                normed = normalizer(score)
+            normalized[f"{key}/normalized"] = normed
+            total = weight * normed if total is None else total + weight * normed
+        assert total is not None
+        return total, normalized
 
     def forward(self, batch: RewardInput) -> RewardOutput:
         batch = self._shared_decode(batch)

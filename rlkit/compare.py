@@ -300,7 +300,10 @@ def _cells(row: dict[str, Any], columns: list[str]) -> list[str]:
 
 
 def _markdown_table(columns: list[str], cells: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(c) + " |" for c in cells)]
+    def line(items: list[str]) -> str:
+        return "| " + " | ".join(items) + " |"
+
+    return [line(columns), "|" + "---|" * len(columns), *map(line, cells)]
 
 
 def write_table(summaries: list[RunSummary], out_dir: Path) -> tuple[Path, Path]:

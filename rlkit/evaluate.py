@@ -136,6 +136,9 @@ class Evaluator:
     grid_images: int = 16
     patience: int = 0
     history: list[EvalResult] = field(default_factory=list)
+    # per reward normalised by running statistics (a mixture with z-scored components): the statistics of its
+    # components' scores at the first evaluation, which every evaluation normalises by (:meth:`_fixed_scale`)
+    reference: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     _bad_evals: int = 0
 
     @property
@@ -167,7 +170,7 @@ class Evaluator:
             for i, slot in enumerate(picks):
                 if start <= slot < start + len(chunk):
                     picked[i] = latents[slot - start].cpu()
-        scores = self._gather_scores(rows, keys, starts, len(slots), shard)
+        scores = self._fixed_scale(self._gather_scores(rows, keys, starts, len(slots), shard))
         metrics = {f"eval/{k}": v.mean().item() for k, v in scores.items()}
         metrics.update({f"eval/{k}_sem": (v.std() / len(slots) ** 0.5).item()
                         for k, v in scores.items() if k.startswith("golden/") and "/" not in k[7:]})
@@ -208,6 +211,22 @@ class Evaluator:
                           **{f"proxy/{k}": r for k, r in self.proxy.items()}},
                          chunk, latents, gen.decode, text=gen.encode_prompts(chunk), generator=g)
 
+    def _fixed_scale(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``scores`` with every reward that normalises by running statistics (``WeightedReward.zscored``) recomputed
+        on one scale for the whole run: the statistics its components' scores had at the first evaluation (the base
+        policy's), instead of the training batches' of the moment."""
+        for prefix, rewards in (("golden", self.golden), ("proxy", self.proxy)):
+            for name, reward in rewards.items():
+                if not getattr(reward, "zscored", None):
+                    continue
+                key = f"{prefix}/{name}"
+                parts = {k.removeprefix(f"{key}/"): v for k, v in scores.items() if k.startswith(f"{key}/")}
+                if key not in self.reference:
+                    self.reference[key] = reward.held_out_reference(parts)
+                scores[key], normalized = reward.held_out_total(parts, self.reference[key])
+                scores.update({f"{key}/{k}": v for k, v in normalized.items()})
+        return scores
+
     def _gather_scores(self, rows: dict[int, dict[str, Tensor]], keys: list[str], starts: list[int],
                        num_slots: int, shard: Shard) -> dict[str, Tensor]:
         """Every slot's scores in slot order, from the batches each rank scored (``rows``: start -> scores)."""
@@ -243,11 +262,13 @@ class Evaluator:
         self._bad_evals = self._bad_evals + 1 if result.metrics[key] < max(past) else 0
 
     def state_dict(self) -> dict:
-        return {"history": [(r.step, r.metrics) for r in self.history], "bad_evals": self._bad_evals}
+        return {"history": [(r.step, r.metrics) for r in self.history], "bad_evals": self._bad_evals,
+                "reference": self.reference}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [EvalResult(step, metrics) for step, metrics in state["history"]]
         self._bad_evals = int(state["bad_evals"])
+        self.reference = {k: {c: tuple(v) for c, v in ref.items()} for k, ref in state.get("reference", {}).items()}
 
     @property
     def should_stop(self) -> bool:

@@ -179,3 +179,46 @@ def test_a_slots_sample_and_scores_do_not_depend_on_the_batch_size(tiny_generato
             torch.testing.assert_close(scores[key], one[key], rtol=1e-4, atol=1e-5)
     other = evaluate(4, seed=4)
     assert not torch.allclose(other["golden/judge"], one["golden/judge"], atol=1e-3)
+
+
+def test_a_zscored_mixture_is_evaluated_on_the_scale_of_the_first_evaluation(tiny_generator, tmp_path):
+    """The running statistics move with training; the same policy evaluated before and after they moved gets the same
+    held-out proxy (it had been raw before the first update and z-scored by the moving statistics after), and a
+    resumed evaluator keeps the scale."""
+    import torch
+
+    import rewards
+
+    def mixture():
+        return rewards.build("weighted", components=[
+            {"name": "latent-direction", "args": {"seed": 2, "scale": 3.0}, "normalize": "zscore", "key": "z"},
+            {"name": "latent-direction", "args": {"seed": 3}, "weight": 0.5, "key": "plain"}])
+
+    prompts = ["a red circle at the top", "a blue square at the left", "a green cross at the center"]
+
+    def evaluator(proxy) -> Evaluator:
+        return Evaluator(prompts, images_per_prompt=3, seed=5, num_steps=2, guidance_scale=1.0, golden={},
+                         proxy={"mix": proxy}, batch_size=4, resolution=32, grid_images=0)
+
+    mix = mixture()
+    first = evaluator(mix)
+    before = first.run(tiny_generator, step=0).metrics
+    assert first.reference["proxy/mix"].keys() == {"z"}
+    plain = before["eval/proxy/mix/plain/score"]
+    assert before["eval/proxy/mix"] == pytest.approx(0.5 * plain, abs=1e-6)  # the z-scored part centred on itself
+    for seed in range(3):  # training batches far from the held-out samples move the running statistics
+        latents = 5 + torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        mix(RewardInput(prompts=prompts * 2, latents=latents))
+    assert int(mix.normalizers[0].count) == 18
+    after = first.run(tiny_generator, step=1).metrics
+    for key in ("eval/proxy/mix", "eval/proxy/mix/z/normalized", "eval/proxy/mix/plain/normalized"):
+        assert after[key] == pytest.approx(before[key], abs=1e-6), key
+    resumed = evaluator(mixture())
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.run(tiny_generator, step=2).metrics["eval/proxy/mix"] == pytest.approx(before["eval/proxy/mix"],
+                                                                                          abs=1e-6)
+    with torch.no_grad():  # another policy: measured on the base policy's scale, its z-scored part moves off 0
+        tiny_generator.transformer.proj_out.bias.add_(1.0)
+    moved = resumed.run(tiny_generator, step=3).metrics
+    assert abs(moved["eval/proxy/mix/z/normalized"]) > 0.1
+    assert moved["eval/proxy/mix/z/score"] != pytest.approx(before["eval/proxy/mix/z/score"], abs=1e-3)

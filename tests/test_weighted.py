@@ -196,6 +196,25 @@ def test_evaluation_scores_leave_the_training_statistics_alone():
     assert int(mix.normalizers[0].count) == 8
 
 
+def test_held_out_total_normalises_the_zscored_components_by_the_given_reference():
+    a, b = rewards.build("latent-direction", seed=1), rewards.build("latent-direction", seed=2)
+    mix = rewards.build("weighted", components=[
+        {"name": "a", "weight": 2.0, "normalize": "zscore"},
+        {"name": "b", "weight": 0.5, "normalize": {"kind": "affine", "shift": 1.0, "scale": 4.0}}],
+        rewards_by_key={"a": a, "b": b})
+    assert mix.zscored == ["a"]
+    scores = {"a/score": torch.tensor([1.0, 2.0, 4.0, 5.0]), "b/score": torch.tensor([3.0, -1.0, 7.0, 0.0])}
+    reference = mix.held_out_reference(scores)
+    assert reference == {"a": (pytest.approx(3.0), pytest.approx(2.5 ** 0.5))}  # population std
+    total, normalized = mix.held_out_total(scores, {"a": (2.0, 0.5)})
+    torch.testing.assert_close(normalized["a/normalized"], (scores["a/score"] - 2.0) / (0.5 + 1e-6))
+    torch.testing.assert_close(normalized["b/normalized"], (scores["b/score"] + 1.0) / 4.0)
+    torch.testing.assert_close(total, 2.0 * normalized["a/normalized"] + 0.5 * normalized["b/normalized"])
+    centred, _ = mix.held_out_total(scores, {"a": (2.0, 0.0)})  # no spread: centred only, as in training
+    torch.testing.assert_close(centred, 2.0 * (scores["a/score"] - 2.0) + 0.5 * normalized["b/normalized"])
+    assert int(mix.normalizers[0].count) == 0  # the running statistics are not touched
+
+
 def test_spec_errors_name_the_field():
     with pytest.raises(ValueError, match=r"components\[1\] has unknown keys \['wieght'\]"):
         rewards.build("weighted", components=[{"name": "latent-direction"}, {"name": "latent-direction", "wieght": 1}])

@@ -256,7 +256,8 @@ class DiNaLRMReward(Reward):
         if isinstance(g, torch.Generator):
             return torch.randn(latents.shape, generator=g, device=g.device, dtype=torch.float32).to(latents.device)
         if len(g) != latents.shape[0]:
-            raise ValueError(f"dina-lrm: RewardInput.generator holds {len(g)} generators for {latents.shape[0]} samples")
+            raise ValueError(f"dina-lrm: RewardInput.generator holds {len(g)} generators for {latents.shape[0]} "
+                             "samples")
         return torch.stack([torch.randn(latents.shape[1:], generator=one, device=one.device, dtype=torch.float32)
                             for one in g]).to(latents.device)
 
