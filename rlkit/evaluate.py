@@ -1,11 +1,11 @@
 """Held-out evaluation shared by every trainer: fixed prompts, fixed seeds, golden rewards never differentiated.
 
-Each evaluation samples the same noise for the same (prompt, image) slot, so curves compare like with like. The noise
-is drawn per slot, seeded by the evaluation's seed and the slot's index (the sampler's starting noise, and the noise
-a stochastic reward such as DiNa-LRM draws), so a slot's sample and scores do not depend on the batch size or the
-number of processes, and runs whose evaluations share prompts, seed and sampler draw the same samples from the same
-policy. Golden and proxy scores are averaged, an image grid is written, and the first golden reward drives early
-stopping. On several processes each samples and scores its share of the slots (:class:`Shard`).
+Each evaluation samples the same noise for the same (prompt, image) slot, so curves compare like with like. The
+noise is drawn per slot, seeded by the evaluation's seed and the slot's index (the sampler's starting noise, and
+apart from it the noise a stochastic reward such as DiNa-LRM draws), so a slot's sample and scores do not depend on
+the batch size or the number of processes, and runs whose evaluations share prompts, seed and sampler draw the same
+samples from the same policy. Golden and proxy scores are averaged, an image grid is written, and the first golden
+reward drives early stopping. On several processes each samples and scores its share of the slots (:class:`Shard`).
 
 Every slot's scores are also written, per evaluation, to ``<run>/eval_scores/step_<N>.json`` (:func:`read_scores`):
 for a per-prompt breakdown, and for the standard error of a gain between two evaluations (:func:`gain_sem`). As
@@ -17,6 +17,7 @@ as independent (``sqrt(se_a^2 + se_b^2)``, the fallback where a file is missing)
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,9 @@ from torch import Tensor
 
 from rewards.base import MemoDecode, Reward, RewardInput
 from rlkit.runtime.checkpoint import write_text_atomic
+from rlkit.runtime.seeding import make_generator
 
 SCORES_DIR = "eval_scores"
-SCORE_SEED_OFFSET = 2**32  # slot i's sampler noise is seeded seed + i, the noise its rewards draw seed + 2^32 + i
 
 
 def scores_path(run_dir: str | Path, step: int) -> Path:
@@ -137,8 +138,9 @@ class Evaluator:
     patience: int = 0
     history: list[EvalResult] = field(default_factory=list)
     # per reward normalised by running statistics (a mixture with z-scored components): the statistics of its
-    # components' scores at the first evaluation, which every evaluation normalises by (:meth:`_fixed_scale`)
-    reference: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    # components' scores at the first evaluation, which every evaluation normalises by (:meth:`_fixed_scale`);
+    # None for a run resumed from a checkpoint that predates it, which goes on with the running statistics
+    reference: dict[str, dict[str, tuple[float, float]]] | None = field(default_factory=dict)
     _bad_evals: int = 0
 
     @property
@@ -204,9 +206,9 @@ class Evaluator:
                       transformer=transformer, resolution=self.resolution)
 
     def _score(self, gen, chunk: list[str], latents: Tensor, start: int) -> dict[str, Tensor]:
-        from rlkit.rollout import per_image_generators
-
-        g = per_image_generators(self.seed + SCORE_SEED_OFFSET, range(start, start + len(chunk)))
+        # a stream of its own per slot: a CPU generator keeps 32 bits of its seed, so seed + 2^32 + i would replay
+        # the sampler's starting noise (seed + i), and a reward re-noising the sample would retrace its path
+        g = [make_generator(self.seed, "eval/reward", i) for i in range(start, start + len(chunk))]
         return score_all({**{f"golden/{k}": r for k, r in self.golden.items()},
                           **{f"proxy/{k}": r for k, r in self.proxy.items()}},
                          chunk, latents, gen.decode, text=gen.encode_prompts(chunk), generator=g)
@@ -215,6 +217,8 @@ class Evaluator:
         """``scores`` with every reward that normalises by running statistics (``WeightedReward.zscored``) recomputed
         on one scale for the whole run: the statistics its components' scores had at the first evaluation (the base
         policy's), instead of the training batches' of the moment."""
+        if self.reference is None:
+            return scores
         for prefix, rewards in (("golden", self.golden), ("proxy", self.proxy)):
             for name, reward in rewards.items():
                 if not getattr(reward, "zscored", None):
@@ -268,7 +272,15 @@ class Evaluator:
     def load_state_dict(self, state: dict) -> None:
         self.history = [EvalResult(step, metrics) for step, metrics in state["history"]]
         self._bad_evals = int(state["bad_evals"])
-        self.reference = {k: {c: tuple(v) for c, v in ref.items()} for k, ref in state.get("reference", {}).items()}
+        reference = state.get("reference", {} if not self.history else None)
+        if reference is None:
+            if any(getattr(r, "zscored", None) for r in (*self.golden.values(), *self.proxy.values())):
+                warnings.warn("evaluation: the checkpoint predates the fixed held-out scale of z-scored rewards, whose "
+                              "first evaluation it would need; this run goes on normalising them by the running "
+                              "training statistics, as its earlier evaluations did", stacklevel=2)
+            self.reference = None
+            return
+        self.reference = {k: {c: tuple(v) for c, v in ref.items()} for k, ref in reference.items()}
 
     @property
     def should_stop(self) -> bool:

@@ -73,11 +73,14 @@ def test_recipe_overrides_reach_every_run_after_the_demos_own_and_a_wrong_one_st
         return demo.RunSummary(label, algorithm, seed, out, golden=[(0, 0.0, 0.3), (10, 1.0, 0.4)])
 
     monkeypatch.setattr(demo, "run_one", record)
-    with pytest.raises(Stop):
-        main(["--out", str(tmp_path), "--pixel-reward", "eval.seed=7", "optim.lr=1e-4"])
+    with pytest.raises(Stop):  # overrides anywhere, even after --seeds, which takes several values
+        main(["--out", str(tmp_path), "eval.seed=7", "--pixel-reward", "--seeds", "0", "optim.lr=1e-4"])
     assert seen == [("refl+dina-lrm", ["eval.seed=7", "optim.lr=1e-4"]),
                     ("refl+pixel-clip", [*demo.ARMS["pixel-clip"]["refl"], "eval.seed=7", "optim.lr=1e-4"]),
                     ("flow_grpo+dina-lrm", ["eval.seed=7", "optim.lr=1e-4"])]
+    monkeypatch.setattr(demo, "run_one", lambda *a: pytest.fail("a run started despite an override of the demo's own"))
+    assert main(["--seeds", "0", "1", "seed=3", "name=mine"]) == 2  # every run would share one seed and one folder
+    assert "name, seed cannot be overridden" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("before, after, hacked, real", [

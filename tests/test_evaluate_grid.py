@@ -183,25 +183,24 @@ def test_a_slots_sample_and_scores_do_not_depend_on_the_batch_size(tiny_generato
 
 def test_a_zscored_mixture_is_evaluated_on_the_scale_of_the_first_evaluation(tiny_generator, tmp_path):
     """The running statistics move with training; the same policy evaluated before and after they moved gets the same
-    held-out proxy (it had been raw before the first update and z-scored by the moving statistics after), and a
-    resumed evaluator keeps the scale."""
+    held-out proxy (it had been raw before the first update and z-scored by the moving statistics after). A resumed
+    evaluator keeps the base policy's scale; one resumed from a checkpoint without it keeps the running statistics."""
+    import warnings
+
     import torch
 
     import rewards
 
-    def mixture():
-        return rewards.build("weighted", components=[
-            {"name": "latent-direction", "args": {"seed": 2, "scale": 3.0}, "normalize": "zscore", "key": "z"},
-            {"name": "latent-direction", "args": {"seed": 3}, "weight": 0.5, "key": "plain"}])
-
+    mix = rewards.build("weighted", components=[
+        {"name": "latent-direction", "args": {"seed": 2, "scale": 3.0}, "normalize": "zscore", "key": "z"},
+        {"name": "latent-direction", "args": {"seed": 3}, "weight": 0.5, "key": "plain"}])
     prompts = ["a red circle at the top", "a blue square at the left", "a green cross at the center"]
 
-    def evaluator(proxy) -> Evaluator:
+    def evaluator() -> Evaluator:
         return Evaluator(prompts, images_per_prompt=3, seed=5, num_steps=2, guidance_scale=1.0, golden={},
-                         proxy={"mix": proxy}, batch_size=4, resolution=32, grid_images=0)
+                         proxy={"mix": mix}, batch_size=4, resolution=32, grid_images=0)
 
-    mix = mixture()
-    first = evaluator(mix)
+    first = evaluator()
     before = first.run(tiny_generator, step=0).metrics
     assert first.reference["proxy/mix"].keys() == {"z"}
     plain = before["eval/proxy/mix/plain/score"]
@@ -213,12 +212,52 @@ def test_a_zscored_mixture_is_evaluated_on_the_scale_of_the_first_evaluation(tin
     after = first.run(tiny_generator, step=1).metrics
     for key in ("eval/proxy/mix", "eval/proxy/mix/z/normalized", "eval/proxy/mix/plain/normalized"):
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
-    resumed = evaluator(mixture())
-    resumed.load_state_dict(first.state_dict())
-    assert resumed.run(tiny_generator, step=2).metrics["eval/proxy/mix"] == pytest.approx(before["eval/proxy/mix"],
-                                                                                          abs=1e-6)
-    with torch.no_grad():  # another policy: measured on the base policy's scale, its z-scored part moves off 0
+    state = first.state_dict()
+
+    with torch.no_grad():  # another policy: on the base policy's scale, its z-scored part moves off 0
         tiny_generator.transformer.proj_out.bias.add_(1.0)
-    moved = resumed.run(tiny_generator, step=3).metrics
+    moved = first.run(tiny_generator, step=2).metrics
     assert abs(moved["eval/proxy/mix/z/normalized"]) > 0.1
-    assert moved["eval/proxy/mix/z/score"] != pytest.approx(before["eval/proxy/mix/z/score"], abs=1e-3)
+    resumed = evaluator()
+    resumed.load_state_dict(state)
+    again = resumed.run(tiny_generator, step=2).metrics
+    assert again["eval/proxy/mix"] == pytest.approx(moved["eval/proxy/mix"], abs=1e-6)
+
+    old = evaluator()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old.load_state_dict({k: v for k, v in state.items() if k != "reference"})
+    assert old.reference is None and any("running training statistics" in str(w.message) for w in caught)
+    running = old.run(tiny_generator, step=2).metrics
+    scale = mix.normalizers[0].var.sqrt().item() + 1e-6
+    expected = (moved["eval/proxy/mix/z/score"] - mix.normalizers[0].mean.item()) / scale
+    assert running["eval/proxy/mix/z/normalized"] == pytest.approx(expected, rel=1e-5)
+    assert old.state_dict()["reference"] is None  # and so on through later resumes
+
+
+def test_a_rewards_noise_is_not_the_samplers_starting_noise(tiny_generator):
+    """Each slot's reward noise is a stream of its own: with seeds 2^32 apart (which a CPU generator folds together)
+    a re-noising reward would have drawn the very noise its sample started from."""
+    import torch
+
+    from rewards.base import Reward, RewardOutput
+
+    drawn = []
+
+    class Probe(Reward):
+        space = "latent"
+
+        def forward(self, batch):
+            noise = torch.stack([torch.randn(batch.latents.shape[1:], generator=g) for g in batch.generator])
+            drawn.append(noise)
+            return RewardOutput(scores=noise.flatten(1).mean(1))
+
+    prompts = ["a red circle at the top", "a blue square at the left"]
+    Evaluator(prompts, images_per_prompt=2, seed=5, num_steps=2, guidance_scale=1.0, golden={}, proxy={"probe": Probe()},
+              batch_size=3, resolution=32, grid_images=0).run(tiny_generator, step=0)
+    noise = torch.cat(drawn)
+    start = torch.stack([torch.randn(noise.shape[1:], generator=torch.Generator().manual_seed(5 + i)) for i in range(4)])
+    assert noise.shape == start.shape and noise.shape[:2] == (4, 4)
+    correlation = torch.corrcoef(torch.stack([noise.flatten(), start.flatten()]))[0, 1]
+    assert abs(correlation) < 0.2 and not torch.allclose(noise, start)
+    assert all(not torch.allclose(noise[i], noise[j]) for i in range(4) for j in range(i))  # and apart per slot

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +173,10 @@ def reconstruction_guard_values(generator: SD3Generator, num: int = 256, seed: i
     pictures = heldout_pictures(num, seed)
     with torch.no_grad():
         return guard_values(generator.decode(generator.encode(pictures)))
+
+
+DEMO_KEYS = ("seed", "name", "output_dir", "checkpoint.resume")  # set by run_one for each run
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a recipe override on the command line (a path like runs/a=b is not)
 
 
 def run_one(algorithm: str, label: str, seed: int, out: Path, extra: list[str], quick: bool) -> RunSummary:
@@ -355,9 +361,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run Flow-GRPO on the annotators' noiseless utility (a perfect reward model)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="recipe overrides for every run, after the demo's own (e.g. eval.seed=7: other noise for "
-                             "the held-out samples than the recipes were tuned on)")
-    args = parser.parse_args(argv)
+                        help="recipe overrides for every run, anywhere on the line (e.g. eval.seed=7: other noise for "
+                             f"the held-out samples than the recipes were tuned on); not of {', '.join(DEMO_KEYS)}, "
+                             "which the demo sets itself")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = [a for a in argv if OVERRIDE.match(a)]  # taken out first: --seeds 0 1 would swallow them
+    args = parser.parse_args([a for a in argv if not OVERRIDE.match(a)])
+    args.overrides = overrides
+    owned = sorted({o.split("=", 1)[0] for o in overrides} & set(DEMO_KEYS))
+    if owned:
+        print(f"rlkit demo: {', '.join(owned)} cannot be overridden: the demo sets {', '.join(DEMO_KEYS)} for each run "
+              "(choose seeds with --seeds and the report folder with --out)")
+        return 2
 
     from rlkit.shapes.judges import ASSETS_DIR
 
