@@ -253,10 +253,11 @@ def test_a_rewards_noise_is_not_the_samplers_starting_noise(tiny_generator):
             return RewardOutput(scores=noise.flatten(1).mean(1))
 
     prompts = ["a red circle at the top", "a blue square at the left"]
-    Evaluator(prompts, images_per_prompt=2, seed=5, num_steps=2, guidance_scale=1.0, golden={}, proxy={"probe": Probe()},
-              batch_size=3, resolution=32, grid_images=0).run(tiny_generator, step=0)
+    Evaluator(prompts, images_per_prompt=2, seed=5, num_steps=2, guidance_scale=1.0, golden={},
+              proxy={"probe": Probe()}, batch_size=3, resolution=32, grid_images=0).run(tiny_generator, step=0)
     noise = torch.cat(drawn)
-    start = torch.stack([torch.randn(noise.shape[1:], generator=torch.Generator().manual_seed(5 + i)) for i in range(4)])
+    start = torch.stack([torch.randn(noise.shape[1:], generator=torch.Generator().manual_seed(5 + i))  # the sampler's
+                         for i in range(4)])
     assert noise.shape == start.shape and noise.shape[:2] == (4, 4)
     correlation = torch.corrcoef(torch.stack([noise.flatten(), start.flatten()]))[0, 1]
     assert abs(correlation) < 0.2 and not torch.allclose(noise, start)
