@@ -12,7 +12,8 @@ with ``tol' = max(tol, 2 se(last - best))``: a fall two standard errors of the d
 gain, so that evaluation noise (and picking the best of several noisy evaluations) is not called hacking. The error
 is paired by slot where both evaluations wrote their per-slot scores (:func:`rlkit.evaluate.gain_sem`), else
 ``sqrt(se(best)^2 + se(last)^2)`` from the logged standard errors of the two means; 0 where neither was written.
-The table gives each golden gain's paired standard error (``golden_gain_sem``) where it can.
+The table gives each golden gain's paired standard error (``golden_gain_sem``) where it can, and ``per_prompt.csv``
+each run's golden score per held-out prompt at the first and last evaluation.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import yaml
 
 from rlkit.config import ALGORITHMS
 from rlkit.confload import flatten
-from rlkit.evaluate import gain_sem
+from rlkit.evaluate import gain_sem, read_scores
 from rlkit.runtime.tracking import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -401,9 +402,32 @@ def write_plot(summaries: list[RunSummary], out_path: Path) -> Path:
     return out_path
 
 
+def per_prompt_rows(summaries: list[RunSummary]) -> list[dict[str, Any]]:
+    """Each run's golden scores per held-out prompt (the mean over its samples) at the first and the last
+    evaluation, read from the evaluations' per-sample scores; runs that did not write them are left out."""
+    rows = []
+    for s in summaries:
+        for name, c in s.golden.items():
+            if len(c.steps) < 2:
+                continue
+            key = f"golden/{name}"
+            first, last = read_scores(s.path, c.steps[0]), read_scores(s.path, c.steps[-1])
+            if first is None or last is None or first[0] != last[0] or key not in first[1] or key not in last[1]:
+                continue
+            slots = defaultdict(list)
+            for i, prompt in enumerate(first[0]):
+                slots[prompt].append(i)
+            for prompt, index in slots.items():
+                before, after = first[1][key][index].mean().item(), last[1][key][index].mean().item()
+                rows.append({"run": s.name, "group": s.group, "golden": name, "prompt": prompt, "samples": len(index),
+                             "first": before, "last": after, "gain": after - before})
+    return rows
+
+
 def write_report(run_dirs: list[str | Path], out_dir: str | Path,
                  tol: float = DEFAULT_HACK_TOLERANCE) -> dict[str, Path]:
-    """Writes ``compare.md``, ``compare.csv``, ``compare.json`` and ``curves.png`` into ``out_dir``."""
+    """Writes ``compare.md``, ``compare.csv``, ``compare.json``, ``curves.png`` and, where the runs wrote per-sample
+    evaluation scores, ``per_prompt.csv`` (:func:`per_prompt_rows`) into ``out_dir``."""
     dirs = expand_run_dirs(list(run_dirs))
     if not dirs:
         raise ValueError(f"no run folders (with {METRICS_FILE}) among {[str(d) for d in run_dirs]}")
@@ -413,7 +437,15 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path,
     md, csv_path = write_table(summaries, out_dir)
     js = out_dir / "compare.json"
     js.write_text(json.dumps([s.row() for s in summaries], indent=1, default=str))
-    return {"markdown": md, "csv": csv_path, "json": js, "plot": write_plot(summaries, out_dir / "curves.png")}
+    paths = {"markdown": md, "csv": csv_path, "json": js, "plot": write_plot(summaries, out_dir / "curves.png")}
+    prompts = per_prompt_rows(summaries)
+    if prompts:
+        paths["per_prompt"] = out_dir / "per_prompt.csv"
+        with paths["per_prompt"].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(prompts[0]))
+            writer.writeheader()
+            writer.writerows(prompts)
+    return paths
 
 
 def main(argv: list[str]) -> int:

@@ -161,3 +161,21 @@ def test_per_slot_scores_pair_the_hacking_flags_noise_and_give_each_gains_error(
     assert paired.gain_sem == {"judge": pytest.approx(gain.std(ddof=1) / np.sqrt(50), rel=1e-6)}
     assert unpaired.gain_sem == {} and "golden_gain_sem/judge" not in unpaired.row()
     assert paired.row()["golden_gain_sem/judge"] == pytest.approx(paired.gain_sem["judge"])
+
+
+def test_per_prompt_scores_at_the_first_and_last_evaluation(tmp_path):
+    import torch
+
+    from rlkit.evaluate import Evaluator
+
+    run = make_run(tmp_path, "dina_s0", "dina", 0, [0.0, 0.5, 1.0], [0.25, 0.5, 0.75])
+    slots = ["a red circle", "a red circle", "a blue square", "a blue square"]
+    for step, values in ((0, [0.0, 1.0, 0.0, 0.0]), (10, [1.0, 1.0, 0.0, 0.0]), (20, [1.0, 1.0, 1.0, 0.0])):
+        Evaluator._write_scores(run, step, slots, {"golden/judge": torch.tensor(values)})
+    bare = make_run(tmp_path, "pix_s0", "pix", 0, [0.0, 1.0], [0.0, 0.1])  # wrote no per-sample scores
+    paths = write_report([run, bare], tmp_path / "report")
+    rows = list(csv.DictReader(paths["per_prompt"].open()))
+    assert [(r["run"], r["prompt"], r["samples"], float(r["first"]), float(r["last"]), float(r["gain"]))
+            for r in rows] == [("dina_s0", "a red circle", "2", 0.5, 1.0, 0.5),
+                               ("dina_s0", "a blue square", "2", 0.0, 0.5, 0.5)]
+    assert "per_prompt" not in write_report([bare], tmp_path / "bare")
