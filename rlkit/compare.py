@@ -419,8 +419,8 @@ def per_prompt_rows(summaries: list[RunSummary]) -> list[dict[str, Any]]:
                 slots[prompt].append(i)
             for prompt, index in slots.items():
                 before, after = first[1][key][index].mean().item(), last[1][key][index].mean().item()
-                rows.append({"run": s.name, "group": s.group, "golden": name, "prompt": prompt, "samples": len(index),
-                             "first": before, "last": after, "gain": after - before})
+                rows.append({"run": s.name, "golden": name, "prompt": prompt, "samples": len(index),
+                             "first": round(before, 6), "last": round(after, 6), "gain": round(after - before, 6)})
     return rows
 
 
