@@ -1,7 +1,8 @@
-"""Two CPU processes (gloo) under accelerate DDP and DeepSpeed ZeRO-2/3 equal one process on the union of their data.
+"""Two CPU processes (gloo) under accelerate DDP and DeepSpeed ZeRO-2/3 equal one process on the union of their data;
+in bf16, the EMA averages DeepSpeed's fp32 master weights.
 
-Each test launches ``tests/dist_scripts/zero_equivalence.py`` with the shipped launcher file
-``recipes/accelerate/{ddp,zero2,zero3}.yaml`` and checks what every rank wrote.
+Each test launches a script of ``tests/dist_scripts/`` (``zero_equivalence.py``, ``ema_masters.py``) with the shipped
+launcher file ``recipes/accelerate/{ddp,zero2,zero3}.yaml`` and checks what every rank wrote.
 """
 
 from __future__ import annotations
@@ -53,19 +54,19 @@ def reference(script):
     return initial, *script.reference_params(WORLD)
 
 
-def _launch(stage: int, out: Path) -> float:
+def _launch(stage: int, out: Path, script: Path = SCRIPT) -> float:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)  # would make accelerate drop DeepSpeed
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(ROOT / "recipes" / "accelerate" / f"{LAUNCHERS[stage]}.yaml"),
            "--num_processes", str(WORLD), "--main_process_port", str(_free_port()),
-           str(SCRIPT), "--out", str(out), "--stage", str(stage)]
+           str(script), "--out", str(out), "--stage", str(stage)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    print(f"{LAUNCHERS[stage]} 2-process run: {elapsed:.1f} s")
+    print(f"{LAUNCHERS[stage]} 2-process run of {script.name}: {elapsed:.1f} s")
     return elapsed
 
 
@@ -110,3 +111,21 @@ def test_zero_two_ranks_equal_one_process_on_union(stage, tmp_path, script, refe
         assert r["resumed_step"] == script.STEPS and r["resumed_ema_updates"] == script.STEPS
         assert any(not torch.equal(r["moved_params"][n], r["params"][n]) for n in changed)
         assert all(torch.equal(r["restored_params"][n], r["params"][n]) for n in want)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_the_ema_of_a_bf16_run_averages_the_fp32_master_weights(stage, tmp_path):
+    """With decay 0 the average is the latest value: DeepSpeed's fp32 master exactly, not the module's bf16 copy
+    (which differs from it by up to half a bf16 step); applying the EMA writes its bf16 rounding into the module and
+    leaves the module as it was afterwards."""
+    _launch(stage, tmp_path, ROOT / "tests" / "dist_scripts" / "ema_masters.py")
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(WORLD)]
+    for r in ranks:
+        assert r["dtype"] == "torch.bfloat16"
+        for average, master, module in zip(r["averages"], r["masters"], r["copies"]):
+            assert all(a.dtype == m.dtype == torch.float32 for a, m in zip(average, master))
+            assert all(torch.equal(a, m) for a, m in zip(average, master))
+            assert max(float((m - c.float()).abs().max()) for m, c in zip(master, module)) > 1e-3
+        assert all(torch.equal(i, a.to(torch.bfloat16)) for i, a in zip(r["inside"], r["averages"][-1]))
+        assert all(torch.equal(x, y) for x, y in zip(r["after"], r["before"]))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["averages"][-1], ranks[1]["averages"][-1]))

@@ -49,6 +49,18 @@ def test_applied_swaps_in_ema_weights_and_restores_after_exception():
     torch.testing.assert_close(ema.shadow[0], torch.tensor([2.0, 2.5]))
 
 
+def test_applying_bf16_weights_leaves_the_float32_average_exact():
+    """The swap back used to store the rounded copy it had written into the parameter as the average."""
+    p = _param(1.0, 2.0, dtype=torch.bfloat16)
+    ema = EMA([p], decay=0.5)
+    ema.shadow[0].copy_(torch.tensor([1.0 + 2**-12, 2.0 - 2**-11]))  # finer than bf16's 2^-7 steps near 1
+    average = ema.shadow[0].clone()
+    for _ in range(3):
+        with ema.applied():
+            assert p.tolist() == [1.0, 2.0]  # what bf16 holds of the average
+    assert torch.equal(ema.shadow[0], average) and p.tolist() == [1.0, 2.0]
+
+
 def test_ema_tracks_a_training_run_and_state_round_trips():
     torch.manual_seed(0)
     model = nn.Linear(4, 1)

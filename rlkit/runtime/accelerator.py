@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from rlkit.config import LaunchConfig
 
@@ -156,6 +156,23 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def full_precision(params: Iterable[nn.Parameter]) -> list[Tensor]:
+    """Each parameter's value in float32, whole: DeepSpeed's fp32 master copy where its optimiser keeps one (under
+    bf16 or fp16 the module holds a rounded copy of it; under ZeRO-3 a partition), else the parameter, upcast.
+
+    Where DeepSpeed holds the masters every rank must call it (it gathers their partitions)."""
+    params = list(params)
+    if not any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in params):
+        return [p.detach().float() for p in params]
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = []
+    for p in params:
+        master = safe_get_full_fp32_param(p)
+        out.append(p.detach().float() if master is None else master.detach().float())
+    return out
 
 
 def set_deepspeed_batch_size(accelerator, micro_batch: int) -> None:

@@ -1,10 +1,12 @@
 """Exponential moving average of the trainable weights, for evaluation and export.
 
 ``shadow = decay * shadow + (1 - decay) * param`` every ``update_every``-th call of :meth:`EMA.update`.
-The shadow copy is float32 whatever the parameters' dtype. Under DeepSpeed ZeRO-3 the parameters are gathered
-for each update and swap (every rank keeps the whole shadow of the trainable weights: cheap for LoRA, large
-for full fine-tuning), and the swap writes through DeepSpeed's ``GatheredParameters(modifier_rank=0)``, the
-supported way to change partitioned weights.
+The shadow copy is float32 whatever the parameters' dtype, and it averages float32 values: under DeepSpeed with
+bf16 or fp16 the optimiser's fp32 master weights (:func:`rlkit.runtime.accelerator.full_precision`), not the
+module's rounded copies, which would hold the average up to half a bf16 step behind. Under DeepSpeed ZeRO-3 the
+parameters are gathered for each update and for :meth:`EMA.applied` (every rank keeps the whole shadow of the
+trainable weights: cheap for LoRA, large for full fine-tuning), which writes through DeepSpeed's
+``GatheredParameters(modifier_rank=0)``, the supported way to change partitioned weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlkit.runtime.accelerator import gathered
+from rlkit.runtime.accelerator import full_precision, gathered
 
 MODIFIER_RANK = 0  # under ZeRO-3, the rank whose swapped values are re-partitioned (all ranks hold the same)
 
@@ -35,7 +37,7 @@ class EMA:
         self.calls = 0  # update() calls
         self.num_updates = 0  # averaging steps actually taken
         with torch.no_grad(), gathered(self.params):
-            self.shadow = [p.detach().float().clone() for p in self.params]
+            self.shadow = [value.clone() for value in full_precision(self.params)]
 
     @torch.no_grad()
     def update(self) -> bool:
@@ -47,28 +49,25 @@ class EMA:
         if self.calls % self.update_every:
             return False
         with gathered(self.params):
-            for shadow, param in zip(self.shadow, self.params):
-                shadow.lerp_(param.detach().float(), 1.0 - self.decay)
+            for shadow, value in zip(self.shadow, full_precision(self.params)):
+                shadow.lerp_(value, 1.0 - self.decay)
         self.num_updates += 1
         return True
 
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchanges the live weights and the EMA weights (call again to undo). Every rank must call it."""
-        with gathered(self.params, modifier_rank=MODIFIER_RANK):
-            for shadow, param in zip(self.shadow, self.params):
-                current = param.detach().float().clone()
-                param.data.copy_(shadow.to(param.dtype))
-                shadow.copy_(current)
-
     @contextmanager
     def applied(self) -> Iterator[None]:
-        """Runs the body with the EMA weights in place; the trained weights come back afterwards."""
-        self.swap()
+        """Runs the body with the EMA weights in place (in the parameters' dtype); the live weights come back
+        afterwards, exactly, and the float32 average is left as it was. Every rank must enter it."""
+        with torch.no_grad(), gathered(self.params, modifier_rank=MODIFIER_RANK):
+            live = [param.detach().clone() for param in self.params]
+            for shadow, param in zip(self.shadow, self.params):
+                param.data.copy_(shadow.to(param.dtype))
         try:
             yield
         finally:
-            self.swap()
+            with torch.no_grad(), gathered(self.params, modifier_rank=MODIFIER_RANK):
+                for value, param in zip(live, self.params):
+                    param.data.copy_(value)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "update_every": self.update_every, "calls": self.calls,
