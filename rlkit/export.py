@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -11,12 +12,16 @@ from rlkit.runtime.checkpoint import write_folder_atomic
 
 
 def export_policy_lora(transformer: torch.nn.Module, adapter_name: str, out_dir: str | Path,
-                       recipe_file: str | Path | None = None) -> Path:
-    """Writes ``pytorch_lora_weights.safetensors`` (diffusers' SD3 LoRA format) and the resolved recipe."""
+                       recipe_file: str | Path | None = None, weights: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Writes ``pytorch_lora_weights.safetensors`` (diffusers' SD3 LoRA format) and the resolved recipe.
+
+    ``weights`` (parameter name -> value) stand in for the module's values of those parameters: the trainers pass
+    float32 ones (the EMA's average, or DeepSpeed's fp32 masters) where a bf16 run's module holds rounded copies."""
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    source = None if weights is None else {**transformer.state_dict(), **weights}
+    state = get_peft_model_state_dict(transformer, state_dict=source, adapter_name=adapter_name)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     config = transformer.peft_config[adapter_name]
 

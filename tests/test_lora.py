@@ -187,3 +187,37 @@ def test_lora_state_dict_roundtrip(base_transformer):
         torch.testing.assert_close(value, state[key])
     with pytest.raises(KeyError, match="missing"):
         load_lora_state_dict(other, "A", dict(list(state.items())[1:]))
+
+
+def test_a_bf16_policy_exports_the_float32_weights_it_is_given(base_transformer, tmp_path):
+    """A DeepSpeed bf16 run's module holds rounded LoRA weights; the export writes the float32 ones the trainer passes
+    (the EMA's average, else the fp32 masters), and ``trainable_weights`` picks them by parameter."""
+    from safetensors.torch import load_file
+
+    from rlkit.export import export_policy_lora
+    from rlkit.runtime.ema import EMA
+    from rlkit.trainers.common import trainable_weights
+
+    model = copy.deepcopy(base_transformer)
+    add_lora(model, "policy", RANK, ALPHA, init="random")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    exact = {n: 1.0 + 0.01 * torch.randn(p.shape, generator=g) for n, p in named}  # finer than bf16 resolves
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(exact[n])
+    module = trainable_weights(model)  # no EMA, no DeepSpeed: the module's own values
+    assert all(torch.equal(module[n], p.float()) and not torch.equal(module[n], exact[n]) for n, p in named)
+    ema = EMA([p for _, p in named], decay=0.5)
+    for shadow, (n, _) in zip(ema.shadow, named):
+        shadow.copy_(exact[n])
+    assert all(torch.equal(v, exact[n]) for n, v in trainable_weights(model, ema).items())
+
+    written = load_file(export_policy_lora(model, "policy", tmp_path / "exact", weights=exact)
+                        / "pytorch_lora_weights.safetensors")
+    rounded = load_file(export_policy_lora(model, "policy", tmp_path / "module") / "pytorch_lora_weights.safetensors")
+    assert written.keys() == rounded.keys() and len(written) == len(named)
+    for n, _ in named:
+        key = "transformer." + n.replace(".policy.", ".")
+        assert torch.equal(written[key], exact[n]) and torch.equal(rounded[key], exact[n].to(torch.bfloat16).float())

@@ -190,6 +190,20 @@ def over_ranks(accelerator, stats: dict[str, float]) -> dict[str, float]:
     return {k: float(every[:, i].max() if k.endswith("_max") else every[:, i].mean()) for i, k in enumerate(keys)}
 
 
+def trainable_weights(model: torch.nn.Module, ema=None) -> dict[str, torch.Tensor]:
+    """The trainable parameters' float32 values by name, whole: the EMA's average where there is one, else the
+    weights (:func:`rlkit.runtime.accelerator.full_precision`: DeepSpeed's fp32 masters in a bf16 run). Every rank
+    must call it."""
+    from rlkit.runtime.accelerator import full_precision, gathered
+
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if ema is not None:
+        average = {id(p): shadow for p, shadow in zip(ema.params, ema.shadow)}
+        return {name: average[id(p)] for name, p in named}
+    with torch.no_grad(), gathered(p for _, p in named):
+        return dict(zip((name for name, _ in named), (v.clone() for v in full_precision(p for _, p in named))))
+
+
 def ema_weights(ema) -> contextlib.AbstractContextManager:
     """The body runs with the EMA weights in place (a no-op without EMA)."""
     return ema.applied() if ema is not None else contextlib.nullcontext()

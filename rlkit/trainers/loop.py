@@ -228,9 +228,12 @@ class PolicyRun(common.Processes):
         model = self.accelerator.unwrap_model(self.model)
         recipe_file = self.run_dir / "recipe.yaml"
         out = self.run_dir / "export"
+        if self.recipe.lora.enabled:  # float32 values, whatever precision the module runs in
+            weights = common.trainable_weights(model, self.ema)
+            if not self.accelerator.is_main_process:
+                return None
+            return export_policy_lora(model, self.recipe.lora.adapter_name, out, recipe_file, weights=weights)
         with common.ema_weights(self.ema), gathered(p for p in model.parameters() if p.requires_grad):
             if not self.accelerator.is_main_process:
                 return None
-            if self.recipe.lora.enabled:
-                return export_policy_lora(model, self.recipe.lora.adapter_name, out, recipe_file)
             return export_full_transformer(model, out, recipe_file)
