@@ -12,7 +12,8 @@ from rlkit.runtime.checkpoint import write_folder_atomic
 
 
 def export_policy_lora(transformer: torch.nn.Module, adapter_name: str, out_dir: str | Path,
-                       recipe_file: str | Path | None = None, weights: Mapping[str, torch.Tensor] | None = None) -> Path:
+                       recipe_file: str | Path | None = None,
+                       weights: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Writes ``pytorch_lora_weights.safetensors`` (diffusers' SD3 LoRA format) and the resolved recipe.
 
     ``weights`` (parameter name -> value) stand in for the module's values of those parameters: the trainers pass
