@@ -8,11 +8,12 @@
    Attention is counted (on meta tensors it runs as two batched matmuls; CPU's fused kernel would count 0).
 2. Per ReFL step and per Flow-GRPO / -Fast epoch image at SD3.5-M shapes, with each reward, DiNa-LRM sharing the
    policy's blocks or loading its own copy: FLOPs and an estimated peak memory, from the per-call costs times
-   the call counts of the shipped SD3.5-M recipes (the model is printed with the table), and the ratios the
-   paper's Figure 4 reports for HPSv3 -> DiNa-LRM.
+   the call counts of the shipped SD3.5-M recipes (the model is printed with the table), and, at 1024 px, the
+   ratios the paper's Figure 4 reports for HPSv3 -> DiNa-LRM.
 3. Measured on this machine with tiny models: wall time and peak RSS of one ReFL step with a latent reward,
    DiNa-LRM on the generator's blocks, and a decode + pixel reward; Flow-GRPO vs -Fast vs -Fast + window_end
-   epochs. ``--device cuda`` measures the same steps on a GPU (time and torch.cuda.max_memory_allocated).
+   epochs at equal settings but the window. ``--device cuda`` measures the same steps on a GPU (time and
+   torch.cuda.max_memory_allocated).
 
     rlkit bench [--quick] [--resolutions 512 1024] [--json out.json] [--device cpu|cuda] [--no-measure]
 """
@@ -39,7 +40,9 @@ GIB = 2**30
 MIB = 2**20
 CFG_BRANCHES = 2  # classifier-free guidance runs the transformer on the prompt and on the empty prompt
 PAPER_FIGURE4 = {"peak_memory": -0.514, "reward_flops": -0.711, "update_flops": -0.464}  # HPSv3 -> DiNa-LRM
+PAPER_FIGURE4_RESOLUTION = 1024  # the paper's Figure 4: a ReFL step at 1024^2, batch 1
 REFL_RECIPE = "refl_sd35.yaml"
+FLOW_GRPO_RECIPE = "flow_grpo_sd35.yaml"
 FAST_RECIPE = "flow_grpo_fast_sd35.yaml"
 DINA_ENSEMBLE_LEVELS = (0.2, 0.5, 0.7)
 DINA_SIGMA = 0.4
@@ -117,15 +120,13 @@ def dina_model(transformer, dtype: torch.dtype):
     return model
 
 
-def dina_costs(model, transformer, resolution: int, dtype: torch.dtype) -> list[RewardCallCost]:
-    """DiNa-LRM at one noise level and as the K = 3 noise ensemble."""
-    from rewards.dina_lrm.flops import CLIP_TOKENS
-
+def dina_costs(model, transformer, resolution: int, text_tokens: int, dtype: torch.dtype) -> list[RewardCallCost]:
+    """DiNa-LRM at one noise level and as the K = 3 noise ensemble, given ``text_tokens`` of conditioning."""
     config = model.config
     lora = sum(p.numel() for p in model.lora_parameters())
     head = sum(p.numel() for p in model.head_parameters())
     backbone = sum(p.numel() for p in model.tapped_backbone.parameters()) - lora
-    latents, text = _sd3_inputs(transformer, resolution, CLIP_TOKENS + config.max_sequence_length, dtype)
+    latents, text = _sd3_inputs(transformer, resolution, text_tokens, dtype)
     with torch.device("meta"):
         noise = torch.empty_like(latents, requires_grad=False)
     single = pass_cost(lambda: model.score(latents, torch.full((1,), DINA_SIGMA, device="meta"), text), [latents],
@@ -211,17 +212,24 @@ def reward_call_costs(resolutions: tuple[int, ...], dtype: torch.dtype = torch.b
                       ) -> tuple[list[RewardCallCost], dict[int, GeneratorCost]]:
     from rewards.dina_lrm.flops import CLIP_TOKENS
     from rlkit.config import load_recipe
+    from rlkit.models.lora import add_lora
 
     recipe = load_recipe(_recipe_path(REFL_RECIPE))
+    text_tokens = CLIP_TOKENS + recipe.model.max_sequence_length  # the generator's conditioning, which the
+    # trainers pass to DiNa-LRM as well
     transformer = _meta_transformer(dtype)
+    if recipe.lora.enabled:  # the policy's adapter: its inputs are kept for its gradient
+        with torch.device("meta"):
+            add_lora(transformer, recipe.lora.adapter_name, rank=recipe.lora.rank, alpha=recipe.lora.alpha,
+                     target_modules=list(recipe.lora.target_modules), init=recipe.lora.init)
     # the generator is measured before DiNa-LRM puts its adapter on the same blocks
-    gens = {res: generator_cost(transformer, res, CLIP_TOKENS + recipe.model.max_sequence_length, dtype)
-            for res in resolutions}
-    dina = dina_model(transformer, dtype)
+    gens = {res: generator_cost(transformer, res, text_tokens, dtype) for res in resolutions}
+    with torch.device("meta"):  # peft adds a second adapter's weights on the default device
+        dina = dina_model(transformer, dtype)
     pick_params, pick = pickscore_cost(dtype)
     rows = []
     for res in resolutions:
-        rows += dina_costs(dina, transformer, res, dtype)
+        rows += dina_costs(dina, transformer, res, text_tokens, dtype)
         dec_params, dec = decode_cost(res, dtype)
         rows.append(RewardCallCost("decode+pickscore", res, dec_params + pick_params, dec_params + pick_params,
                                    dec.forward_flops + pick.forward_flops, dec.backward_flops + pick.backward_flops,
@@ -249,10 +257,13 @@ for every reward, and cached):
   total = update + the no-grad sampling
   Flow-GRPO epoch (per image) = rollout: sampled steps x CFG x transformer forward + reward forward
              + updates: trained steps x CFG x (forward + backward, + a reference forward when kl_beta > 0)
-             (-Fast trains window_size steps; window_end stops the rollout at the window's end and scores there)
+             (trained steps: the window's, less the grid's last step unless train_last_step; each recipe at its
+             own settings: flow_grpo_sd35.yaml trains 9 of 10 steps at CFG 4.5, -Fast 3 at CFG 1; window_end
+             stops the rollout at the window's end and scores there)
   peak memory = generator weights + reward weights it does not share (shared DiNa-LRM: LoRA + head only;
              separate: its own 12-block copy) + activations kept for the backward pass (ReFL: transformer
-             grad steps + the reward's; Flow-GRPO: one transformer call, the reward runs without gradient)."""
+             grad steps + the reward's; Flow-GRPO: one trained step's call, both CFG branches in one batch, the
+             reward runs without gradient)."""
 
 
 @dataclass
@@ -271,7 +282,7 @@ def refl_step_costs(calls: list[RewardCallCost], gens: dict[int, GeneratorCost])
     from rlkit.config import load_recipe
 
     cfg = load_recipe(_recipe_path(REFL_RECIPE)).refl
-    cfg_mult = CFG_BRANCHES if cfg.guidance_scale > 1 else 1
+    cfg_mult = _cfg_branches(cfg.guidance_scale)
     k = sum(cfg.grad_step_range) / 2
     out = []
     for c in calls:
@@ -293,27 +304,46 @@ def _backbones(c: RewardCallCost) -> list[tuple[str, int]]:
     return [("-", c.own_params)]
 
 
-def grpo_epoch_costs(calls: list[RewardCallCost], gens: dict[int, GeneratorCost]) -> list[PlanCost]:
+def _cfg_branches(guidance_scale: float) -> int:
+    """Transformer calls per sampling step: CFG runs two at every scale but 1 (``rollout.guided_velocity``)."""
+    from rlkit.rollout import NO_GUIDANCE
+
+    return 1 if guidance_scale == NO_GUIDANCE else CFG_BRANCHES
+
+
+def grpo_recipes() -> dict[str, Any]:
+    """The Flow-GRPO settings of the shipped SD3.5-M recipes: Flow-GRPO (``flow_grpo_sd35.yaml``: every step
+    stochastic and trained, CFG 4.5), -Fast (``flow_grpo_fast_sd35.yaml``) and -Fast scoring at its window's end."""
+    from dataclasses import replace
+
     from rlkit.config import load_recipe
-    from rlkit.trainers.flow_grpo import cost_variants
 
     fast = load_recipe(_recipe_path(FAST_RECIPE)).flow_grpo
+    return {"flow_grpo": load_recipe(_recipe_path(FLOW_GRPO_RECIPE)).flow_grpo,
+            "fast": replace(fast, reward_at="final"), "fast_window_end": replace(fast, reward_at="window_end")}
+
+
+def grpo_epoch_costs(calls: list[RewardCallCost], gens: dict[int, GeneratorCost]) -> list[PlanCost]:
+    from rlkit.trainers.flow_grpo import trained_positions
+
     out = []
-    for variant, cfg in cost_variants(fast).items():
-        cfg_mult = CFG_BRANCHES if cfg.guidance_scale > 1 else 1
+    for variant, cfg in grpo_recipes().items():
+        cfg_mult = _cfg_branches(cfg.guidance_scale)
         window_end = sum(cfg.window_start_range) / 2 + cfg.window_size
         sampled = min(window_end, cfg.num_steps) if cfg.reward_at == "window_end" else cfg.num_steps
         per_trained = 1 + (1 if cfg.kl_beta > 0 else 0)
+        trained = len(trained_positions(cfg, cfg.window_start_range[0]))  # the grid's last step is not trained
         for c in calls:
             if cfg.reward_at == "window_end" and not c.reward.startswith("dina"):
                 continue  # a pixel reward cannot score a noisy state
             g = gens[c.resolution]
             rollout = sampled * cfg_mult * g.step.forward_flops + c.forward_flops
-            update = cfg.inner_epochs * cfg.window_size * cfg_mult * (
+            update = cfg.inner_epochs * trained * cfg_mult * (
                 per_trained * g.step.forward_flops + g.step.backward_flops)
             for backbone, extra in _backbones(c):
                 out.append(PlanCost(f"grpo_{variant}", c.reward, backbone, c.resolution, c.forward_flops, update,
-                                    rollout + update, BF16_BYTES * (g.params + extra) + g.step.activation_bytes))
+                                    rollout + update,
+                                    BF16_BYTES * (g.params + extra) + cfg_mult * g.step.activation_bytes))
     return out
 
 
@@ -497,8 +527,8 @@ def format_table(result: BenchResult) -> str:
                      f"{p.update_flops / TERA:>11.1f}{p.total_flops / TERA:>10.1f}{p.peak_bytes / GIB:>10.1f}")
     lines += ["", "HPSv3 -> DiNa-LRM (shared), ReFL step, change (this model | paper Figure 4):"]
     for res, fig in result.figure4.items():
-        parts = [f"{k} {v:+.1%} | " + (f"{PAPER_FIGURE4[k]:+.1%}" if k in PAPER_FIGURE4 else "-")
-                 for k, v in fig.items()]
+        paper = PAPER_FIGURE4 if int(res) == PAPER_FIGURE4_RESOLUTION else {}  # the paper measured 1024 only
+        parts = [f"{k} {v:+.1%} | " + (f"{paper[k]:+.1%}" if k in paper else "-") for k, v in fig.items()]
         lines.append(f"  {res}px: " + "; ".join(parts))
     if result.measured:
         lines += ["", f"Measured on this machine ({result.device}), tiny models, median of repeats:",

@@ -10,6 +10,7 @@ import resource
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -102,17 +103,21 @@ class _AttentionScope(torch.overrides.TorchFunctionMode):
 
 
 class SavedActivations:
-    """``with SavedActivations(exclude=params) as s: out = f(x)`` -> ``s.bytes``: what autograd keeps for the
-    backward pass (each tensor's storage counted once, views by their base; parameters and ``exclude``
-    (weights, buffers) are not activations). Works on meta tensors, so it sizes full models without allocating
-    them. ``attention="flash"`` sizes attention as a fused kernel keeps it (inputs, output, log-sum-exp) instead
-    of what the math kernel that meta tensors run keeps (the Lq x Lk probabilities as well)."""
+    """``with SavedActivations(exclude=params) as s: out = f(x)`` -> ``s.bytes``: the most that autograd kept for
+    backward passes at any one time inside the block (each tensor's storage counted once, views by their base;
+    parameters and ``exclude`` (weights, buffers) are not activations). A tensor counts from when it is saved until
+    it is freed, and the meter holds no reference to it: over several forward and backward passes (a training
+    epoch) it gives the peak, not the sum, and does not itself keep memory alive. Works on meta tensors, so it sizes
+    full models without allocating them. ``attention="flash"`` sizes attention as a fused kernel keeps it (inputs,
+    output, log-sum-exp; counted until the block ends) instead of what the math kernel that meta tensors run keeps
+    (the Lq x Lk probabilities as well)."""
 
     def __init__(self, exclude=(), attention: str = "math"):
         if attention not in ("math", "flash"):
             raise ValueError(f"attention must be 'math' or 'flash', got {attention!r}")
         self._excluded = {id(t) for t in exclude}
-        self._seen: dict[int, torch.Tensor] = {}
+        self._live: dict[int, int] = {}  # id of a saved storage's tensor -> its bytes, while that tensor lives
+        self._now = self._peak = 0
         self._flash = attention == "flash"
         self._attention: tuple[int, int] | None = None
         self._extra = 0
@@ -122,8 +127,16 @@ class SavedActivations:
     def _keep(self, t: torch.Tensor) -> None:
         base = t._base if t._base is not None else t
         weight = isinstance(base, torch.nn.Parameter) or id(base) in self._excluded or id(t) in self._excluded
-        if not weight:
-            self._seen.setdefault(id(base), base)
+        if weight or id(base) in self._live:
+            return
+        size = base.numel() * base.element_size()
+        self._live[id(base)] = size
+        self._now += size
+        self._peak = max(self._peak, self._now)
+        weakref.finalize(base, self._release, id(base))
+
+    def _release(self, key: int) -> None:
+        self._now -= self._live.pop(key, 0)
 
     def _pack(self, t: torch.Tensor):
         if self._attention is None:  # inside attention: the math kernel's internals, sized by _AttentionScope
@@ -132,7 +145,7 @@ class SavedActivations:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._seen.values()) + self._extra
+        return self._peak + self._extra
 
     def __enter__(self) -> "SavedActivations":
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

@@ -62,6 +62,27 @@ def test_saved_activations_by_hand():
     del y
 
 
+def test_saved_activations_are_a_peak_over_passes_and_kept_alive_by_nothing():
+    """Five forward-backward passes (a training epoch) keep what one pass keeps, not five times it; the meter holds
+    no reference to what it counted."""
+    import gc
+    import weakref
+
+    x = torch.randn(64, 64, requires_grad=True)
+    with SavedActivations() as one:
+        x.sin().exp().sum().backward()
+    kept = []
+    with SavedActivations() as five:
+        for _ in range(5):
+            y = x.sin().exp()
+            kept.append(weakref.ref(y))  # exp saves its output
+            y.sum().backward()
+            del y
+    gc.collect()
+    assert one.bytes == 2 * x.numel() * x.element_size() and five.bytes == one.bytes
+    assert all(ref() is None for ref in kept)
+
+
 def test_flash_attention_activations_by_hand():
     with torch.device("meta"):
         block = AttentionBlock().requires_grad_(False)
@@ -105,6 +126,48 @@ def test_sd35_costs_follow_the_paper_direction(bench_512):
     assert grpo["grpo_fast_window_end"] < grpo["grpo_fast"] < grpo["grpo_flow_grpo"]
 
 
+def test_plan_costs_count_what_the_shipped_recipes_run(bench_512):
+    """Call counts by hand from the SD3.5-M recipes: Flow-GRPO (flow_grpo_sd35.yaml) trains 9 of its 10 steps (not
+    the grid's last) at CFG 4.5 with a KL reference forward; -Fast 3 steps at CFG 1; DiNa-LRM reads the generator's
+    77 + 256 text tokens; the generator carries the policy LoRA."""
+    from rlkit.bench import FAST_RECIPE, FLOW_GRPO_RECIPE, _recipe_path, grpo_recipes
+    from rlkit.config import load_recipe
+
+    flow, fast = (load_recipe(_recipe_path(name)).flow_grpo for name in (FLOW_GRPO_RECIPE, FAST_RECIPE))
+    assert grpo_recipes()["flow_grpo"] == flow and grpo_recipes()["fast"].window_size == fast.window_size
+    step = bench_512.generator[0]
+    plans = {p.plan: p for p in bench_512.plans if p.reward == "dina-lrm" and p.backbone == "shared"}
+    fwd, bwd = step["forward_flops"], step["backward_flops"]
+    assert (flow.num_steps, flow.window_size, flow.guidance_scale, flow.inner_epochs) == (10, 10, 4.5, 1)
+    assert plans["grpo_flow_grpo"].update_flops == pytest.approx(9 * 2 * (2 * fwd + bwd))
+    assert (fast.window_size, fast.guidance_scale, fast.inner_epochs) == (3, 1.0, 1) and fast.kl_beta > 0
+    assert plans["grpo_fast"].update_flops == pytest.approx(3 * (2 * fwd + bwd))
+    # both CFG branches run as one batch with gradient: twice one call's activations
+    assert plans["grpo_flow_grpo"].peak_bytes - plans["grpo_fast"].peak_bytes == pytest.approx(
+        step["activation_bytes"])
+
+    from rewards.dina_lrm.flops import CLIP_TOKENS
+    from rlkit.bench import _meta_transformer, _sd3_inputs
+
+    refl = load_recipe(_recipe_path("refl_sd35.yaml"))
+    tokens = CLIP_TOKENS + refl.model.max_sequence_length
+    assert tokens == 333
+    base = _meta_transformer(torch.bfloat16)
+    _, text = _sd3_inputs(base, 512, tokens, torch.bfloat16)
+    assert text.encoder_hidden_states.shape[1] == 333
+    dina = [c for c in bench_512.reward_calls if c.reward == "dina-lrm"][0]
+    assert 1.4e12 < dina.forward_flops < 1.5e12  # 1.34e12 when sized with DiNa-LRM's own 77 + 128 tokens
+    policy_lora = step["params"] - sum(p.numel() for p in base.parameters())
+    assert refl.lora.enabled and 1e6 < policy_lora < 0.05 * step["params"]  # the base and the policy's adapter
+
+
+def test_the_paper_figure_is_printed_at_its_own_resolution_only(bench_512):
+    from rlkit.bench import format_table
+
+    line = [x for x in format_table(bench_512).splitlines() if x.startswith("  512px:")][0]
+    assert "| -51.4%" not in line and "peak_memory" in line and line.count("| -") == 4
+
+
 def test_measured_tiny_refl_step():
     import tempfile
     from pathlib import Path
@@ -123,9 +186,11 @@ def test_measured_tiny_refl_step():
 def test_cli_table_and_json(bench_512, tmp_path, monkeypatch, capsys):
     import rlkit.bench as bench
 
-    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: bench_512)
+    calls = []
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: calls.append((a, k)) or bench_512)
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--json", str(out)]) == 0
+    assert calls == [(((512,),), {"measure": True, "device": "cpu", "repeats": 1, "grpo": False})]
     text = capsys.readouterr().out
     assert "decode+hpsv3" in text and "paper Figure 4" in text and "Cost model" in text
     data = json.loads(out.read_text())
