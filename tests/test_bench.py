@@ -196,3 +196,25 @@ def test_cli_table_and_json(bench_512, tmp_path, monkeypatch, capsys):
     data = json.loads(out.read_text())
     assert {"reward_calls", "plans", "figure4", "paper_figure4", "cost_model"} <= set(data)
     assert data["paper_figure4"]["peak_memory"] == pytest.approx(-0.514)
+
+
+def test_a_measured_step_is_timed_without_the_activation_meter(monkeypatch):
+    import contextlib
+
+    import rlkit.bench as bench
+
+    active = []
+    metered = []
+
+    @contextlib.contextmanager
+    def meter():
+        active.append(True)
+        yield type("Saved", (), {"bytes": 123})()
+        active.pop()
+
+    monkeypatch.setattr(bench, "SavedActivations", meter)
+    seconds, _, saved = bench._measure(lambda: metered.append(bool(active)), "cpu")
+    assert metered == [True, False] and saved == 123 and seconds >= 0  # counted first, then timed bare
+    metered.clear()
+    assert bench._measure(lambda: metered.append(bool(active)), "cpu", activations=False)[2] == 0
+    assert metered == [False]
