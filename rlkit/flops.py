@@ -90,8 +90,9 @@ class _AttentionScope(torch.overrides.TorchFunctionMode):
         if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **kwargs)
         q, k = args[0], args[1]
-        for t in args[:3]:  # a fused kernel keeps q, k and v
+        for t in args[:3]:  # a fused kernel keeps q, k and v for its backward, as the math kernel here may not
             self.owner._keep(t)
+            self.owner._pinned.append(t)
         self.owner._attention = (q.shape[-2], k.shape[-2])
         try:
             out = func(*args, **kwargs)
@@ -118,6 +119,7 @@ class SavedActivations:
         self._excluded = {id(t) for t in exclude}
         self._live: dict[int, int] = {}  # id of a saved storage's tensor -> its bytes, while that tensor lives
         self._now = self._peak = 0
+        self._pinned: list[torch.Tensor] = []  # what a fused attention kernel would keep, held until the block ends
         self._flash = attention == "flash"
         self._attention: tuple[int, int] | None = None
         self._extra = 0
@@ -159,6 +161,7 @@ class SavedActivations:
         if self._mode is not None:
             self._mode.__exit__(*exc)
         self._ctx.__exit__(*exc)
+        self._pinned.clear()
 
 
 @dataclass

@@ -218,3 +218,28 @@ def test_a_measured_step_is_timed_without_the_activation_meter(monkeypatch):
     metered.clear()
     assert bench._measure(lambda: metered.append(bool(active)), "cpu", activations=False)[2] == 0
     assert metered == [False]
+
+
+def test_flash_activations_of_a_transformer_are_the_same_on_meta_and_on_cpu():
+    """A fused kernel keeps q, k and v until the backward; on meta tensors the math kernel runs and may free them as
+    soon as it returns, so the meter holds them until the block ends (it had counted 123,680 bytes for 150,816)."""
+    from rlkit.models.tiny import TinySD3Config, build_tiny_sd3_components
+
+    cfg = TinySD3Config()
+    transformer = build_tiny_sd3_components(cfg, seed=0)["transformer"].requires_grad_(False)
+    meta = build_tiny_sd3_components(cfg, seed=0)["transformer"].to("meta").requires_grad_(False)
+    sizes = {}
+    for name, model in (("cpu", transformer), ("meta", meta)):
+        c = model.config
+        with torch.device(name):
+            x = torch.zeros(1, c.in_channels, c.sample_size, c.sample_size, requires_grad=True)
+            text = torch.zeros(1, 5, c.joint_attention_dim)
+            pooled = torch.zeros(1, c.pooled_projection_dim)
+            t = torch.full((1,), 500.0)
+
+        def call(model=model, x=x, text=text, pooled=pooled, t=t):
+            return model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                         return_dict=False)[0]
+
+        sizes[name] = pass_cost(call, [x], (model,), attention="flash").activation_bytes
+    assert sizes["meta"] == sizes["cpu"] > 0

@@ -23,6 +23,11 @@ from rlkit.runtime.accelerator import full_precision, gathered
 MODIFIER_RANK = 0  # under ZeRO-3, the rank whose swapped values are re-partitioned (all ranks hold the same)
 
 
+def _local(param: nn.Parameter) -> torch.Tensor:
+    """What this rank holds of ``param``: its ZeRO-3 partition, else the parameter."""
+    return getattr(param, "ds_tensor", param)
+
+
 class EMA:
     def __init__(self, parameters: Iterable[nn.Parameter], decay: float, update_every: int = 1):
         if not 0.0 <= decay <= 1.0:
@@ -58,16 +63,17 @@ class EMA:
     def applied(self) -> Iterator[None]:
         """Runs the body with the EMA weights in place (in the parameters' dtype); the live weights come back
         afterwards, exactly, and the float32 average is left as it was. Every rank must enter it."""
-        with torch.no_grad(), gathered(self.params, modifier_rank=MODIFIER_RANK):
-            live = [param.detach().clone() for param in self.params]
-            for shadow, param in zip(self.shadow, self.params):
-                param.data.copy_(shadow.to(param.dtype))
+        with torch.no_grad():  # under ZeRO-3 each rank keeps its own partition, not a second whole copy
+            live = [_local(param).detach().clone() for param in self.params]
+            with gathered(self.params, modifier_rank=MODIFIER_RANK):
+                for shadow, param in zip(self.shadow, self.params):
+                    param.data.copy_(shadow.to(param.dtype))
         try:
             yield
         finally:
-            with torch.no_grad(), gathered(self.params, modifier_rank=MODIFIER_RANK):
+            with torch.no_grad():
                 for value, param in zip(live, self.params):
-                    param.data.copy_(value)
+                    _local(param).data.copy_(value)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "update_every": self.update_every, "calls": self.calls,
