@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import statistics
@@ -33,7 +34,7 @@ import yaml
 
 from rlkit.config import ALGORITHMS
 from rlkit.confload import flatten
-from rlkit.evaluate import gain_sem, read_scores
+from rlkit.evaluate import Scores, paired_sem, read_scores
 from rlkit.runtime.tracking import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -76,6 +77,8 @@ class RunSummary:
     update_s: float | None
     # each golden gain's standard error, paired by slot (rlkit.evaluate.gain_sem), where the evaluations wrote scores
     gain_sem: dict[str, float] = field(default_factory=dict)
+    # the per-sample scores of the evaluation after a step (None where not written), read once each
+    scores: Callable[[int], Scores | None] = field(default=lambda step: None, repr=False)
     hacking: list[str] = field(default_factory=list)  # golden names that fell while the proxy rose
 
     @property
@@ -146,9 +149,10 @@ def curves(rows: list[dict], prefix: str) -> dict[str, Curve]:
 PairedSem = Callable[[str, int, int], float | None]  # (golden name, first step, last step) -> paired error
 
 
-def paired_sem(run_dir: Path) -> PairedSem:
-    """The run's golden gains' standard errors paired by slot (:func:`rlkit.evaluate.gain_sem`)."""
-    return lambda name, first, last: gain_sem(run_dir, f"golden/{name}", first, last)
+def golden_paired_sem(scores: Callable[[int], Scores | None]) -> PairedSem:
+    """A run's golden gains' standard errors paired by slot (:func:`rlkit.evaluate.paired_sem`), from ``scores``
+    (the run's per-sample scores of an evaluation step)."""
+    return lambda name, first, last: paired_sem(scores(first), scores(last), f"golden/{name}")
 
 
 def fall_noise(golden: Curve, best: int, paired_se: float | None = None) -> float:
@@ -247,7 +251,8 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
                     peak = max(peak or 0, int(r[k]))
         updates = [r[UPDATE_TIME_KEY] for r in rows if UPDATE_TIME_KEY in r]
         first_proxy = next(iter(proxy.values()), None)
-        paired = paired_sem(d)
+        scores = functools.cache(functools.partial(read_scores, d))
+        paired = golden_paired_sem(scores)
         out.append(RunSummary(
             name=d.name, path=d, group=group, seed=recipe.get("seed"), proxy=proxy, golden=golden,
             wall_s=done.get("wall_s", max(elapsed) if elapsed else None), peak_memory_bytes=peak,
@@ -255,7 +260,7 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
             update_s=sum(updates) / len(updates) if updates else None,
             gain_sem={name: se for name, c in golden.items()
                       if len(c.steps) > 1 and (se := paired(name, c.steps[0], c.steps[-1])) is not None},
-            hacking=hacked_goldens(first_proxy, golden, tol, paired)))
+            scores=scores, hacking=hacked_goldens(first_proxy, golden, tol, paired)))
     return out
 
 
@@ -411,7 +416,7 @@ def per_prompt_rows(summaries: list[RunSummary]) -> list[dict[str, Any]]:
             if len(c.steps) < 2:
                 continue
             key = f"golden/{name}"
-            first, last = read_scores(s.path, c.steps[0]), read_scores(s.path, c.steps[-1])
+            first, last = s.scores(c.steps[0]), s.scores(c.steps[-1])
             if first is None or last is None or first[0] != last[0] or key not in first[1] or key not in last[1]:
                 continue
             slots = defaultdict(list)

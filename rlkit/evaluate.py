@@ -37,7 +37,10 @@ def scores_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / SCORES_DIR / f"step_{step:06d}.json"
 
 
-def read_scores(run_dir: str | Path, step: int) -> tuple[list[str], dict[str, Tensor]] | None:
+Scores = tuple[list[str], dict[str, Tensor]]  # every slot's prompt, and each key's per-slot values
+
+
+def read_scores(run_dir: str | Path, step: int) -> Scores | None:
     """The prompt of every slot and each score key's per-slot values (keys as logged, without ``eval/``) of the
     evaluation after update ``step``; ``None`` when that evaluation wrote no file."""
     path = scores_path(run_dir, step)
@@ -53,10 +56,15 @@ def gain_sem(run_dir: str | Path, key: str, first: int, last: int) -> float | No
 
     The evaluation enumerates its prompts, so the prompts are not a sample and the slots' noise is the only chance
     in a mean; pairing removes the part of it both evaluations share (each slot's prompt and starting noise)."""
-    a, b = read_scores(run_dir, first), read_scores(run_dir, last)
-    if a is None or b is None or a[0] != b[0] or key not in a[1] or key not in b[1] or len(a[0]) < 2:
+    return paired_sem(read_scores(run_dir, first), read_scores(run_dir, last), key)
+
+
+def paired_sem(before: Scores | None, after: Scores | None, key: str) -> float | None:
+    """:func:`gain_sem` of two evaluations' scores as read (``None`` unless both hold ``key`` for the same slots)."""
+    if before is None or after is None or before[0] != after[0] or key not in before[1] or key not in after[1] \
+            or len(before[0]) < 2:
         return None
-    diff = b[1][key] - a[1][key]
+    diff = after[1][key] - before[1][key]
     return float(diff.std() / len(diff) ** 0.5)
 
 

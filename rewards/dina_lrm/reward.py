@@ -253,13 +253,12 @@ class DiNaLRMReward(Reward):
         g = batch.generator
         if g is None:
             raise ValueError(f"dina-lrm mode {self.options.mode!r} draws noise: RewardInput.generator is required")
-        if isinstance(g, torch.Generator):
-            return torch.randn(latents.shape, generator=g, device=g.device, dtype=torch.float32).to(latents.device)
-        if len(g) != latents.shape[0]:
+        if not isinstance(g, torch.Generator) and len(g) != latents.shape[0]:
             raise ValueError(f"dina-lrm: RewardInput.generator holds {len(g)} generators for {latents.shape[0]} "
                              "samples")
-        return torch.stack([torch.randn(latents.shape[1:], generator=one, device=one.device, dtype=torch.float32)
-                            for one in g]).to(latents.device)
+        from diffusers.utils.torch_utils import randn_tensor  # the sampler's rule: one generator, or one a sample
+
+        return randn_tensor(latents.shape, generator=g, device=latents.device, dtype=torch.float32)
 
     def raw_scores(self, batch: RewardInput) -> Tensor:
         """Unnormalised scores (B,) float32, on the device of ``batch.latents``."""
