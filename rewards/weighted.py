@@ -110,18 +110,26 @@ class ScoreNormalizer(nn.Module):
             self.var.mul_(1 - m).add_(m * b_var)
         self.count.add_(n)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, reference: tuple[float, float] | None = None) -> Tensor:
+        """``x`` normalised; a z-score by ``reference`` (mean, std) where given, else by the running statistics
+        (updated with ``x`` unless frozen)."""
         spec = self.spec
         if spec.kind == "none":
             return x
         if spec.kind == "affine":
             return (x + spec.shift) / spec.scale
+        if reference is not None:
+            return self._zscore(x, *reference)
         if not self.frozen:
             self.update(x)
-        centred = x - self.mean.to(x.dtype)
-        if self.count < 2 or self.var.sqrt() <= spec.eps:  # no spread measured yet
-            return centred
-        return centred / (self.var.sqrt().to(x.dtype) + spec.eps)
+        if self.count < 2:  # no spread measured yet
+            return x - self.mean.to(x.dtype)
+        return self._zscore(x, self.mean.to(x.dtype), self.var.sqrt().to(x.dtype))
+
+    def _zscore(self, x: Tensor, mean: Tensor | float, std: Tensor | float) -> Tensor:
+        """Centred, and scaled once there is a spread above ``eps``."""
+        centred = x - mean
+        return centred if std <= self.spec.eps else centred / (std + self.spec.eps)
 
 
 @dataclass
@@ -260,13 +268,8 @@ class WeightedReward(Reward):
         rlkit's evaluator normalises every evaluation by the statistics of its first one, the base policy's."""
         total: Tensor | None = None
         normalized: dict[str, Tensor] = {}
-        for key, spec, normalizer, weight in zip(self.keys, self.specs, self.normalizers, self.weights):
-            score = scores[f"{key}/score"]
-            if spec.normalize.kind == "zscore":
-                mean, std = reference[key]
-                normed = score - mean if std <= spec.normalize.eps else (score - mean) / (std + spec.normalize.eps)
-            else:
-                normed = normalizer(score)
+        for key, normalizer, weight in zip(self.keys, self.normalizers, self.weights):
+            normed = normalizer(scores[f"{key}/score"], reference.get(key))
             normalized[f"{key}/normalized"] = normed
             total = weight * normed if total is None else total + weight * normed
         assert total is not None

@@ -382,8 +382,12 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.eval.guidance_scale is None:  # evaluate with the sampler the policy is trained with
-            policy = {"refl": self.refl, "flow_grpo": self.flow_grpo}.get(self.algorithm)
-            self.eval.guidance_scale = policy.guidance_scale if policy is not None else 1.0
+            self.eval.guidance_scale = self.policy.guidance_scale if self.policy is not None else 1.0
+
+    @property
+    def policy(self) -> ReFLConfig | FlowGRPOConfig | None:
+        """The settings of the policy-training algorithm this recipe runs (None for reward-model training)."""
+        return {"refl": self.refl, "flow_grpo": self.flow_grpo}.get(self.algorithm)
 
     def check(self) -> Problems:
         if self.algorithm in ("refl", "flow_grpo") and not self.rewards:
@@ -395,7 +399,7 @@ class Recipe:
             yield "checkpoint.every", (f"must be a multiple of the {epoch} updates of a Flow-GRPO epoch (inner_epochs "
                                        "x updates_per_epoch): a run resumed inside an epoch would draw its rollouts "
                                        "again from the updated policy")
-        policy = {"refl": self.refl, "flow_grpo": self.flow_grpo}.get(self.algorithm)
+        policy = self.policy
         if policy is not None and policy.kl_beta > 0 and not self.lora.enabled:
             yield f"{self.algorithm}.kl_beta", ("> 0 needs lora.enabled: the reference policy is the LoRA-disabled "
                                                 "model (set kl_beta: 0 for full fine-tuning)")

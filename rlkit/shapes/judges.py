@@ -56,11 +56,11 @@ class Reading:
 
     @property
     def fraction(self) -> Tensor:
-        return torch.stack([self.correct[a].float() for a in ATTRIBUTES]).mean(0)
+        return _golden_score(self.correct, "fraction")
 
     @property
     def all_correct(self) -> Tensor:
-        return torch.stack([self.correct[a] for a in ATTRIBUTES]).all(0).float()
+        return _golden_score(self.correct, "all")
 
 
 def _color_masks(images: Tensor, colors: list[str]) -> Tensor:
@@ -165,6 +165,7 @@ def read_scenes(images: Tensor, prompts: list[str]) -> Reading:
 
 
 def _golden_score(correct: dict[str, Tensor], mode: str) -> Tensor:
+    """``(B,)`` float: every attribute of ``correct`` right (``"all"``), or the share right (``"fraction"``)."""
     stacked = torch.stack([correct[a] for a in ATTRIBUTES]).float()
     return stacked.min(0).values if mode == "all" else stacked.mean(0)
 
