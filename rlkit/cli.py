@@ -45,9 +45,11 @@ def run_recipe(argv: list[str]) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    from rlkit.runtime.accelerator import close_process_group
     from rlkit.trainers import run
 
     run(recipe)
+    close_process_group()
     return 0
 
 

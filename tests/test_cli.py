@@ -100,3 +100,23 @@ def test_shapes_subcommands_route_and_name_what_they_expect(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["shapes", "rewards", "--compare", "no-equals-sign"])
     assert exc.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
+
+
+def test_a_recipe_run_tears_its_process_group_down_before_the_interpreter_does(tmp_path, monkeypatch):
+    """Left to the interpreter's exit, gloo's threads may abort a rank whose run succeeded (SIGABRT)."""
+    import torch.distributed as dist
+
+    import rlkit.trainers
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}]}))
+    seen = []
+    monkeypatch.setattr(rlkit.trainers, "run", lambda r: seen.append((r.algorithm, dist.is_initialized())))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main([str(recipe)]) == 0
+        assert seen == [("refl", True)]
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -98,6 +98,21 @@ def build_accelerator(
     return accelerator
 
 
+def close_process_group() -> None:
+    """Destroys the default process group, if there is one, while the interpreter is still whole.
+
+    Left to the interpreter's exit, gloo's worker threads may still hold tensors whose release needs the
+    Python that is being torn down, and a rank whose run succeeded aborts (SIGABRT, "terminate called
+    without an active exception"; pytorch/pytorch#190489), failing the launch. accelerate's ``end_training``
+    does the same. Call it once, where a process that ran a recipe ends: the group is gone after it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks
+        dist.destroy_process_group()
+
+
 def make_deepspeed_plugin(stage: int, grad_clip: float | None = None, grad_accum: int = 1):
     """accelerate's ``DeepSpeedPlugin`` for ZeRO ``stage`` (2 or 3), without offload."""
     from accelerate import DeepSpeedPlugin

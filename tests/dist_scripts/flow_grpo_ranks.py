@@ -16,6 +16,7 @@ import torch
 
 def main(recipe_path: str, out_path: str) -> None:
     from rlkit.config import recipe_from_dict
+    from rlkit.runtime.accelerator import close_process_group
     from rlkit.trainers.flow_grpo import plan_epoch, rollout_epoch, train_update
     from rlkit.trainers.loop import PolicyRun
 
@@ -37,7 +38,7 @@ def main(recipe_path: str, out_path: str) -> None:
                     "kl": stats["kl"], "unchanged_lora_B": unchanged, "before": before,
                     "after": {n: p.detach().cpu().clone() for n, p in module.named_parameters() if n in before}},
                    out_path)
-    run.accelerator.wait_for_everyone()
+    close_process_group()
 
 
 if __name__ == "__main__":
