@@ -196,6 +196,26 @@ def test_our_checkpoint_loads_in_the_official_path(mode, io, tmp_path):
     torch.testing.assert_close(model(io["latents"], io["timesteps"], text), expected, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("mode", sorted(OUR_SAVE_MODES))
+@torch.no_grad()
+def test_weights_given_by_name_are_saved_instead_of_the_modules_rounded_copies(mode, tmp_path):
+    """A bf16 DeepSpeed run's module holds bf16 copies of its fp32 masters; the trainer saves the masters."""
+    config = DiNaLRMConfig(num_transformer_layers=3, visual_head_idx=(1, 2, 3), text_head_idx=(2, 3), lora_r=4,
+                           lora_alpha=8, lora_init="random", num_attn_heads=4, num_queries=2,
+                           **OUR_SAVE_MODES[mode])
+    model = DiNaLRM.build(config, base_transformer())
+    g = torch.Generator().manual_seed(5)
+    masters = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("reward_head.") for n in masters)
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())  # what rounding would lose
+    model.to(torch.bfloat16)
+    save_dina_lrm(model, tmp_path, weights=masters)
+    saved = load_dina_lrm(tmp_path, base_transformer()).state_dict()
+    assert all(torch.equal(saved[n], v) for n, v in masters.items())
+    with pytest.raises(KeyError, match="reward_head.nope"):
+        save_dina_lrm(model, tmp_path / "bad", weights={"reward_head.nope": torch.zeros(1)})
+
+
 def test_release_config_json_gives_the_default_config():
     """The release's config.json (12 blocks, taps 4/8/12, r 64 / alpha 128, 4 queries, 8 heads) is the default."""
     release = ref.official_config(12, (4, 8, 12), (4, 8, 12), r=64, alpha=128)

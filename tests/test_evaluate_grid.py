@@ -3,11 +3,13 @@ beside it, and a gain's standard error is paired by slot."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from PIL import Image
 
 from rewards.base import RewardInput
-from rlkit.evaluate import Evaluator, grid_indices
+from rlkit.evaluate import NOISE_SCHEME, Evaluator, grid_indices
 
 
 @pytest.mark.parametrize("prompts, per_prompt, limit, expected", [
@@ -185,8 +187,6 @@ def test_a_zscored_mixture_is_evaluated_on_the_scale_of_the_first_evaluation(tin
     """The running statistics move with training; the same policy evaluated before and after they moved gets the same
     held-out proxy (it had been raw before the first update and z-scored by the moving statistics after). A resumed
     evaluator keeps the base policy's scale; one resumed from a checkpoint without it keeps the running statistics."""
-    import warnings
-
     import torch
 
     import rewards
@@ -233,6 +233,28 @@ def test_a_zscored_mixture_is_evaluated_on_the_scale_of_the_first_evaluation(tin
     expected = (moved["eval/proxy/mix/z/score"] - mix.normalizers[0].mean.item()) / scale
     assert running["eval/proxy/mix/z/normalized"] == pytest.approx(expected, rel=1e-5)
     assert old.state_dict()["reference"] is None  # and so on through later resumes
+    assert not any("noise" in str(w.message) for w in caught)
+
+
+def test_a_run_resumed_from_before_per_sample_noise_is_told_its_curve_mixes_two_draws():
+    def evaluator() -> Evaluator:
+        return Evaluator(["a red circle"], images_per_prompt=1, seed=5, num_steps=2, guidance_scale=1.0, golden={},
+                         proxy={}, grid_images=0)
+
+    old_state = {"history": [(0, {"eval/x": 1.0}), (4, {"eval/x": 2.0})], "bad_evals": 0, "reference": {}}
+    for state, told in ((old_state, True), ({**old_state, "noise": NOISE_SCHEME}, False),
+                        ({**old_state, "history": []}, False)):
+        resumed = evaluator()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed.load_state_dict(state)
+        said = [str(w.message) for w in caught if "noise" in str(w.message)]
+        assert bool(said) == told and (not told or "after step 4" in said[0])
+        again = evaluator()  # the mark travels on: every later resume of a mixed curve says so
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again.load_state_dict(resumed.state_dict())
+        assert any("noise" in str(w.message) for w in caught) == told
 
 
 def test_a_rewards_noise_is_not_the_samplers_starting_noise(tiny_generator):

@@ -590,3 +590,31 @@ def test_two_processes_under_zero_equal_one_process_on_the_same_global_batch(sta
                                seed=derive_seed(base["seed"], "eval"), progress=False)
     assert {f"eval/accuracy_u={u:.2f}": report.row(f"u={u:.2f}").accuracy for u in levels} == {
         k: v for k, v in logged.items() if k.startswith("eval/accuracy_u=")}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("ema", [True, False])
+def test_a_bf16_deepspeed_run_exports_its_float32_weights(ema, tiny_sd3_dir, tmp_path):
+    """Under DeepSpeed with bf16 the module holds rounded copies of the optimiser's fp32 masters; the export holds
+    the float32 values (the EMA's average, or the masters), which a bf16 copy could not hold."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "r.yaml"
+    path.write_text(TINY_RECIPE.read_text())
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    overrides = [o for o in tiny_overrides(tiny_sd3_dir, tmp_path, steps=2) if "batch_size" not in o] + [
+        "reward_model.batch_size=2", "reward_model.data.eval=", "name=bf16", f"ema.enabled={str(ema).lower()}",
+        "launch.mixed_precision=bf16", "launch.num_processes=2", "launch.deepspeed=2",
+        f"launch.main_process_port={_free_port()}"]
+    proc = subprocess.run([sys.executable, "-m", "rlkit", "train", str(path), *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "bf16" / rm.FINAL_DIR / "checkpoint"
+    head = torch.load(folder / "rm_head.pt", weights_only=True)
+    lora = load_file(folder / "backbone_lora" / "adapter_model.safetensors")
+    for part in (head, lora):
+        assert {v.dtype for v in part.values()} == {torch.float32}
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in part.values())

@@ -15,6 +15,7 @@ A frozen-backbone checkpoint holds ``rm_head.pt`` only. ``.pt`` files load with 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -163,31 +164,47 @@ def load_dina_lrm(
     return model.eval()
 
 
-def save_dina_lrm(model: DiNaLRM, folder: str | Path) -> Path:
-    """Writes ``model`` in the release's layout (the save mode follows its config)."""
+def save_dina_lrm(model: DiNaLRM, folder: str | Path, weights: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Writes ``model`` in the release's layout (the save mode follows its config).
+
+    ``weights`` (parameter name in ``model`` -> value) stand in for the module's values of those parameters: the
+    trainer passes float32 ones (the EMA's average, or DeepSpeed's fp32 masters) where a bf16 run's module holds
+    rounded copies."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    weights = dict(weights or {})
+    state = model.state_dict()
+    unknown = sorted(set(weights) - set(state))
+    if unknown:
+        raise KeyError(f"save_dina_lrm: weights for {unknown[:3]} name no parameter of the model")
+    state.update(weights)
     folder = Path(folder)
     ckpt = folder / CHECKPOINT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
     config = model.config
     (folder / CONFIG_FILE).write_text(json.dumps(config.to_official(), indent=4))
 
-    def cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    def cpu(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in values.items()}
+
+    def part(module: nn.Module) -> dict[str, torch.Tensor]:
+        """``state``'s entries for a submodule, named as in it."""
+        prefix = _prefix_in(model, module)
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
     mode = config.save_mode
     if mode == "full":
-        torch.save(cpu(model.state_dict()), ckpt / FULL_FILE)
+        torch.save(cpu(state), ckpt / FULL_FILE)
         return folder
-    torch.save(cpu(model.reward_head.state_dict()), ckpt / HEAD_FILE)
+    torch.save(cpu(part(model.reward_head)), ckpt / HEAD_FILE)
     if mode == "lora":
         lora_dir = ckpt / LORA_DIR
         lora_dir.mkdir(exist_ok=True)
-        weights = lora_state_dict(model.adapter_host, ADAPTER_NAME)
-        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in weights.items()},
-                  str(lora_dir / ADAPTER_WEIGHTS[0]))
+        host = model.adapter_host
+        values = part(host) if weights else None  # a shared host (the generator's transformer) is not in `state`
+        lora = lora_state_dict(host, ADAPTER_NAME, values)
+        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.items()}, str(lora_dir / ADAPTER_WEIGHTS[0]))
         peft_config = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=list(config.lora_targets),
             exclude_modules=list(config.excluded_lora_modules) or None,
@@ -198,3 +215,12 @@ def save_dina_lrm(model: DiNaLRM, folder: str | Path) -> Path:
         peft_config.target_modules = sorted(peft_config.target_modules)
         peft_config.save_pretrained(str(lora_dir))
     return folder
+
+
+def _prefix_in(model: nn.Module, module: nn.Module) -> str:
+    """The prefix of ``module``'s names in ``model``'s state dict."""
+    for name, sub in model.named_modules():
+        if sub is module:
+            return f"{name}." if name else ""
+    raise ValueError(f"save_dina_lrm: {type(module).__name__} is not part of the model (a shared adapter host "
+                     "cannot take weights by name)")

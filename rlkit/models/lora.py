@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -198,18 +198,22 @@ def enable_adapter_aware_checkpointing(transformer: nn.Module) -> None:
 _checkpoint_under_captured_adapter = checkpoint_under_forward_adapter  # former private name, still imported
 
 
-def lora_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, adapter_name: str,
+                    values: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft's layout (adapter name stripped from the keys), detached on CPU.
 
-    Under ZeRO-3 gather the parameters first (e.g. ``deepspeed.zero.GatheredParameters``).
+    ``values`` (parameter name -> value) stand in for the module's values of those parameters (float32 ones
+    where a bf16 run's module holds rounded copies). Under ZeRO-3 gather the parameters first (e.g.
+    ``deepspeed.zero.GatheredParameters``).
     """
     if adapter_name not in adapter_names(model):
         raise KeyError(f"lora_state_dict: unknown adapter {adapter_name!r}")
+    values = values or {}
     marker = f".{adapter_name}."
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if marker in f".{name}." and ".lora_" in name:
-            out[name.replace(marker, ".")] = param.detach().cpu().clone()
+            out[name.replace(marker, ".")] = values.get(name, param).detach().cpu().clone()
     return out
 
 

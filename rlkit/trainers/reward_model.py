@@ -400,14 +400,16 @@ def evaluate(run: RewardModelRun, levels: list[float] | None = None, pairs: list
 
 def export(run: RewardModelRun, folder: Path) -> Path:
     """The EMA weights in the release's layout, written by the main process; every process calls it (under ZeRO-3
-    each rank holds a shard of what is saved, gathered here)."""
+    each rank holds a shard of what is saved, gathered here). The trained weights are written in float32 (the
+    EMA's average, or DeepSpeed's fp32 masters), whatever precision the module runs in."""
     from rewards.dina_lrm import save_dina_lrm
 
+    weights = common.trainable_weights(run.model, run.ema)
     saved = run.model.parameters() if run.model.config.save_mode == "full" else run.params
-    with ema_weights(run), gathered(saved):
+    with gathered(saved):
         if run.accelerator.is_main_process:
             shutil.rmtree(folder, ignore_errors=True)
-            save_dina_lrm(run.model, folder)
+            save_dina_lrm(run.model, folder, weights=weights)
     run.accelerator.wait_for_everyone()
     return folder
 
