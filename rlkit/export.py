@@ -37,7 +37,11 @@ def export_policy_lora(transformer: torch.nn.Module, adapter_name: str, out_dir:
 
 def export_full_transformer(transformer: torch.nn.Module, out_dir: str | Path,
                             recipe_file: str | Path | None = None) -> Path:
-    """Full fine-tuning: the transformer folder (``SD3Transformer2DModel.from_pretrained``) and the recipe."""
+    """Full fine-tuning: the transformer folder (``SD3Transformer2DModel.from_pretrained``) and the recipe.
+
+    The weights are written in the dtype the module runs in, as DeepSpeed's 16-bit save and accelerate's
+    ``get_state_dict`` do: a bf16 DeepSpeed run writes bf16 (half an fp32 file's size, the precision SD3.5 is
+    loaded in), where a LoRA export, small beside it, keeps the float32 values (:func:`export_policy_lora`)."""
     out_dir = Path(out_dir)
     transformer.save_pretrained(out_dir / "transformer")
     if recipe_file is not None and Path(recipe_file).is_file():
