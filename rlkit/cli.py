@@ -48,8 +48,12 @@ def run_recipe(argv: list[str]) -> int:
     from rlkit.runtime.accelerator import close_process_group
     from rlkit.trainers import run
 
-    run(recipe)
-    close_process_group()
+    try:
+        run(recipe)
+    except SystemExit:  # a stop every rank took at the same step (a signal), after saving: leave as cleanly
+        close_process_group()
+        raise
+    close_process_group()  # not after an error: a rank that failed alone would wait at its barrier
     return 0
 
 

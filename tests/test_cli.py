@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from rlkit.cli import main
@@ -111,12 +112,21 @@ def test_a_recipe_run_tears_its_process_group_down_before_the_interpreter_does(t
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}]}))
     seen = []
-    monkeypatch.setattr(rlkit.trainers, "run", lambda r: seen.append((r.algorithm, dist.is_initialized())))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        assert main([str(recipe)]) == 0
-        assert seen == [("refl", True)]
-        assert not dist.is_initialized()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    def stopped(r):
+        seen.append(dist.is_initialized())
+        raise SystemExit("stopped by signal after step 2")
+
+    for n, fake in enumerate((lambda r: seen.append(dist.is_initialized()), stopped)):
+        monkeypatch.setattr(rlkit.trainers, "run", fake)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{n}'}", rank=0, world_size=1)
+        try:
+            if fake is stopped:  # a stop that every rank took together (a signal) leaves as cleanly
+                with pytest.raises(SystemExit, match="stopped by signal"):
+                    main([str(recipe)])
+            else:
+                assert main([str(recipe)]) == 0
+            assert seen == [True] * (n + 1) and not dist.is_initialized()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
