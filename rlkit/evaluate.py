@@ -30,10 +30,6 @@ from rlkit.runtime.checkpoint import write_text_atomic
 from rlkit.runtime.seeding import make_generator
 
 SCORES_DIR = "eval_scores"
-# how an evaluation draws its noise: each slot from its own seed, whatever the batch. Checkpoints without this mark
-# come from runs whose evaluations drew it per batch (from the batch's first slot)
-NOISE_SCHEME = "per-sample"
-OLD_NOISE_SCHEME = "per-batch"
 
 
 def scores_path(run_dir: str | Path, step: int) -> Path:
@@ -153,8 +149,9 @@ class Evaluator:
     # components' scores at the first evaluation, which every evaluation normalises by (:meth:`_fixed_scale`);
     # None for a run resumed from a checkpoint that predates it, which goes on with the running statistics
     reference: dict[str, dict[str, tuple[float, float]]] | None = field(default_factory=dict)
-    # how the evaluations in ``history`` began drawing their noise (a resumed old run's curve has both kinds)
-    history_noise: str = NOISE_SCHEME
+    # evaluations draw each slot's noise from a seed of its own; an older rlkit drew it per batch. For a run resumed
+    # from such a checkpoint: its last evaluation's step, the end of the curve's per-batch part (else None)
+    per_batch_until: int | None = None
     _bad_evals: int = 0
 
     @property
@@ -281,17 +278,18 @@ class Evaluator:
 
     def state_dict(self) -> dict:
         return {"history": [(r.step, r.metrics) for r in self.history], "bad_evals": self._bad_evals,
-                "reference": self.reference, "noise": self.history_noise}
+                "reference": self.reference, "per_batch_until": self.per_batch_until}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [EvalResult(step, metrics) for step, metrics in state["history"]]
         self._bad_evals = int(state["bad_evals"])
-        self.history_noise = state.get("noise", OLD_NOISE_SCHEME) if self.history else NOISE_SCHEME
-        if self.history_noise != NOISE_SCHEME:
-            warnings.warn(f"evaluation: the checkpoint's evaluations drew their noise {self.history_noise}; from "
-                          f"here on they draw it {NOISE_SCHEME}, so the curve's points before and after step "
-                          f"{self.history[-1].step} differ by a fresh draw of evaluation noise as well",
-                          stacklevel=2)
+        # a state without a reference comes from the rlkit before per-sample noise (both came in one release)
+        old = bool(self.history) and "reference" not in state
+        self.per_batch_until = state.get("per_batch_until", self.history[-1].step if old else None)
+        if self.per_batch_until is not None:
+            warnings.warn(f"evaluation: this run's evaluations up to step {self.per_batch_until} drew their noise per "
+                          "batch (an older rlkit), those after it per sample, so the curve's two parts differ by a "
+                          "fresh draw of evaluation noise as well", stacklevel=2)
         reference = state.get("reference", {} if not self.history else None)
         if reference is None:
             if any(getattr(r, "zscored", None) for r in (*self.golden.values(), *self.proxy.values())):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from rewards.base import RewardInput
-from rlkit.evaluate import NOISE_SCHEME, Evaluator, grid_indices
+from rlkit.evaluate import EvalResult, Evaluator, grid_indices
 
 
 @pytest.mark.parametrize("prompts, per_prompt, limit, expected", [
@@ -237,24 +237,29 @@ def test_a_zscored_mixture_is_evaluated_on_the_scale_of_the_first_evaluation(tin
 
 
 def test_a_run_resumed_from_before_per_sample_noise_is_told_its_curve_mixes_two_draws():
+    """A state without a held-out reference comes from the rlkit that drew evaluation noise per batch; the step where
+    the curve's per-batch part ends is kept through later evaluations and resumes."""
     def evaluator() -> Evaluator:
         return Evaluator(["a red circle"], images_per_prompt=1, seed=5, num_steps=2, guidance_scale=1.0, golden={},
                          proxy={}, grid_images=0)
 
-    old_state = {"history": [(0, {"eval/x": 1.0}), (4, {"eval/x": 2.0})], "bad_evals": 0, "reference": {}}
-    for state, told in ((old_state, True), ({**old_state, "noise": NOISE_SCHEME}, False),
-                        ({**old_state, "history": []}, False)):
+    def load(state: dict) -> tuple[Evaluator, list[str]]:
         resumed = evaluator()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             resumed.load_state_dict(state)
-        said = [str(w.message) for w in caught if "noise" in str(w.message)]
-        assert bool(said) == told and (not told or "after step 4" in said[0])
-        again = evaluator()  # the mark travels on: every later resume of a mixed curve says so
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            again.load_state_dict(resumed.state_dict())
-        assert any("noise" in str(w.message) for w in caught) == told
+        return resumed, [str(w.message) for w in caught if "noise" in str(w.message)]
+
+    old = {"history": [(0, {"eval/x": 1.0}), (4, {"eval/x": 2.0})], "bad_evals": 0}
+    resumed, said = load(old)
+    assert resumed.per_batch_until == 4 and len(said) == 1 and "up to step 4" in said[0]
+    resumed.history += [EvalResult(8, {"eval/x": 2.5}), EvalResult(12, {"eval/x": 3.0})]  # evaluated after it
+    again, said = load(resumed.state_dict())
+    assert again.per_batch_until == 4 and len(said) == 1 and "up to step 4" in said[0]
+    for state in ({**old, "reference": {}}, {"history": [], "bad_evals": 0}, evaluator().state_dict()):
+        resumed, said = load(state)
+        assert resumed.per_batch_until is None and said == []
+
 
 
 def test_a_rewards_noise_is_not_the_samplers_starting_noise(tiny_generator):

@@ -428,7 +428,7 @@ def test_groups_spanning_ranks_get_the_advantages_of_one_process(tmp_path, tiny_
     although every group has images on both ranks; the update equals the one-process update."""
     from rlkit.models.sd3 import SD3Generator
     from rlkit.trainers.flow_grpo import LocalRun
-    from rlkit.trainers.common import build_reward
+    from rlkit.trainers.common import build_optimizer, build_reward
 
     spec = tiny_recipe(tmp_path, tiny_sd3_dir, {"prompts_per_epoch": 2, "batch_size": 2, "kl_beta": 0.1,
                                                 "std": "group"},
@@ -475,7 +475,7 @@ def test_groups_spanning_ranks_get_the_advantages_of_one_process(tmp_path, tiny_
     assert all(inert(gen.transformer, n) for n in dist["unchanged_lora_B"])
     # the same update on one process (AdamW as the recipe says): ZeRO-2's rank average equals the mean over batches
     params = dict((n, p) for n, p in gen.transformer.named_parameters() if p.requires_grad)
-    run.optimizer = torch.optim.AdamW(params.values(), lr=recipe.optim.lr, eps=recipe.optim.eps, weight_decay=0.0)
+    run.optimizer, _ = build_optimizer(list(params.values()), recipe.optim, 1)  # the trainer's AdamW, warmup 0
     run.end_update(train_update(run, cfg, plan, single, 0, 0, recipe.seed))
     moved = [n for n in dist["after"] if "lora_B" in n]
     assert max(dist["after"][n].abs().max().item() for n in moved) > 1e-5
