@@ -192,8 +192,9 @@ def over_ranks(accelerator, stats: dict[str, float]) -> dict[str, float]:
 
 def trainable_weights(model: torch.nn.Module, ema=None) -> dict[str, torch.Tensor]:
     """The trainable parameters' float32 values by name, whole: the EMA's average where there is one, else the
-    weights (:func:`rlkit.runtime.accelerator.full_precision`: DeepSpeed's fp32 masters in a bf16 run). Every rank
-    must call it."""
+    weights (:func:`rlkit.runtime.accelerator.full_precision`: DeepSpeed's fp32 masters in a bf16 run) copied to
+    the CPU, where they are written from (a whole fp32 copy of a fully trained model need not sit on the
+    accelerator). Every rank must call it."""
     from rlkit.runtime.accelerator import full_precision, gathered
 
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -201,7 +202,8 @@ def trainable_weights(model: torch.nn.Module, ema=None) -> dict[str, torch.Tenso
         average = {id(p): shadow for p, shadow in zip(ema.params, ema.shadow)}
         return {name: average[id(p)] for name, p in named}
     with torch.no_grad(), gathered(p for _, p in named):
-        return dict(zip((name for name, _ in named), (v.clone() for v in full_precision(p for _, p in named))))
+        return dict(zip((name for name, _ in named),
+                        (v.to("cpu", copy=True) for v in full_precision(p for _, p in named))))
 
 
 def ema_weights(ema) -> contextlib.AbstractContextManager:
