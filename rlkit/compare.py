@@ -34,7 +34,7 @@ import yaml
 
 from rlkit.config import ALGORITHMS
 from rlkit.confload import flatten
-from rlkit.evaluate import Scores, paired_sem, read_scores
+from rlkit.evaluate import Scores, paired_scores, paired_sem, read_scores
 from rlkit.runtime.tracking import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -415,15 +415,15 @@ def per_prompt_rows(summaries: list[RunSummary]) -> list[dict[str, Any]]:
         for name, c in s.golden.items():
             if len(c.steps) < 2:
                 continue
-            key = f"golden/{name}"
-            first, last = s.scores(c.steps[0]), s.scores(c.steps[-1])
-            if first is None or last is None or first[0] != last[0] or key not in first[1] or key not in last[1]:
+            paired = paired_scores(s.scores(c.steps[0]), s.scores(c.steps[-1]), f"golden/{name}")
+            if paired is None:
                 continue
+            prompts, first, last = paired
             slots = defaultdict(list)
-            for i, prompt in enumerate(first[0]):
+            for i, prompt in enumerate(prompts):
                 slots[prompt].append(i)
             for prompt, index in slots.items():
-                before, after = first[1][key][index].mean().item(), last[1][key][index].mean().item()
+                before, after = first[index].mean().item(), last[index].mean().item()
                 rows.append({"run": s.name, "golden": name, "prompt": prompt, "samples": len(index),
                              "first": round(before, 6), "last": round(after, 6), "gain": round(after - before, 6)})
     return rows

@@ -59,12 +59,20 @@ def gain_sem(run_dir: str | Path, key: str, first: int, last: int) -> float | No
     return paired_sem(read_scores(run_dir, first), read_scores(run_dir, last), key)
 
 
+def paired_scores(before: Scores | None, after: Scores | None, key: str) -> tuple[list[str], Tensor, Tensor] | None:
+    """Two evaluations' per-slot values of ``key`` and the slots' prompts, or ``None`` unless both hold ``key`` for
+    the same slots."""
+    if before is None or after is None or before[0] != after[0] or key not in before[1] or key not in after[1]:
+        return None
+    return before[0], before[1][key], after[1][key]
+
+
 def paired_sem(before: Scores | None, after: Scores | None, key: str) -> float | None:
     """:func:`gain_sem` of two evaluations' scores as read (``None`` unless both hold ``key`` for the same slots)."""
-    if before is None or after is None or before[0] != after[0] or key not in before[1] or key not in after[1] \
-            or len(before[0]) < 2:
+    paired = paired_scores(before, after, key)
+    if paired is None or len(paired[0]) < 2:
         return None
-    diff = after[1][key] - before[1][key]
+    diff = paired[2] - paired[1]
     return float(diff.std() / len(diff) ** 0.5)
 
 
