@@ -48,6 +48,12 @@ class DecodeConfig:
     tiling: bool = False  # decode large images in overlapping tiles (diffusers' VAE tiling)
 
 
+# distinct prompts whose text embeddings a generator keeps (SD3Generator.cache_limit): SD3.5-M's take (77 + T5 tokens)
+# x 4096 values each, 1.3 MB in bf16 at 77 T5 tokens and 2.7 MB at 256, on the accelerator; a prompt set of 25k would
+# otherwise fill tens of GB. Prompts past the limit are encoded at each use, exactly as the cached ones were
+TEXT_CACHE_SIZE = 1024
+
+
 @dataclass
 class ModelConfig:
     """The generator: a hub id or a local folder (``pkg://`` paths name files shipped inside the package)."""
@@ -58,6 +64,7 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     resolution: int = 32
     max_sequence_length: int = 77
+    text_cache_size: int | None = TEXT_CACHE_SIZE  # prompts whose embeddings stay in memory (null: every prompt)
     gradient_checkpointing: bool = False
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
@@ -66,6 +73,8 @@ class ModelConfig:
 
     def check(self) -> Problems:
         yield from _positive(self, "resolution", "max_sequence_length")
+        if self.text_cache_size is not None and self.text_cache_size < 0:
+            yield "text_cache_size", f"must be >= 0 (0: no cache) or null (no limit), got {self.text_cache_size}"
 
 
 @dataclass

@@ -58,6 +58,9 @@ def test_value_rules_and_required_keys(tmp_path):
     assert "refl.grad_step_range" in text
     with pytest.raises(ConfigError, match="needs at least one reward"):
         recipe_from_dict({"algorithm": "flow_grpo"})
+    with pytest.raises(ConfigError, match=r"model\.text_cache_size: must be >= 0 .* got -1"):
+        recipe_from_dict({**BASE, "model": {"text_cache_size": -1}})
+    assert recipe_from_dict({**BASE, "model": {"text_cache_size": None}}).model.text_cache_size is None
 
 
 def test_bad_override_path_is_reported(tmp_path):

@@ -250,9 +250,46 @@ def test_fresh_model_for_reward_training(tiny_sd3_dir):
     assert {id(p) for p in params} == {id(p) for p in model.reward_head.parameters()}
     assert not any(p.requires_grad for p in model.lora_parameters())
     assert len(reward.set_trainable("lora_head")) == len(params) + len(model.lora_parameters())
-    n_full = len(reward.set_trainable("full"))
-    assert n_full == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="saves in mode 'lora'"):  # the trained base weights would not be saved
+        reward.set_trainable("full")
     assert reward.set_trainable("none") == []
+    full = DiNaLRMReward(config=tiny_config(use_lora=False), base_model=str(tiny_sd3_dir))
+    assert len(full.set_trainable("full")) == len(list(full.model.parameters()))
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_trained_logistic_output_survives_save_and_load(use_lora, tiny_sd3_dir, tmp_path):
+    """The release saves eta3, eta4 only inside full_model.pt; beside a LoRA or a head rlkit writes them too."""
+    config = tiny_config(use_logistic=True, use_lora=use_lora, freeze_backbone=not use_lora)
+    reward = DiNaLRMReward(config=config, base_model=str(tiny_sd3_dir))
+    reward._materialize()
+    randomize_head(reward)
+    with torch.no_grad():
+        reward.model.eta3.fill_(1.5)
+        reward.model.eta4.fill_(0.7)
+    x = torch.randn(2, 4, 8, 8)
+    before = reward(batch(x, seed=1)).scores.detach()
+    folder = reward.save_pretrained(tmp_path / "rm")
+    loaded = DiNaLRMReward(pretrained=str(folder), base_model=str(tiny_sd3_dir))
+    # (a built and a loaded model differ by float rounding, ~1e-7; initial etas would move the scores by ~1)
+    torch.testing.assert_close(loaded(batch(x, seed=1)).scores, before, rtol=1e-5, atol=1e-5)
+    assert (loaded.model.eta3.item(), loaded.model.eta4.item()) == (1.5, pytest.approx(0.7))
+    (folder / "checkpoint" / "logistic.pt").unlink()  # a release checkpoint: initial values, and a warning
+    with pytest.warns(UserWarning, match="logistic.pt is missing"):
+        bare = DiNaLRMReward(pretrained=str(folder), base_model=str(tiny_sd3_dir))._materialize()
+    assert (bare.eta3.item(), bare.eta4.item()) == (0.0, pytest.approx(0.15))
+
+
+def test_sigma_table_stays_float32_in_a_bf16_model(tiny_sd3_dir):
+    """Snapping in a bf16 model must land on the release's float32 table, not on bf16 roundings of it."""
+    reward = DiNaLRMReward(config=tiny_config(), base_model=str(tiny_sd3_dir))
+    model = reward._materialize()
+    levels = torch.tensor([0.1, 0.4, 0.7])
+    reference = model.snap(levels)
+    model.to(torch.bfloat16)
+    assert model.grid.dtype == torch.float32 and next(model.reward_head.parameters()).dtype == torch.bfloat16
+    assert torch.equal(model.snap(levels), reference)
+    assert model.grid.unique().numel() == model.config.grid_num_train_timesteps
 
 
 def test_to_before_materialisation_is_where_and_how_the_own_backbone_loads(trained_folder, tiny_sd3_dir):

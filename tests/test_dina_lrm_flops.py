@@ -26,6 +26,14 @@ def test_counts_match_a_real_model_on_cpu():
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(**TINY).requires_grad_(False)
     assert report.generator_params == sum(p.numel() for p in transformer.parameters())
+    side = RESOLUTION // LATENT_SCALE
+    latents = torch.randn(2, 4, side, side, requires_grad=True)
+    text = TextConditioning(torch.randn(2, CLIP_TOKENS + CONFIG.max_sequence_length, 32), torch.randn(2, 32))
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:  # the generator as it is, without the reward's LoRA on its blocks
+        transformer(hidden_states=latents, encoder_hidden_states=text.encoder_hidden_states,
+                    pooled_projections=text.pooled_projections, timestep=torch.full((2,), 400.0))
+    assert report.generator_forward_flops == counter.get_total_flops() > 0
     model = DiNaLRM.build(CONFIG, transformer)
     model.set_trainable(lora=False, head=False)
     lora_modules = [m for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
@@ -34,10 +42,6 @@ def test_counts_match_a_real_model_on_cpu():
     assert report.reward_head_params == sum(p.numel() for p in model.reward_head.parameters())
     assert report.shared_added_params == expected_lora + report.reward_head_params
 
-    side = RESOLUTION // LATENT_SCALE
-    latents = torch.randn(2, 4, side, side, requires_grad=True)
-    text = TextConditioning(torch.randn(2, CLIP_TOKENS + CONFIG.max_sequence_length, 32), torch.randn(2, 32))
-    counter = FlopCounterMode(display=False)
     # CPU's fused attention kernel has no FLOP formula; the math kernel is what meta tensors count
     with sdpa_kernel(SDPBackend.MATH), counter:
         score = model.score(latents, torch.full((2,), 0.4), text)

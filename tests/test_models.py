@@ -69,6 +69,26 @@ def test_a_prompts_embedding_does_not_depend_on_what_was_encoded_with_it_or_the_
     assert list(limited._cache) == prompts[::-1][:2]  # the first two it saw, no more
 
 
+def test_the_recipe_bounds_the_text_cache_of_the_generator_and_of_a_reward_on_its_encoders(tiny_sd3_dir):
+    """A large prompt set must not fill the accelerator with embeddings (SD3.5: 1.3-2.7 MB each)."""
+    from rewards.dina_lrm import DiNaLRMConfig
+    from rewards.dina_lrm.reward import DiNaLRMReward
+    from rlkit.config import TEXT_CACHE_SIZE, ModelConfig
+    from rlkit.trainers.common import load_generator
+
+    assert SD3Generator.from_pretrained(tiny_sd3_dir).cache_limit == TEXT_CACHE_SIZE
+    gen = load_generator(ModelConfig(pretrained=str(tiny_sd3_dir), max_sequence_length=16, text_cache_size=2))
+    prompts = ["a red circle", "a blue square", "a green cross"]
+    gen.encode_prompts(prompts)
+    assert list(gen._cache) == prompts[:2]
+    reward = DiNaLRMReward(config=DiNaLRMConfig(num_transformer_layers=1, visual_head_idx=(1,), text_head_idx=(1,),
+                                                lora_r=2, num_attn_heads=4, num_queries=2, max_sequence_length=16),
+                           base_model=str(tiny_sd3_dir))
+    reward.attach_generator(gen)
+    reward.encode_prompts(prompts)
+    assert list(reward._text_encoder._cache) == prompts[:2]
+
+
 def test_a_bf16_transformer_reads_the_fp32_timestep(tiny_generator):
     """As diffusers' pipeline passes it: bf16 would round 953.42 to 952 (steps of 4 above 512)."""
     seen = []

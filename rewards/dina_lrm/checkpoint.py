@@ -8,8 +8,12 @@
         adapter_model.safetensors
     <folder>/checkpoint/rm_head.pt            reward-head state dict
     <folder>/checkpoint/full_model.pt         instead of both, when trained without LoRA and unfrozen
+    <folder>/checkpoint/logistic.pt           rlkit's addition: eta3, eta4 of the optional logistic output
 
-A frozen-backbone checkpoint holds ``rm_head.pt`` only. ``.pt`` files load with ``weights_only=True``.
+A frozen-backbone checkpoint holds ``rm_head.pt`` only. ``.pt`` files load with ``weights_only=True``. The release
+trains the logistic output's ``eta3``, ``eta4`` (``use_logistic``, off in its configs) but saves them only inside
+``full_model.pt``; beside a LoRA or a head, rlkit writes them to ``logistic.pt``, and a checkpoint without that file
+loads them at their initial values, as the release does (with a warning).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ CHECKPOINT_DIR = "checkpoint"
 LORA_DIR = "backbone_lora"
 HEAD_FILE = "rm_head.pt"
 FULL_FILE = "full_model.pt"
+LOGISTIC_FILE = "logistic.pt"
+LOGISTIC_PARAMS = ("eta3", "eta4")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."  # peft's PeftModel wraps the backbone: keys start with this
@@ -160,6 +166,8 @@ def load_dina_lrm(
         model.load_state_dict(full, strict=True)
     else:
         model.reward_head.load_state_dict(head, strict=True)
+        if config.use_logistic:
+            _load_logistic(model, ckpt / LOGISTIC_FILE)
     model.set_trainable(lora=False, head=False, backbone=False)
     return model.eval()
 
@@ -198,6 +206,8 @@ def save_dina_lrm(model: DiNaLRM, folder: str | Path, weights: Mapping[str, torc
         torch.save(cpu(state), ckpt / FULL_FILE)
         return folder
     torch.save(cpu(part(model.reward_head)), ckpt / HEAD_FILE)
+    if config.use_logistic:
+        torch.save(cpu({name: state[name] for name in LOGISTIC_PARAMS}), ckpt / LOGISTIC_FILE)
     if mode == "lora":
         lora_dir = ckpt / LORA_DIR
         lora_dir.mkdir(exist_ok=True)
@@ -215,6 +225,21 @@ def save_dina_lrm(model: DiNaLRM, folder: str | Path, weights: Mapping[str, torc
         peft_config.target_modules = sorted(peft_config.target_modules)
         peft_config.save_pretrained(str(lora_dir))
     return folder
+
+
+def _load_logistic(model: DiNaLRM, path: Path) -> None:
+    if not path.is_file():
+        import warnings
+
+        warnings.warn(f"{path} is missing: the logistic output's eta3, eta4 keep their initial values (the release "
+                      "does not save them beside a LoRA or a head)", stacklevel=3)
+        return
+    values = _load_pt(path, "the logistic output's eta3, eta4")
+    if sorted(values) != sorted(LOGISTIC_PARAMS):
+        raise ValueError(f"{path}: expected the keys {list(LOGISTIC_PARAMS)}, found {sorted(values)}")
+    with torch.no_grad():
+        for name in LOGISTIC_PARAMS:
+            getattr(model, name).copy_(values[name])
 
 
 def _prefix_in(model: nn.Module, module: nn.Module) -> str:

@@ -94,12 +94,6 @@ def dina_lrm_cost(
         transformer = SD3Transformer2DModel(**transformer_config)
     transformer.requires_grad_(False)
     generator_params = sum(p.numel() for p in transformer.parameters())
-    model = DiNaLRM.build(config, transformer)
-    model.set_trainable(lora=False, head=False)
-    backbone = model.tapped_backbone
-    lora = sum(p.numel() for p in model.lora_parameters())
-    backbone_params = sum(p.numel() for p in backbone.parameters()) - lora
-    head = sum(p.numel() for p in model.head_parameters())
 
     side = resolution // vae_scale
     cfg = transformer.config
@@ -108,14 +102,21 @@ def dina_lrm_cost(
         text = TextConditioning(torch.empty(batch_size, text_tokens, cfg.joint_attention_dim),
                                 torch.empty(batch_size, cfg.pooled_projection_dim))
         sigmas = torch.full((batch_size,), EVAL_SIGMA)
-    reward_fwd, reward_bwd = _forward_backward(lambda: model.score(latents, sigmas, text), latents)
 
     def generator_forward():
         return transformer(hidden_states=latents, encoder_hidden_states=text.encoder_hidden_states,
                            pooled_projections=text.pooled_projections, timestep=TIMESTEP_SCALE * sigmas,
                            return_dict=False)[0]
 
+    # counted before the reward is built: its own backbone holds the same blocks, and its LoRA goes onto them
     gen_fwd, gen_bwd = _forward_backward(generator_forward, latents)
+    model = DiNaLRM.build(config, transformer)
+    model.set_trainable(lora=False, head=False)
+    backbone = model.tapped_backbone
+    lora = sum(p.numel() for p in model.lora_parameters())
+    backbone_params = sum(p.numel() for p in backbone.parameters()) - lora
+    head = sum(p.numel() for p in model.head_parameters())
+    reward_fwd, reward_bwd = _forward_backward(lambda: model.score(latents, sigmas, text), latents)
     return CostReport(resolution=resolution, batch_size=batch_size, text_tokens=text_tokens,
                       reward_backbone_params=backbone_params, reward_lora_params=lora, reward_head_params=head,
                       generator_params=generator_params, reward_forward_flops=reward_fwd,

@@ -180,8 +180,8 @@ class DiNaLRMReward(Reward):
         from rlkit.models.sd3 import SD3Generator
 
         if getattr(generator.pipeline, "text_encoder", None) is not None:
-            self._text_encoder = SD3Generator(pipeline=generator.pipeline,
-                                              max_sequence_length=self.max_sequence_length)
+            self._text_encoder = SD3Generator(pipeline=generator.pipeline, max_sequence_length=self.max_sequence_length,
+                                              cache_limit=generator.cache_limit)
 
     def attach_generator(self, generator: Any) -> None:
         """Shares the generator's blocks (a second adapter ``rm_lora``) when it is the reward's base model.
@@ -316,7 +316,8 @@ class DiNaLRMReward(Reward):
         """Marks what reward-model training updates and returns those parameters (for the optimiser).
 
         ``lora_head``: the release's default; ``head``: frozen backbone; ``full``: backbone weights too (an own,
-        unshared backbone, saved as ``full_model.pt``); ``none``: frozen (scoring).
+        unshared backbone, saved as ``full_model.pt``, so only for a config whose save mode is ``full``); ``none``:
+        frozen (scoring).
         """
         model = self._materialize()
         flags = {"lora_head": (True, True, False), "head": (False, True, False), "full": (True, True, True),
@@ -326,6 +327,10 @@ class DiNaLRMReward(Reward):
         if mode == "lora_head" and not model.has_lora:
             raise ValueError("dina-lrm set_trainable('lora_head'): this model has no LoRA (config.use_lora=False "
                              "or freeze_backbone=True)")
+        if mode == "full" and model.config.save_mode != "full":
+            raise ValueError(f"dina-lrm set_trainable('full'): this model saves in mode {model.config.save_mode!r}, "
+                             "which would not write the trained backbone weights; build it with use_lora=False, "
+                             "freeze_backbone=False")
         lora, head, backbone = flags[mode]
         model.set_trainable(lora=lora, head=head, backbone=backbone)
         candidates = model.added_parameters() + (list(model.parameters()) if backbone else [])

@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from rewards.base import TextConditioning
+from rlkit.config import TEXT_CACHE_SIZE
 
 if TYPE_CHECKING:
     from rlkit.config import DecodeConfig
@@ -73,7 +74,7 @@ class SD3Generator:
 
     pipeline: Any  # diffusers.StableDiffusion3Pipeline (owns the modules below)
     max_sequence_length: int = 77
-    cache_limit: int | None = None  # distinct prompts whose embeddings stay in memory (None: all)
+    cache_limit: int | None = TEXT_CACHE_SIZE  # distinct prompts whose embeddings stay in memory (None: all)
     decode_checkpointing: bool = False  # see configure_decode
     _cache: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 

@@ -30,6 +30,7 @@ def load_generator(cfg: ModelConfig, device: torch.device | str = "cpu") -> SD3G
     source = resolve_package_path(cfg.pretrained)
     gen = SD3Generator.from_pretrained(source, dtype=cfg.dtype, device=device,
                                        max_sequence_length=cfg.max_sequence_length, revision=cfg.revision)
+    gen.cache_limit = cfg.text_cache_size
     gen.transformer.requires_grad_(False)
     gen.configure_decode(cfg.decode)
     return gen

@@ -65,7 +65,6 @@ TRAINABLE_TO_ARCH = {  # RewardModelConfig.trainable -> DiNaLRMConfig fields (de
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "reward_model"  # the release-layout EMA weights inside each checkpoint folder
-TEXT_CACHE_SIZE = 4096  # distinct prompts whose embeddings stay in memory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +263,6 @@ def setup(recipe: Recipe) -> RewardModelRun:
     # is freed
     with full_weights_loading(accelerator):
         gen = common.load_generator(recipe.model, device=accelerator.device)
-        gen.cache_limit = TEXT_CACHE_SIZE  # a 0.8 M-prompt set must not fill memory
         train_pairs = _load(cfg.data.train, cfg, "train", gen)
         eval_pairs = held_out_sample(_load(cfg.data.eval, cfg, "eval", gen), cfg.eval_limit, recipe.seed) \
             if cfg.data.eval else []
