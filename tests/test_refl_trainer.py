@@ -354,6 +354,37 @@ def test_reward_rises_over_30_updates(tmp_path, tiny_sd3_dir, capsys):
     assert last > first + 0.05, f"reward did not rise: {first:.3f} -> {last:.3f}"
 
 
+def test_pretrain_pool_is_at_the_recipes_resolution(tmp_path, tiny_sd3_dir, monkeypatch):
+    """Base samples are drawn at model.resolution (not the transformer's default size) a micro-batch at a time; a
+    latents file of another shape is refused, naming it."""
+    from safetensors.torch import save_file
+
+    import rlkit.rollout
+    from rlkit.config import PretrainLossConfig
+    from rlkit.trainers.loop import PolicyRun
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_sd3_dir, num_steps=2, grad_step_range=[0, 1]))
+    run = PolicyRun.setup(recipe, total_updates=1, micro_batch=2, grad_accum=1)
+    expected = run.gen.latent_shape(32)
+    assert run.gen.transformer.config.sample_size * run.gen.vae_scale_factor != 32  # the default would differ
+    batches = []
+    original = rlkit.rollout.sample
+    monkeypatch.setattr(rlkit.rollout, "sample", lambda gen, prompts, **kw: batches.append(len(prompts))
+                        or original(gen, prompts, **kw))
+    pool = run.pretrain_pool(PretrainLossConfig(weight=1.0), size=5)
+    assert pool.latents.shape == (5, *expected) and len(pool.prompts) == 5
+    assert batches == [2, 2, 1]  # refl.batch_size per sampling call
+
+    path = tmp_path / "pool.safetensors"
+    path.with_suffix(".txt").write_text("a red circle\na blue square\n")
+    save_file({"latents": torch.randn(2, *expected)}, str(path))
+    assert run.pretrain_pool(PretrainLossConfig(weight=1.0, source="data", data=str(path))).latents.shape == \
+        (2, *expected)
+    save_file({"latents": torch.randn(2, expected[0], 8, 8)}, str(path))
+    with pytest.raises(ValueError, match=r"refl\.pretrain\.data .*pool\.safetensors.*\(4, 8, 8\), expected"):
+        run.pretrain_pool(PretrainLossConfig(weight=1.0, source="data", data=str(path)))
+
+
 def test_pretrain_regulariser_ema_and_early_stopping(tmp_path, tiny_sd3_dir):
     """lambda > 0 adds the flow-matching loss on base samples; EMA weights are what gets exported;
     a golden reward that falls for `patience` evaluations stops the run early."""

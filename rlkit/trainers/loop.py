@@ -121,22 +121,30 @@ class PolicyRun(common.Processes):
         return torch.randn(shape, generator=rng)[self.rank_slice(per_rank)].to(self.accelerator.device)
 
     def pretrain_pool(self, cfg: PretrainLossConfig, size: int = 64) -> SamplePool:
-        """Latents for the pre-training loss: base-model samples (LoRA disabled) or a latents file."""
+        """Latents for the pre-training loss at the recipe's resolution: base-model samples (LoRA disabled, drawn
+        a training micro-batch at a time) or a latents file."""
+        resolution = self.recipe.model.resolution
         if cfg.source == "data":
             from safetensors.torch import load_file
 
-            data = load_file(cfg.data)
+            latents = load_file(cfg.data)["latents"]
+            expected = self.gen.latent_shape(resolution)
+            if tuple(latents.shape[1:]) != tuple(expected):
+                raise ValueError(f"refl.pretrain.data {cfg.data!r}: latents of shape {tuple(latents.shape[1:])}, "
+                                 f"expected {tuple(expected)} (model.resolution {resolution})")
             prompts = Path(cfg.data).with_suffix(".txt").read_text().splitlines()
-            return SamplePool(data["latents"].to(self.accelerator.device), prompts)
+            return SamplePool(latents.to(self.accelerator.device), prompts)
         from rlkit.models.lora import use_adapter
         from rlkit.rollout import sample
 
         rng = make_generator(self.recipe.seed, "pretrain-pool", self.rank)
         prompts = [self.prompts[int(i)] for i in torch.randint(0, len(self.prompts), (size,), generator=rng)]
-        base = self.gen.transformer
-        with use_adapter(base, None):
-            latents = sample(self.gen, prompts, num_steps=self.recipe.refl.num_steps,  # the training sampler
-                             guidance_scale=self.recipe.refl.guidance_scale, generator=rng)
+        chunk = self.recipe.refl.batch_size
+        with use_adapter(self.gen.transformer, None):
+            latents = torch.cat([sample(self.gen, prompts[i:i + chunk], num_steps=self.recipe.refl.num_steps,
+                                        guidance_scale=self.recipe.refl.guidance_scale, generator=rng,
+                                        resolution=resolution)  # the training sampler
+                                 for i in range(0, size, chunk)])
         return SamplePool(latents.detach(), prompts)
 
     # -- one update --------------------------------------------------------------------------------------
