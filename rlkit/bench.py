@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from rlkit.confload import shipped_recipe
 from rlkit.flops import PassCost, PeakRSS, SavedActivations, pass_cost
 
 BF16_BYTES = 2
@@ -214,7 +215,7 @@ def reward_call_costs(resolutions: tuple[int, ...], dtype: torch.dtype = torch.b
     from rlkit.config import load_recipe
     from rlkit.models.lora import add_lora
 
-    recipe = load_recipe(_recipe_path(REFL_RECIPE))
+    recipe = load_recipe(shipped_recipe(REFL_RECIPE))
     text_tokens = CLIP_TOKENS + recipe.model.max_sequence_length  # the generator's conditioning, which the
     # trainers pass to DiNa-LRM as well
     transformer = _meta_transformer(dtype)
@@ -239,10 +240,6 @@ def reward_call_costs(resolutions: tuple[int, ...], dtype: torch.dtype = torch.b
                                    dec.forward_flops + hps.forward_flops, dec.backward_flops + hps.backward_flops,
                                    dec.activation_bytes + hps.activation_bytes, "VAE decoder + Qwen2-VL-7B, " + note))
     return rows, gens
-
-
-def _recipe_path(name: str) -> Path:
-    return Path(__file__).resolve().parents[1] / "recipes" / name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,7 +278,7 @@ class PlanCost:
 def refl_step_costs(calls: list[RewardCallCost], gens: dict[int, GeneratorCost]) -> list[PlanCost]:
     from rlkit.config import load_recipe
 
-    cfg = load_recipe(_recipe_path(REFL_RECIPE)).refl
+    cfg = load_recipe(shipped_recipe(REFL_RECIPE)).refl
     cfg_mult = _cfg_branches(cfg.guidance_scale)
     k = sum(cfg.grad_step_range) / 2
     out = []
@@ -318,8 +315,8 @@ def grpo_recipes() -> dict[str, Any]:
 
     from rlkit.config import load_recipe
 
-    fast = load_recipe(_recipe_path(FAST_RECIPE)).flow_grpo
-    return {"flow_grpo": load_recipe(_recipe_path(FLOW_GRPO_RECIPE)).flow_grpo,
+    fast = load_recipe(shipped_recipe(FAST_RECIPE)).flow_grpo
+    return {"flow_grpo": load_recipe(shipped_recipe(FLOW_GRPO_RECIPE)).flow_grpo,
             "fast": replace(fast, reward_at="final"), "fast_window_end": replace(fast, reward_at="window_end")}
 
 

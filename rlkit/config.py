@@ -28,8 +28,16 @@ SD3_ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pro
 def _positive(obj: Any, *names: str) -> Problems:
     for name in names:
         value = getattr(obj, name)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # NaN too
             yield name, f"must be > 0, got {value}"
+
+
+def _prompt_source(obj: Any, name: str) -> Problems:
+    from rlkit.prompts import source_problem
+
+    problem = source_problem(getattr(obj, name))
+    if problem is not None:
+        yield name, problem
 
 
 def _unit(obj: Any, *names: str) -> Problems:
@@ -208,6 +216,7 @@ class EvalConfig:
         if self.every < 0:
             yield "every", f"must be >= 0, got {self.every}"
         yield from _positive(self, "num_prompts", "images_per_prompt", "num_steps", "batch_size")
+        yield from _prompt_source(self, "prompts")
         if self.early_stopping_patience and not self.golden:
             yield "early_stopping_patience", "needs at least one golden reward"
 
@@ -218,6 +227,10 @@ class PromptsConfig:
 
     source: str = "shapes:train"  # shapes:<split> | file.txt | file.jsonl | hf:<dataset>[:split[:column]]
     limit: int | None = None
+
+    def check(self) -> Problems:
+        yield from _positive(self, "limit")
+        yield from _prompt_source(self, "source")
 
 
 @dataclass
@@ -286,6 +299,23 @@ class FlowGRPOConfig:
     train_last_step: bool = False
     cps_log_prob: Literal["upstream", "gaussian"] = "upstream"  # upstream: -mean((x' - mu)^2), no variance
     kl_std: Literal["upstream", "transition"] = "upstream"  # KL divides by std_t^2 (upstream) or std_t^2 |dt|
+
+    def split(self, world: int) -> tuple[int, int]:
+        """``(images, batches)`` per process of an epoch on ``world`` processes; raises naming the recipe keys that
+        do not divide."""
+        images = self.prompts_per_epoch * self.group_size
+        if images % world:
+            raise ValueError(f"flow_grpo.prompts_per_epoch x flow_grpo.group_size = {images} images per epoch cannot "
+                             f"be split over {world} processes")
+        per_rank = images // world
+        if per_rank % self.batch_size:
+            raise ValueError(f"{per_rank} images per process ({images} / {world} processes) is not a multiple of "
+                             f"flow_grpo.batch_size = {self.batch_size}")
+        batches = per_rank // self.batch_size
+        if batches % self.updates_per_epoch:
+            raise ValueError(f"{batches} batches per process per epoch cannot be split into "
+                             f"flow_grpo.updates_per_epoch = {self.updates_per_epoch} updates")
+        return per_rank, batches
 
     def check(self) -> Problems:
         yield from _positive(self, "num_steps", "window_size", "group_size", "prompts_per_epoch", "batch_size",
@@ -367,6 +397,15 @@ class RewardModelConfig:
         for i, u in enumerate(self.eval_levels):
             if not 0 <= u <= 1:
                 yield f"eval_levels.{i}", f"must lie in [0, 1], got {u}"
+        if self.init_from and self.model:
+            yield "model", "has no effect with init_from, whose config.json sets the architecture; remove one of them"
+        elif self.model:
+            from rewards.dina_lrm.config import DiNaLRMConfig
+
+            try:
+                DiNaLRMConfig.from_dict(self.model)
+            except (TypeError, ValueError) as exc:  # DiNaLRMConfigError is a ValueError
+                yield "model", str(exc)
 
 
 @dataclass
@@ -404,10 +443,16 @@ class Recipe:
         if self.algorithm == "reward_model" and not self.reward_model.data.train:
             yield "reward_model.data.train", "reward-model training needs a preference data set"
         epoch = self.flow_grpo.inner_epochs * self.flow_grpo.updates_per_epoch
-        if self.algorithm == "flow_grpo" and self.checkpoint.every % epoch:
+        if self.algorithm == "flow_grpo" and epoch > 0 and self.checkpoint.every % epoch:
             yield "checkpoint.every", (f"must be a multiple of the {epoch} updates of a Flow-GRPO epoch (inner_epochs "
                                        "x updates_per_epoch): a run resumed inside an epoch would draw its rollouts "
                                        "again from the updated policy")
+        counts = (self.launch.num_processes, self.flow_grpo.batch_size, self.flow_grpo.updates_per_epoch)
+        if self.algorithm == "flow_grpo" and min(counts) > 0:
+            try:  # what every process will do, for the launch's process count
+                self.flow_grpo.split(self.launch.num_processes)
+            except ValueError as exc:
+                yield "flow_grpo", f"{exc} (launch.num_processes = {self.launch.num_processes})"
         policy = self.policy
         if policy is not None and policy.kl_beta > 0 and not self.lora.enabled:
             yield f"{self.algorithm}.kl_beta", ("> 0 needs lora.enabled: the reference policy is the LoRA-disabled "

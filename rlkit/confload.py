@@ -2,7 +2,7 @@
 reported all at once, each naming the file and the dotted key.
 
 Precedence: dataclass defaults < YAML < command-line ``key=value`` overrides (dotted paths, list indices,
-values parsed as YAML scalars, so ``train.lr=1e-5`` is a float and ``launch.deepspeed=null`` is None).
+values parsed as YAML scalars, so ``optim.lr=1e-5`` is a float and ``launch.deepspeed=null`` is None).
 The schema itself lives in :mod:`rlkit.config`; this module knows nothing about training.
 """
 
@@ -63,6 +63,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 class _Builder:
     def __init__(self, file: str):
         self.file = file
@@ -93,6 +96,10 @@ class _Builder:
                 return self.convert(candidates[0], value, key)
             return self.fail(key, f"expected {_type_name(tp)}, got {value!r}")
         if origin is Literal:
+            if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / off as false, yes / on as true
+                words = [w for w in YAML_BOOL_WORDS[value] if w in args]
+                if words and value not in args:
+                    return words[0]
             if value in args:
                 return value
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
@@ -101,8 +108,11 @@ class _Builder:
         if origin in (list, tuple):
             if not isinstance(value, (list, tuple)):
                 return self.fail(key, f"expected a list, got {value!r}")
-            item_tp = args[0] if args else Any
-            items = [self.convert(item_tp, v, _join(key, i)) for i, v in enumerate(value)]
+            fixed = origin is tuple and args and args[-1] is not Ellipsis  # tuple[int, int]: exactly two items
+            if fixed and len(value) != len(args):
+                return self.fail(key, f"expected a list of {len(args)} items, got {list(value)!r}")
+            item_tps = args if fixed else [args[0] if args else Any] * len(value)
+            items = [self.convert(tp_i, v, _join(key, i)) for i, (tp_i, v) in enumerate(zip(item_tps, value))]
             return tuple(items) if origin is tuple else items
         if origin is dict:
             if not isinstance(value, dict):
@@ -176,6 +186,17 @@ class _Builder:
 
 
 PACKAGE_SCHEME = "pkg://"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_recipe(name: str) -> Path:
+    """``recipes/<name>`` of the rlkit source tree, which the demo, the Shapes build and the benchmarks run."""
+    path = RECIPES_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such shipped recipe. The recipes live in rlkit's source tree (recipes/), "
+                                "not in a built wheel: install rlkit from a clone (`pip install -e .`, as "
+                                "scripts/setup.sh does)")
+    return path
 
 
 def resolve_package_path(value: str) -> str:

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --dry-run before the overrides too
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except ConfigError as exc:

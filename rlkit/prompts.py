@@ -56,18 +56,39 @@ def _from_file(path: Path) -> list[str]:
     return _checked(f"{path}: line", records)
 
 
+SHAPES_SPLITS = ("train", "heldout")
+
+
+def source_problem(source: str) -> str | None:
+    """What is wrong with ``source`` before anything is read (a recipe's validation), or None."""
+    if source.startswith("shapes:"):
+        split = source.split(":", 1)[1]
+        if split not in SHAPES_SPLITS:
+            return f"prompt source {source!r}: the Shapes world has the splits {', '.join(SHAPES_SPLITS)}"
+    elif source.startswith("hf:"):
+        if not source[3:].split(":")[0]:
+            return f"prompt source {source!r}: expected hf:<dataset>[:split[:column]]"
+    elif not Path(source).is_file():
+        return (f"prompt source {source!r}: no such file (expected shapes:<split>, a .txt, .jsonl or .json file, "
+                "or hf:<dataset>)")
+    elif Path(source).suffix not in SUFFIXES:
+        return f"prompt source {source!r}: unsupported file type {Path(source).suffix!r}; expected one of " \
+               f"{', '.join(SUFFIXES)}"
+    return None
+
+
 def load_prompts(source: str, limit: int | None = None) -> list[str]:
     """The prompts ``source`` names (module docstring), the first ``limit`` of them when a limit is given."""
     if limit is not None and limit <= 0:
         raise ValueError(f"prompt source {source!r}: limit must be > 0, got {limit}")
+    problem = source_problem(source)
+    if problem is not None:
+        raise ValueError(problem)
     if source.startswith("shapes:"):
         from rlkit.shapes import world
 
-        splits = {"train": world.train_prompts, "heldout": world.heldout_prompts}
         split = source.split(":", 1)[1]
-        if split not in splits:
-            raise ValueError(f"prompt source {source!r}: the Shapes world has splits {sorted(splits)}")
-        prompts = splits[split]()
+        prompts = {"train": world.train_prompts, "heldout": world.heldout_prompts}[split]()
     elif source.startswith("hf:"):
         from datasets import load_dataset
 
@@ -79,14 +100,7 @@ def load_prompts(source: str, limit: int | None = None) -> list[str]:
             raise ValueError(f"prompt source {source!r}: no column {column!r}; columns: {ds.column_names}")
         prompts = _checked(f"{source}: row", enumerate(ds[column]))
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt source {source!r}: no such file (expected shapes:<split>, a .txt, "
-                                    ".jsonl or .json file, or hf:<dataset>)")
-        if path.suffix not in SUFFIXES:
-            raise ValueError(f"prompt source {source!r}: unsupported file type {path.suffix!r}; expected one of "
-                             f"{', '.join(SUFFIXES)}")
-        prompts = _from_file(path)
+        prompts = _from_file(Path(source))
     if not prompts:
         raise ValueError(f"prompt source {source!r} holds no prompts")
     return prompts[:limit] if limit is not None else prompts

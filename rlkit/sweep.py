@@ -145,7 +145,8 @@ class Sweep:
             overrides = list(self.config.overrides)
             for option in combo:
                 overrides += option.overrides
-            overrides += [f"name={name}", f"output_dir={self.dir}"]
+            # quoted: an override's value is read as YAML, where a label like 0.10, 010 or no is not that string
+            overrides += [f"name={json.dumps(name)}", f"output_dir={json.dumps(str(self.dir))}"]
             out.append(SweepRun(name, {a: o.label for (a, _), o in zip(axes, combo)}, overrides))
         return out
 

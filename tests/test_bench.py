@@ -130,10 +130,11 @@ def test_plan_costs_count_what_the_shipped_recipes_run(bench_512):
     """Call counts by hand from the SD3.5-M recipes: Flow-GRPO (flow_grpo_sd35.yaml) trains 9 of its 10 steps (not
     the grid's last) at CFG 4.5 with a KL reference forward; -Fast 3 steps at CFG 1; DiNa-LRM reads the generator's
     77 + 256 text tokens; the generator carries the policy LoRA."""
-    from rlkit.bench import FAST_RECIPE, FLOW_GRPO_RECIPE, _recipe_path, grpo_recipes
+    from rlkit.bench import FAST_RECIPE, FLOW_GRPO_RECIPE, grpo_recipes
+    from rlkit.confload import shipped_recipe
     from rlkit.config import load_recipe
 
-    flow, fast = (load_recipe(_recipe_path(name)).flow_grpo for name in (FLOW_GRPO_RECIPE, FAST_RECIPE))
+    flow, fast = (load_recipe(shipped_recipe(name)).flow_grpo for name in (FLOW_GRPO_RECIPE, FAST_RECIPE))
     assert grpo_recipes()["flow_grpo"] == flow and grpo_recipes()["fast"].window_size == fast.window_size
     step = bench_512.generator[0]
     plans = {p.plan: p for p in bench_512.plans if p.reward == "dina-lrm" and p.backbone == "shared"}
@@ -149,7 +150,7 @@ def test_plan_costs_count_what_the_shipped_recipes_run(bench_512):
     from rewards.dina_lrm.flops import CLIP_TOKENS
     from rlkit.bench import _meta_transformer, _sd3_inputs
 
-    refl = load_recipe(_recipe_path("refl_sd35.yaml"))
+    refl = load_recipe(shipped_recipe("refl_sd35.yaml"))
     tokens = CLIP_TOKENS + refl.model.max_sequence_length
     assert tokens == 333
     base = _meta_transformer(torch.bfloat16)

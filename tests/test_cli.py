@@ -72,6 +72,19 @@ def test_train_builds_accelerate_command_from_launch_section(tmp_path):
     assert "gradient_accumulation_steps" not in written["deepspeed_config"]  # the recipe sets it, not the launcher
 
 
+def test_train_dry_run_prints_the_command_wherever_the_flag_stands(tmp_path, capsys):
+    from rlkit.launch import main as train_main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}],
+                                    "launch": {"num_processes": 2}}))
+    for argv in ([str(path), "--dry-run", f"output_dir={tmp_path}", "seed=3"],
+                 [str(path), f"output_dir={tmp_path}", "seed=3", "--dry-run"]):
+        assert train_main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("launching:") and out.rstrip().endswith(f"-m rlkit {path} output_dir={tmp_path} seed=3")
+
+
 def test_a_signal_to_rlkit_train_reaches_the_ranks():
     """SIGTERM to the launcher is passed on to accelerate (and so to the ranks, which checkpoint and exit)."""
     import os

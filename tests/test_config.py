@@ -63,6 +63,55 @@ def test_value_rules_and_required_keys(tmp_path):
     assert recipe_from_dict({**BASE, "model": {"text_cache_size": None}}).model.text_cache_size is None
 
 
+def test_values_that_crashed_validation_are_reported_by_key(tmp_path):
+    """Wrong-length pairs, zero divisors, YAML's booleans for 'no', NaN and prompt sources that cannot load."""
+    path = write(tmp_path, {**BASE, "algorithm": "flow_grpo"})
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(path, ["refl.grad_step_range=[1, 2, 3]", "flow_grpo.window_start_range=[1]",
+                           "optim.lr=.nan", "prompts.limit=0",
+                           "prompts.source=shapes:bogus", f"eval.prompts={tmp_path / 'missing.txt'}"])
+    text = str(exc.value)
+    assert "refl.grad_step_range: expected a list of 2 items, got [1, 2, 3]" in text
+    assert "flow_grpo.window_start_range: expected a list of 2 items, got [1]" in text
+    assert "optim.lr: must be > 0, got nan" in text
+    assert "prompts.limit: must be > 0, got 0" in text
+    assert "prompts.source: prompt source 'shapes:bogus': the Shapes world has the splits train, heldout" in text
+    assert "eval.prompts: prompt source" in text and "missing.txt': no such file" in text
+    with pytest.raises(ConfigError, match="flow_grpo.updates_per_epoch: must be > 0, got 0"):
+        load_recipe(path, ["flow_grpo.updates_per_epoch=0"])  # (not a division by zero in the epoch checks)
+    assert load_recipe(path, ["launch.mixed_precision=no"]).launch.mixed_precision == "no"  # YAML's false
+
+
+def test_flow_grpo_batches_are_checked_for_the_launchs_process_count(tmp_path):
+    """What plan_epoch would refuse on every rank after the model loaded, validation says first."""
+    path = write(tmp_path, {**BASE, "algorithm": "flow_grpo", "flow_grpo": {
+        "group_size": 24, "prompts_per_epoch": 48, "batch_size": 8, "updates_per_epoch": 2}})
+    assert load_recipe(path, ["launch.num_processes=8"]).launch.num_processes == 8
+    with pytest.raises(ConfigError, match=r"flow_grpo: 9 batches per process per epoch cannot be split into "
+                                          r"flow_grpo.updates_per_epoch = 2 updates \(launch.num_processes = 16\)"):
+        load_recipe(path, ["launch.num_processes=16"])
+
+
+def test_reward_model_architecture_is_checked_with_the_recipe(tmp_path):
+    """Before the generator loads: an unknown or bad DiNa-LRM field, or one that init_from would ignore."""
+    path = write(tmp_path, {"algorithm": "reward_model", "reward_model": {"data": {"train": "shapes:drawn:8"}}})
+    with pytest.raises(ConfigError, match=r"reward_model\.model: DiNaLRMConfig: unknown field\(s\) \['lora_rank'\]"):
+        load_recipe(path, ["reward_model.model.lora_rank=64"])
+    with pytest.raises(ConfigError, match=r"reward_model\.model: DiNaLRMConfig\.lora_r: must be > 0, got -1"):
+        load_recipe(path, ["reward_model.model.lora_r=-1"])
+    with pytest.raises(ConfigError, match=r"reward_model\.model: has no effect with init_from"):
+        load_recipe(path, ["reward_model.model.lora_r=8", "reward_model.init_from=some/checkpoint"])
+    assert load_recipe(path, ["reward_model.model.lora_r=8"]).reward_model.model == {"lora_r": 8}
+
+
+def test_shipped_recipes_are_found_in_the_source_tree_or_the_install_is_named():
+    from rlkit.confload import shipped_recipe
+
+    assert shipped_recipe("refl_shapes.yaml") in RECIPES
+    with pytest.raises(FileNotFoundError, match=r"no-such\.yaml: no such shipped recipe.*pip install -e \."):
+        shipped_recipe("no-such.yaml")
+
+
 def test_bad_override_path_is_reported(tmp_path):
     path = write(tmp_path, BASE)
     with pytest.raises(ConfigError, match="no list item 3"):

@@ -229,11 +229,12 @@ def test_a_gain_counts_only_beyond_two_standard_errors(gain, se, verdict):
 def test_the_oracle_arm_trains_flow_grpo_on_the_annotators_utility():
     import rewards
     from rlkit.config import load_recipe
-    from rlkit.shapes.demo import ARMS, ORACLE, RECIPES
+    from rlkit.confload import shipped_recipe
+    from rlkit.shapes.demo import ARMS, ORACLE
     from rlkit.shapes.judges import GoldenJudgeReward
 
     assert set(ARMS[ORACLE]) == {"flow_grpo"}  # not differentiable: no ReFL arm
-    recipe = load_recipe(RECIPES / "flow_grpo_shapes.yaml", ARMS[ORACLE]["flow_grpo"])
+    recipe = load_recipe(shipped_recipe("flow_grpo_shapes.yaml"), ARMS[ORACLE]["flow_grpo"])
     (spec,) = recipe.rewards
     reward = rewards.build(spec.name, **spec.args)
     assert isinstance(reward, GoldenJudgeReward) and reward.mode == "utility"

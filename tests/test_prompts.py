@@ -38,7 +38,7 @@ def test_bad_sources_name_the_file_and_line(tmp_path, name, text, message):
 
 
 def test_a_missing_file_and_a_bad_limit_are_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         load_prompts(str(tmp_path / "nope.txt"))
     (tmp_path / "p.txt").write_text("a\n")
     with pytest.raises(ValueError, match="limit must be > 0, got 0"):

@@ -146,6 +146,7 @@ def test_reward_model_training_reads_generated_pairs_sampled_before_it(tmp_path,
     """The build samples the generated pairs once and trains two DiNa-LRMs on them: the trainer must find the
     samples cached from the bare generator, although its model then adds an adapter to the generator's blocks."""
     from rlkit.config import load_recipe
+    from rlkit.confload import shipped_recipe
     from rlkit.shapes.build import DINA_RECIPE
     from rlkit.shapes.pretrain import load_generator
     from rlkit.trainers.reward_model import setup
@@ -157,9 +158,9 @@ def test_reward_model_training_reads_generated_pairs_sampled_before_it(tmp_path,
         raise AssertionError("sampled again although the cache holds these samples")
 
     monkeypatch.setattr(preferences, "sample_latents", no_sampling)
-    recipe = load_recipe(DINA_RECIPE, [f"output_dir={tmp_path / 'run'}", f"reward_model.data.train=[{source}]",
-                                       "reward_model.data.eval=null", f"reward_model.data.cache_dir={tmp_path}",
-                                       "reward_model.batch_size=4"])
+    recipe = load_recipe(shipped_recipe(DINA_RECIPE), [
+        f"output_dir={tmp_path / 'run'}", f"reward_model.data.train=[{source}]", "reward_model.data.eval=null",
+        f"reward_model.data.cache_dir={tmp_path}", "reward_model.batch_size=4"])
     run = setup(recipe)
     assert len(run.train_pairs) == len(sampled) > 0
     assert all(torch.equal(a.chosen, b.chosen) for a, b in zip(run.train_pairs, sampled))

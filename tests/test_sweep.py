@@ -48,6 +48,17 @@ def write_sweep(tmp_path: Path, base: Path, **extra) -> Path:
     return path
 
 
+def test_labels_that_yaml_reads_as_numbers_or_booleans_name_their_run_folders(tmp_path):
+    """A run's folder is its name as written: the launch script marks that folder done."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "latent-direction"}]}))
+    labels = ["0.10", "010", "no", "1e-3"]
+    path = write_sweep(tmp_path, base, seeds=[], axes=[
+        {"name": "lr", "options": [{"label": label, "overrides": []} for label in labels]}])
+    sweep = load_sweep(path)
+    assert [r.run_dir.name for r in sweep.validate()] == [r.name for r in sweep.runs()] == labels
+
+
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
 def test_shipped_sweeps_load_and_expand(path):
     sweep = load_sweep(path)
@@ -84,7 +95,7 @@ def test_expansion_names_and_overrides(tmp_path):
     assert "#SBATCH --array=0-3" in sbatch and sbatch.count("accelerate launch") == 4
     assert main([str(path), "--emit", "accelerate"]) == 0
     launch = (sweep.dir / "launch.sh").read_text()
-    assert launch.count("accelerate launch") == 4 and "name=b__lr1__seed1" in launch
+    assert launch.count("accelerate launch") == 4 and "name=\"b__lr1__seed1\"" in launch
     assert launch.count("--config_file") == 4 and (recipes[3].run_dir / "accelerate_config.yaml").is_file()
     # a failing run stops the script with its status, and is not marked done
     bin_dir = tmp_path / "bin"

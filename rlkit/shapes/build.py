@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rlkit.confload import shipped_recipe
 from rlkit.runtime.checkpoint import write_text_atomic
 from rlkit.shapes import world
 from rlkit.shapes.clip import ClipTrainConfig, ShapesClipModel, retrieval_accuracy, train_clip
@@ -155,7 +156,7 @@ STAGES = ("generator", "clip", "evaluate", "preferences", "dina_lrm", "rewards")
 GENERATED_CACHE = "_generated_pairs"
 EVAL_PAIRS_SEED = 7  # held-out preference pairs: other samples, other annotator draws
 EVAL_PAIRS = 256
-DINA_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dina_lrm_shapes.yaml"
+DINA_RECIPE = "dina_lrm_shapes.yaml"  # shipped (rlkit.confload.shipped_recipe)
 
 
 FIXED_VARIANCE = "_dina_lrm_fixed_variance"  # the ablation's checkpoint, from the dina_lrm to the rewards stage
@@ -190,7 +191,7 @@ def _dina_recipe(out_dir: Path, fast: bool, target: str = "dina_lrm", extra: tup
     if fast:
         overrides += ["reward_model.max_steps=4", "reward_model.batch_size=4", "reward_model.eval_every=0",
                       "reward_model.eval_limit=16"]
-    return load_recipe(DINA_RECIPE, overrides)
+    return load_recipe(shipped_recipe(DINA_RECIPE), overrides)
 
 
 def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print, target: str = "dina_lrm",

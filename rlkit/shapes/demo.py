@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rlkit.confload import shipped_recipe
+
 if TYPE_CHECKING:  # torch and the generator load lazily, so that `rlkit demo --help` starts at once
     from torch import Tensor
 
     from rlkit.models.sd3 import SD3Generator
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 GOLDEN = "eval/golden/shapes-golden"
 GUARDS = ("foreground_area", "high_frequency")
 GUARD_TOLERANCE = 0.20  # a guard outside [0.8, 1.2] of real pictures is off; see RunSummary.hacked
@@ -185,7 +186,7 @@ def run_one(algorithm: str, label: str, seed: int, out: Path, extra: list[str], 
 
     overrides = [f"seed={seed}", f"name={label}_s{seed}", f"output_dir={out / 'runs'}", "checkpoint.resume=false",
                  *(QUICK[algorithm] if quick else []), *extra]
-    recipe = load_recipe(RECIPES / f"{algorithm}_shapes.yaml", overrides)
+    recipe = load_recipe(shipped_recipe(f"{algorithm}_shapes.yaml"), overrides)
     if recipe.run_dir.exists():
         shutil.rmtree(recipe.run_dir)
     start = time.perf_counter()
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # a wrong override fails here, before any run
         for algorithm in args.algorithms:
-            load_recipe(RECIPES / f"{algorithm}_shapes.yaml", args.overrides)
+            load_recipe(shipped_recipe(f"{algorithm}_shapes.yaml"), args.overrides)
     except ConfigError as exc:
         print(f"rlkit demo: {exc}")
         return 2

@@ -76,18 +76,7 @@ def trained_positions(cfg: FlowGRPOConfig, window_start: int) -> list[int]:
 
 def plan_epoch(cfg: FlowGRPOConfig, world: int) -> EpochPlan:
     """The epoch's arithmetic for ``world`` processes; raises naming the recipe keys that do not divide."""
-    images = cfg.prompts_per_epoch * cfg.group_size
-    if images % world:
-        raise ValueError(f"flow_grpo.prompts_per_epoch x flow_grpo.group_size = {images} images per epoch cannot be "
-                         f"split over {world} processes")
-    per_rank = images // world
-    if per_rank % cfg.batch_size:
-        raise ValueError(f"{per_rank} images per process ({images} / {world} processes) is not a multiple of "
-                         f"flow_grpo.batch_size = {cfg.batch_size}")
-    batches = per_rank // cfg.batch_size
-    if batches % cfg.updates_per_epoch:
-        raise ValueError(f"{batches} batches per process per epoch cannot be split into flow_grpo.updates_per_epoch "
-                         f"= {cfg.updates_per_epoch} updates")
+    per_rank, batches = cfg.split(world)
     steps = len(trained_positions(cfg, cfg.window_start_range[0]))
     if steps == 0:
         raise ValueError("flow_grpo: the window trains no step (a 1-step window on the last step); widen "
