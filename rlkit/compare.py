@@ -11,7 +11,7 @@ golden reward fell: ``proxy(last) > proxy(at golden best) + tol`` and ``golden(l
 with ``tol' = max(tol, 2 se(last - best))``: a fall two standard errors of the difference deep, as the demo counts a
 gain, so that evaluation noise (and picking the best of several noisy evaluations) is not called hacking. The error
 is paired by slot where both evaluations wrote their per-slot scores (:func:`rlkit.evaluate.gain_sem`), else
-``sqrt(se(best)^2 + se(last)^2)`` from the logged standard errors of the two means; 0 where neither was written.
+``sqrt(se(best)^2 + se(last)^2)`` from the logged standard errors of the two means; 0 where either is missing.
 The table gives each golden gain's paired standard error (``golden_gain_sem``) where it can, and ``per_prompt.csv``
 each run's golden score per held-out prompt at the first and last evaluation.
 """
@@ -157,7 +157,7 @@ def golden_paired_sem(scores: Callable[[int], Scores | None]) -> PairedSem:
 
 def fall_noise(golden: Curve, best: int, paired_se: float | None = None) -> float:
     """Two standard errors of the difference between the golden value at ``best`` and the last one: ``paired_se``
-    where given, else the logged errors of the two means taken as independent (0 where none were logged)."""
+    where given, else the logged errors of the two means taken as independent (0 where either was not logged)."""
     if paired_se is not None:
         return 2.0 * paired_se
     if len(golden.sem) != len(golden.values):
@@ -233,16 +233,16 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
         path = d / "recipe.yaml"
         recipes.append(yaml.safe_load(path.read_text()) if path.is_file() else {})
     varied = varied_keys(recipes)
-    out = []
+    out, settings = [], []
     for d, recipe in zip(run_dirs, recipes):
         rows = read_metrics(d)
         done = _read_done(d)
         flat = flatten(recipe)
         labels = {k: v for k, v in done.get("labels", {}).items() if k != "seed"}
-        group = ", ".join(labels.values()) if labels else ", ".join(
-            f"{k}={flat.get(k)}" for k in own_keys(varied, recipe.get("algorithm"))) or "all"
+        setting = ", ".join(f"{k}={flat.get(k)}" for k in own_keys(varied, recipe.get("algorithm"))) or "all"
+        settings.append((setting, ", ".join(labels.values()) if labels else None))
         proxy, golden = curves(rows, PROXY_PREFIX), curves(rows, GOLDEN_PREFIX)
-        train_steps = [int(r["step"]) for r in rows if any(k.startswith("train/") for k in r)]
+        steps = [int(r["step"]) for r in rows if "step" in r]  # the last update's row (train rows may skip it)
         elapsed = [r[k] for r in rows for k in (ELAPSED_KEY, TRAIN_ELAPSED_KEY) if k in r]
         peak = done.get("peak_rss_bytes")
         for r in rows:
@@ -253,15 +253,38 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
         first_proxy = next(iter(proxy.values()), None)
         scores = functools.cache(functools.partial(read_scores, d))
         paired = golden_paired_sem(scores)
+        # the sweep's measurement of its last launch, or the run's own clock where it went on across resumes
+        wall = [w for w in (done.get("wall_s"), max(elapsed) if elapsed else None) if w is not None]
         out.append(RunSummary(
-            name=d.name, path=d, group=group, seed=recipe.get("seed"), proxy=proxy, golden=golden,
-            wall_s=done.get("wall_s", max(elapsed) if elapsed else None), peak_memory_bytes=peak,
-            reward_images=_reward_images(recipe, max(train_steps) if train_steps else 0),
+            name=d.name, path=d, group=setting, seed=recipe.get("seed"), proxy=proxy, golden=golden,
+            wall_s=max(wall) if wall else None, peak_memory_bytes=peak,
+            reward_images=_reward_images(recipe, max(steps) if steps else 0),
             update_s=sum(updates) / len(updates) if updates else None,
             gain_sem={name: se for name, c in golden.items()
                       if len(c.steps) > 1 and (se := paired(name, c.steps[0], c.steps[-1])) is not None},
             scores=scores, hacking=hacked_goldens(first_proxy, golden, tol, paired)))
+    names = group_names(settings)
+    for summary in out:
+        summary.group = names[summary.group]
     return out
+
+
+def group_names(settings: list[tuple[str, str | None]]) -> dict[str, str]:
+    """The name of each group of runs, a group being the runs of one setting (what varied between the recipes,
+    seed aside): the sweep labels of its runs where they name it alone, else the setting. Runs of two sweeps that
+    share a label but not a setting stay apart; a finished and an unfinished run of one setting stay together."""
+    labels_of: dict[str, set[str]] = {}
+    settings_of: dict[str, set[str]] = {}
+    for setting, label in settings:
+        labels_of.setdefault(setting, set())
+        if label is not None:
+            labels_of[setting].add(label)
+            settings_of.setdefault(label, set()).add(setting)
+    names = {}
+    for setting, labels in labels_of.items():
+        label = next(iter(labels)) if len(labels) == 1 else None
+        names[setting] = label if label is not None and settings_of[label] == {setting} else setting
+    return names
 
 
 def _fmt(value: Any, signed: bool = False) -> str:

@@ -188,7 +188,8 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end (and on SIGTERM)
     keep_last: int = 2
-    resume: bool = True  # resume from the newest complete checkpoint in the run folder
+    resume: bool = True  # resume from the newest complete checkpoint in the run folder (false: start afresh,
+    # removing the folder's checkpoints and metrics)
 
     def check(self) -> Problems:
         if self.every < 0:
@@ -395,8 +396,10 @@ class RewardModelConfig:
                 yield f"timestep_args.{key}", (f"does not apply to timestep_sampling {self.timestep_sampling!r} "
                                                f"(its arguments: {', '.join(scheme_args) or 'none'})")
         for i, u in enumerate(self.eval_levels):
-            if not 0 <= u <= 1:
-                yield f"eval_levels.{i}", f"must lie in [0, 1], got {u}"
+            if not 0 < u <= 1:
+                yield f"eval_levels.{i}", f"must lie in (0, 1] (a noise level the reward scores at), got {u}"
+        if self.data.eval and not self.eval_levels:
+            yield "eval_levels", "must name at least one noise level to evaluate data.eval at"
         if self.init_from and self.model:
             yield "model", "has no effect with init_from, whose config.json sets the architecture; remove one of them"
         elif self.model:

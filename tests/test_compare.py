@@ -74,6 +74,30 @@ def test_a_runs_group_leaves_out_the_settings_of_algorithms_it_does_not_run(tmp_
                       "grpo_s0": "algorithm=flow_grpo, flow_grpo.group_size=8"}
 
 
+def test_runs_are_grouped_by_setting_and_named_by_their_labels_where_those_name_one(tmp_path):
+    """Two sweeps that both label a run ``dina`` (ReFL in one, Flow-GRPO in the other) are not seeds of one group;
+    a finished run (labelled) and an unfinished one (no DONE.json) of one setting are."""
+    refl = make_run(tmp_path / "refl_sweep", "dina__seed0", "dina", 0, [0.0, 1.0], [0.0, 0.3])
+    grpo = make_run(tmp_path / "grpo_sweep", "dina__seed0", "dina", 0, [0.0, 1.0], [0.0, -0.1])
+    recipe = yaml.safe_load((grpo / "recipe.yaml").read_text())
+    (grpo / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "algorithm": "flow_grpo"}))
+    pix = make_run(tmp_path / "refl_sweep", "pix__seed0", "pix", 0, [0.0, 1.0], [0.0, 0.1])
+    unfinished = make_run(tmp_path / "refl_sweep", "pix__seed1", "pix", 1, [0.0, 1.0], [0.0, 0.2])
+    for d, label in ((refl, "dina"), (grpo, "dina"), (pix, "pix")):
+        (d / "DONE.json").write_text(json.dumps({"labels": {"reward": label, "seed": "seed0"}}))
+    groups = {str(s.path.relative_to(tmp_path)): s.group for s in summarize([refl, grpo, pix, unfinished])}
+    assert groups == {"refl_sweep/dina__seed0": "algorithm=refl, rewards.0.name=dina",
+                      "grpo_sweep/dina__seed0": "algorithm=flow_grpo, rewards.0.name=dina",
+                      "refl_sweep/pix__seed0": "pix", "refl_sweep/pix__seed1": "pix"}
+
+
+def test_a_resumed_runs_wall_time_is_its_own_clock_across_launches(tmp_path):
+    """A sweep times only the launch that finished a run; the run's elapsed time goes on across resumes."""
+    d = make_run(tmp_path, "r", "dina", 0, [0.0, 0.5, 1.0], [0.0, 0.1, 0.2])  # elapsed up to 40 s
+    (d / "DONE.json").write_text(json.dumps({"wall_s": 15.0}))  # the launch after a resume
+    assert summarize([d])[0].wall_s == pytest.approx(40.0)
+
+
 def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
     root = tmp_path / "sweep"
     make_run(root, "dina_s0", "dina", 0, [0.0, 0.5, 1.0], [0.0, 0.2, 0.4])

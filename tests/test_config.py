@@ -112,6 +112,26 @@ def test_shipped_recipes_are_found_in_the_source_tree_or_the_install_is_named():
         shipped_recipe("no-such.yaml")
 
 
+def test_reward_model_evaluation_levels_are_scoreable_noise_levels(tmp_path):
+    path = write(tmp_path, {"algorithm": "reward_model", "reward_model": {"data": {"train": "shapes:drawn:8",
+                                                                                  "eval": "shapes:drawn:8:1"}}})
+    with pytest.raises(ConfigError, match=r"reward_model\.eval_levels\.0: must lie in \(0, 1\].*got 0\.0"):
+        load_recipe(path, ["reward_model.eval_levels=[0.0]"])
+    with pytest.raises(ConfigError, match=r"reward_model\.eval_levels: must name at least one noise level"):
+        load_recipe(path, ["reward_model.eval_levels=[]"])
+
+
+def test_a_run_resumes_on_another_port_and_text_cache_size(tmp_path):
+    from rlkit.trainers.common import check_resumable
+
+    save_resolved(recipe_from_dict({**BASE, "output_dir": str(tmp_path)}), tmp_path)
+    check_resumable(tmp_path / "recipe.yaml", recipe_from_dict({**BASE, "output_dir": str(tmp_path)}, [
+        "launch.main_process_port=29511", "model.text_cache_size=8"]))
+    with pytest.raises(ValueError, match=r"model\.resolution: 32 -> 64"):
+        check_resumable(tmp_path / "recipe.yaml", recipe_from_dict({**BASE, "output_dir": str(tmp_path)},
+                                                                   ["model.resolution=64"]))
+
+
 def test_bad_override_path_is_reported(tmp_path):
     path = write(tmp_path, BASE)
     with pytest.raises(ConfigError, match="no list item 3"):

@@ -92,6 +92,9 @@ def test_recipe_overrides_reach_every_run_after_the_demos_own_and_a_wrong_one_st
     (1.30, 1.40, False, False),  # further off, but by less than the tolerance
     (0.95, 0.78, True, False),  # from inside the band to outside it, by less than the tolerance
     (1.10, 1.30, True, False),
+    (0.00, 0.00, False, False),  # a blank base, kept blank
+    (0.00, 0.60, False, False),  # a blank base brought closer
+    (0.00, 2.50, True, False),  # a blank base pushed further off (no division by its 0)
 ])
 def test_a_guard_is_reward_hacking_only_when_the_run_pushes_it_off(before, after, hacked, real):
     from rlkit.shapes.demo import RunSummary

@@ -279,6 +279,9 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir, caps
     evaluations = [line for line in out.splitlines() if " eval: " in line]
     assert [line.split(" eval:")[0] for line in evaluations] == ["step 0", "step 2"]
     assert all("proxy/weighted " in line for line in evaluations)
+    # the final checkpoint holds the final evaluation, which a run resumed from it need not repeat
+    saved = torch.load(part.run_dir / "checkpoints" / "step_000002" / "trainer_extra.pt", weights_only=False)
+    assert [step for step, _ in saved["evaluator"]["history"]] == [0, 2] and saved["elapsed_s"] > 0
     stored = (part.run_dir / "recipe.yaml").read_text()
     with pytest.raises(ValueError, match=r"resuming a run with other training settings \(optim.lr: 0.005 -> 0.001; "
                                          r"seed: 3 -> 4\)"):
@@ -302,6 +305,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_sd3_dir, caps
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     log = read_log(resumed.run_dir)
     assert any(r.get("resumed_from") == 2.0 for r in log)
+    elapsed = [r["time/elapsed_s"] for r in log if "time/elapsed_s" in r]  # goes on across the resume
+    assert len(elapsed) >= 3 and elapsed == sorted(elapsed) and elapsed[-1] > saved["elapsed_s"]
     final = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in (read_log(full.run_dir)[-1], log[-1])]
     assert final[0] and final[1] == pytest.approx(final[0], rel=1e-5)  # each sample's noise is its own
     assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3] and 99.0 not in [r["train/loss"] for r in log

@@ -162,3 +162,26 @@ def test_a_new_save_survives_pruning_beside_a_later_step(tmp_path):
 def test_nothing_to_resume(tmp_path):
     accelerator, *_ = _setup()
     assert CheckpointManager(tmp_path / "none").load_latest(accelerator) is None
+
+
+def test_a_run_started_afresh_in_its_folder_removes_the_checkpoints_of_the_run_before(tmp_path):
+    """Else ``keep_last`` keeps the old run's higher steps over the new run's, and a later resume loads them."""
+    from types import SimpleNamespace
+
+    from rlkit.config import recipe_from_dict
+    from rlkit.trainers.common import open_run_folder
+
+    accelerator, model, optimizer, gens = _setup()
+    data = {"algorithm": "refl", "rewards": [{"name": "latent-direction"}], "output_dir": str(tmp_path),
+            "logging": {"backends": ["jsonl"]}}
+    checkpoints, tracker = open_run_folder(recipe_from_dict(data), SimpleNamespace(is_main_process=True))
+    for step in (50, 100):
+        checkpoints.save(accelerator, step, {"gens": gens.state_dict()})
+    tracker.close()
+    assert checkpoints.latest_step() == 100
+    afresh = recipe_from_dict({**data, "checkpoint": {"resume": False}})
+    checkpoints, tracker = open_run_folder(afresh, SimpleNamespace(is_main_process=True))
+    tracker.close()
+    assert checkpoints.latest_step() is None and not list(checkpoints.directory.iterdir())
+    checkpoints.save(accelerator, 10, {"gens": gens.state_dict()})
+    assert [step for step, _ in list_checkpoints(checkpoints.directory)] == [10]

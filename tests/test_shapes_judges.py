@@ -140,6 +140,10 @@ def test_annotator_labels_follow_thurstone_probabilities():
     assert 0.5 < agreement < 1.0
     noiseless = judges.AnnotatorJudge(judges.AnnotatorConfig(noise_std=0.0))
     assert torch.equal(noiseless.label(ua, ub, torch.Generator()), (ua > ub).float())
+    equal = torch.full((n,), 0.5)  # equal utilities, no noise: a coin flip, as its probabilities say
+    flips = noiseless.label(equal, equal, torch.Generator().manual_seed(4))
+    assert noiseless.outcome_probabilities(equal[:1], equal[:1])[0].item() == 0.5
+    assert set(flips.tolist()) == {0.0, 1.0} and flips.mean().item() == pytest.approx(0.5, abs=0.015)
     with pytest.raises(ValueError, match="noise_std"):
         judges.AnnotatorConfig(noise_std=-1.0)
 

@@ -205,6 +205,15 @@ class CheckpointManager:
             if path.with_suffix("").is_dir():
                 shutil.rmtree(path, ignore_errors=True)
 
+    def clear(self) -> int:
+        """Removes every checkpoint folder (complete or not); returns how many there were. A run started afresh in
+        its folder calls it, so that no checkpoint of the run before outlives its own (``prune`` keeps the highest
+        steps) or is resumed later as if it were this run's."""
+        folders = [p for p in self.directory.glob("step_*") if p.is_dir()] if self.directory.is_dir() else []
+        for path in folders:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(folders)
+
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
 

@@ -131,7 +131,9 @@ class RunSummary:
         """
         for name, after in self.guards.items():
             before = self.guards_before.get(name, 1.0)
-            drifted = abs(after / before - 1) > GUARD_TOLERANCE and abs(after - 1) > abs(before - 1)
+            # (a base at 0, blank pictures, is as far off as a guard gets: any move off real pictures drifts)
+            moved = abs(after / before - 1) > GUARD_TOLERANCE if before else after != 0
+            drifted = moved and abs(after - 1) > abs(before - 1)
             if off_real(after) and (not off_real(before) or drifted):
                 return True
         return False

@@ -299,7 +299,11 @@ class AnnotatorJudge:
         seen_b = utility_b + std * torch.randn(utility_b.shape, generator=generator)
         diff = seen_a - seen_b
         if self.config.tie_margin == 0:
-            return (diff > 0).float()
+            labels = (diff > 0).float()
+            tied = diff == 0  # equal as perceived (noise_std 0): a coin flip, as outcome_probabilities has it
+            if tied.any():
+                labels[tied] = (torch.rand(int(tied.sum()), generator=generator) < 0.5).float()
+            return labels
         return torch.where(diff.abs() <= self.config.tie_margin, 0.5, (diff > 0).float())
 
     def label_images(self, images_a: Tensor, images_b: Tensor, prompts: list[str],

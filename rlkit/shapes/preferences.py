@@ -112,8 +112,9 @@ def build_preferences(generator: SD3Generator,
     stats = {
         "pairs": len(dataset),
         "ties_dropped": ties,
-        # two labellings, measured; a tie in the second counts half
-        "annotator_agreement": float(((label_t == repeat_t).float() + 0.5 * (repeat_t == 0.5).float()).mean()),
+        # two labellings, measured; a tie in one of them against a decision in the other counts half
+        "annotator_agreement": float(torch.where(label_t == repeat_t, 1.0,
+                                                 0.5 * ((label_t == 0.5) | (repeat_t == 0.5)).float()).mean()),
         "annotator_ceiling": annotators.consistency_ceiling(ua_t, ub_t),  # the same, expected
         "label_accuracy": float((label_t == (ua_t > ub_t).float()).float().mean()),  # vs noise-free utility
         "ties_in_repeat": float((repeat_t == 0.5).float().mean()),

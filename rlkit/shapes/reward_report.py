@@ -157,7 +157,7 @@ def shortcut_rows(generator, rewards: dict, num_samples: int = SHORTCUT_SAMPLES,
         per_group = [(rank_correlation(s, u), rank_correlation(s, g.reading.area), rank_correlation(s, e))
                      for s, u, g, e in zip(scores, utilities, groups, energies)]
         per_group = [c for c in per_group if not any(math.isnan(v) for v in c)]
-        mean = [sum(column) / max(len(per_group), 1) for column in zip(*per_group)] or [0.0, 0.0, 0.0]
+        mean = [sum(column) / len(per_group) for column in zip(*per_group)] or [math.nan] * 3  # nan: unmeasured
         return ShortcutRow(name, setting, *mean, groups=len(per_group))
 
     def read(reward, group: SampleGroup, latents: Tensor, sigmas: Tensor | None, decode: MemoDecode) -> Tensor:
@@ -184,7 +184,10 @@ def shortcut_rows(generator, rewards: dict, num_samples: int = SHORTCUT_SAMPLES,
 def shortcut_markdown(rows: list[ShortcutRow]) -> str:
     lines = ["| reward | setting | groups | rank corr. with utility | with blob area | with high-frequency energy |",
              "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r.reward} | {r.setting} | {r.groups} | {r.utility:+.3f} | {r.area:+.3f} | {r.high_frequency:+.3f} |"
+    def cell(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:+.3f}"
+
+    lines += [f"| {r.reward} | {r.setting} | {r.groups} | {cell(r.utility)} | {cell(r.area)} | {cell(r.high_frequency)} |"
               for r in rows]
     return "\n".join(lines)
 
@@ -274,8 +277,11 @@ def to_dict(rows: list[tuple[str, PairwiseResult]]) -> dict[str, dict[str, float
 def shortcuts_to_dict(rows: list[ShortcutRow]) -> dict[str, dict[str, float]]:
     """``{"shortcuts / reward / setting": {"utility": ..., "area": ..., "high_frequency": ..., "groups": ...}}`` for
     a build report."""
-    return {f"shortcuts / {r.reward} / {r.setting}": {"utility": round(r.utility, 4), "area": round(r.area, 4),
-                                                     "high_frequency": round(r.high_frequency, 4), "groups": r.groups}
+    def value(x: float) -> float | None:
+        return None if math.isnan(x) else round(x, 4)  # null: no group measured it
+
+    return {f"shortcuts / {r.reward} / {r.setting}": {"utility": value(r.utility), "area": value(r.area),
+                                                     "high_frequency": value(r.high_frequency), "groups": r.groups}
             for r in rows}
 
 

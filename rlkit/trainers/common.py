@@ -280,7 +280,8 @@ def load_training_state(checkpoints, accelerator, *, scheduler, ema, guard) -> d
 # or samplers than its earlier evaluations
 RESUMABLE_CHANGES = ("name", "output_dir", "checkpoint.", "logging.", "eval.every", "eval.batch_size", "eval.golden",
                      "eval.early_stopping_patience", "eval.grid_images", "refl.max_steps", "flow_grpo.max_epochs",
-                     "reward_model.max_steps", "reward_model.epochs", "reward_model.eval_every")
+                     "reward_model.max_steps", "reward_model.epochs", "reward_model.eval_every",
+                     "launch.main_process_port", "model.text_cache_size")
 
 
 def check_resumable(stored: Path, recipe: Recipe) -> None:
@@ -313,6 +314,9 @@ def open_run_folder(recipe: Recipe, accelerator, checkpoint_dir: str = "checkpoi
     if resume_step is not None:
         check_resumable(folder / "recipe.yaml", recipe)
     if accelerator.is_main_process:
+        if not recipe.checkpoint.resume and (removed := checkpoints.clear()):
+            print(f"[rlkit] checkpoint.resume=false: removed the {removed} checkpoint(s) of the run before in "
+                  f"{checkpoints.directory}", flush=True)
         save_resolved(recipe, folder)
     tracker = Tracker(folder, recipe.logging, config=recipe.to_dict(), enabled=accelerator.is_main_process,
                       resume_step=resume_step)

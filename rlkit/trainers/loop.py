@@ -206,7 +206,8 @@ class PolicyRun(common.Processes):
         self.saved_step = self.step
         return common.save_training_state(self.checkpoints, self.accelerator, self.step, scheduler=self.scheduler,
                                           ema=self.ema, guard=self.guard, evaluator=self.evaluator.state_dict(),
-                                          reward=self.reward.running_state())
+                                          reward=self.reward.running_state(),
+                                          elapsed_s=time.perf_counter() - self.started)
 
     def _resume(self) -> None:
         extra = common.load_training_state(self.checkpoints, self.accelerator, scheduler=self.scheduler,
@@ -214,14 +215,18 @@ class PolicyRun(common.Processes):
         if extra is None:
             return
         self.step = self.saved_step = int(extra["step"])
+        self.started = time.perf_counter() - float(extra.get("elapsed_s", 0.0))  # time/elapsed_s goes on
         self.evaluator.load_state_dict(extra["evaluator"])
         self.reward.load_running_state(extra.get("reward", {}))
         self.stopped_early = self.evaluator.should_stop  # a run that stopped early stays stopped
         self.tracker.log({"resumed_from": float(self.step)}, step=self.step)
 
     def finish(self) -> dict[str, float]:
-        metrics = self.evaluate() if self.evaluator.history[-1].step != self.step else self.last_metrics
-        if self.saved_step != self.step:  # a second save of the same step would only put its one copy at risk
+        evaluated = self.evaluator.history[-1].step != self.step
+        metrics = self.evaluate() if evaluated else self.last_metrics
+        # the final checkpoint holds the final evaluation (a run resumed from it does not evaluate again); a second
+        # save of a step replaces the first only once it is complete
+        if self.saved_step != self.step or evaluated:
             self.save()
         self.accelerator.wait_for_everyone()
         self.export()

@@ -425,6 +425,7 @@ def save(run: RewardModelRun) -> Path:
     staged = export(run, run.checkpoints.directory / f"{step_dir_name(run.step)}_{EXPORT_DIR}{TMP_SUFFIX}")
     folder = common.save_training_state(run.checkpoints, run.accelerator, run.step, scheduler=run.scheduler,
                                         ema=run.ema, guard=run.guard, data=data,
+                                        elapsed_s=time.perf_counter() - run.started,
                                         write=lambda tmp: os.replace(staged, tmp / EXPORT_DIR))
     run.saved_step = run.step
     return folder
@@ -442,6 +443,7 @@ def _resume(run: RewardModelRun) -> None:
                          f"{data['batches_per_epoch']} global batches per epoch, the run now has {now['pairs']} in "
                          f"{now['batches_per_epoch']}; change the data back or set checkpoint.resume=false")
     run.step = run.saved_step = int(extra["step"])
+    run.started = time.perf_counter() - float(extra.get("elapsed_s", 0.0))  # time/elapsed_s goes on
     run.epoch, run.batches_taken = int(data["epoch"]), int(data["batches_taken"])
     _log(run, {"resumed_from": float(run.step)})
 
@@ -473,11 +475,11 @@ def train_loop(run: RewardModelRun) -> None:
 
 
 def finish(run: RewardModelRun) -> dict[str, float]:
+    if run.saved_step != run.step:  # before the evaluation: a failing evaluation loses no training
+        save(run)
     metrics = evaluate(run)
     if metrics:
         _log(run, metrics)
-    if run.saved_step != run.step:
-        save(run)
     export(run, run.run_dir / FINAL_DIR)
     run.tracker.close()
     run.guard.close()
