@@ -187,8 +187,8 @@ def shortcut_markdown(rows: list[ShortcutRow]) -> str:
     def cell(value: float) -> str:
         return "-" if math.isnan(value) else f"{value:+.3f}"
 
-    lines += [f"| {r.reward} | {r.setting} | {r.groups} | {cell(r.utility)} | {cell(r.area)} | {cell(r.high_frequency)} |"
-              for r in rows]
+    lines += [f"| {r.reward} | {r.setting} | {r.groups} | "
+              f"{cell(r.utility)} | {cell(r.area)} | {cell(r.high_frequency)} |" for r in rows]
     return "\n".join(lines)
 
 
