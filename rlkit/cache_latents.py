@@ -44,6 +44,31 @@ class CacheReport:
     encoded_images: int = 0  # VAE encodes actually run (images shared by several pairs are encoded once)
 
 
+VAE_FACTORS = (("vae_scaling_factor", "scaling_factor"), ("vae_shift_factor", "shift_factor"))
+
+
+def cache_metadata(path: str | Path) -> dict[str, Any] | None:
+    """What ``rlkit cache-latents`` recorded in a parquet file it wrote (None for any other file)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(str(path)).metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def check_vae_factors(pairs: list[PreferencePair], vae_config: Any) -> None:
+    """Refuses latents cached with another VAE scaling or shift than ``vae_config``'s (the generator that trains on
+    them): they would train the reward on latents scaled unlike the ones it will score, silently."""
+    import math
+
+    for file in sorted({p.file for p in pairs if p.file.endswith(".parquet") and Path(p.file).is_file()}):
+        meta = cache_metadata(file) or {}
+        for key, attr in VAE_FACTORS:
+            cached, now = meta.get(key), getattr(vae_config, attr, None)
+            if cached is not None and now is not None and not math.isclose(cached, now, rel_tol=1e-6, abs_tol=1e-9):
+                raise ValueError(f"{file}: its latents were cached with a VAE {attr} of {cached}, the generator's VAE "
+                                 f"has {now}; encode the pairs again with this generator (`rlkit cache-latents`)")
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -131,8 +156,7 @@ def cache_latents(
     report = CacheReport(str(out), len(pairs), 0, dict(dropped))
     vae_cfg = getattr(getattr(generator, "vae", None), "config", None)
     meta = {"buckets": [list(s) for s in buckets.sizes], "min_pixels": buckets.min_pixels, "dtype": dtype,
-            "vae_scaling_factor": getattr(vae_cfg, "scaling_factor", None),
-            "vae_shift_factor": getattr(vae_cfg, "shift_factor", None)}
+            **{key: getattr(vae_cfg, attr, None) for key, attr in VAE_FACTORS}}
     schema = _schema().with_metadata({METADATA_KEY: json.dumps(meta).encode()})
     total = sum(len(v) for v in groups.values())
     if not total:

@@ -168,9 +168,12 @@ class LaunchConfig:
     deepspeed: Literal[2, 3] | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     main_process_port: int | None = None
+    # seconds the ranks of `rlkit train` get after a SIGTERM to finish the update (Flow-GRPO: the epoch), checkpoint
+    # and exit before the launcher kills them (torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default)
+    stop_grace_s: int = 600
 
     def check(self) -> Problems:
-        yield from _positive(self, "num_processes")
+        yield from _positive(self, "num_processes", "stop_grace_s")
 
 
 @dataclass

@@ -82,6 +82,7 @@ def main(argv: list[str]) -> int:
         return 0
     env = dict(os.environ)
     env.pop("ACCELERATE_USE_CPU", None)  # accelerate would silently drop DeepSpeed
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(recipe.launch.stop_grace_s)  # SIGTERM -> checkpoint -> exit
     return run_forwarding_signals(cmd, env)
 
 

@@ -85,6 +85,19 @@ def test_train_dry_run_prints_the_command_wherever_the_flag_stands(tmp_path, cap
         assert out.startswith("launching:") and out.rstrip().endswith(f"-m rlkit {path} output_dir={tmp_path} seed=3")
 
 
+def test_rlkit_train_gives_the_ranks_the_recipes_grace_to_checkpoint_after_a_stop(tmp_path, monkeypatch):
+    """torchrun kills ranks 30 s after passing on a SIGTERM unless told otherwise; a checkpoint takes longer."""
+    import rlkit.launch
+
+    seen = {}
+    monkeypatch.setattr(rlkit.launch, "run_forwarding_signals", lambda cmd, env: seen.update(env) or 0)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}],
+                                    "launch": {"num_processes": 2, "stop_grace_s": 900}}))
+    assert rlkit.launch.main([str(path), f"output_dir={tmp_path}"]) == 0
+    assert seen["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "900" and "ACCELERATE_USE_CPU" not in seen
+
+
 def test_a_signal_to_rlkit_train_reaches_the_ranks():
     """SIGTERM to the launcher is passed on to accelerate (and so to the ranks, which checkpoint and exit)."""
     import os

@@ -79,6 +79,25 @@ def test_hpdv3_json_list_with_image_root(tmp_path):
     assert batch.chosen[0, 1].mean() == 1.0 and batch.rejected.sum() == 0
 
 
+def test_a_label_column_the_options_name_is_read_in_every_layout_and_required(tmp_path):
+    """A mapped label is never ignored: the latents layout reads it (a 0 swaps the sides), a row without it is an
+    error naming the column, and a label out of range names its column."""
+    z1, z2 = np.ones((2, 3, 4), dtype=np.float32), np.zeros((2, 3, 4), dtype=np.float32)
+    rows = {"prompt": ["a"], "latent1": [npy(z1)], "latent2": [npy(z2)], "latent1_shape": [[2, 3, 4]],
+            "latent2_shape": [[2, 3, 4]], "pref": [0.0]}
+    pq.write_table(pa.table(rows), tmp_path / "lat.parquet")
+    (pair,) = load_pairs(tmp_path / "lat.parquet", columns={"label": "pref"})
+    assert torch.equal(collate_pairs([pair]).chosen[0], torch.from_numpy(z2))  # latent2 preferred
+    pq.write_table(pa.table({**rows, "pref": [1.5]}), tmp_path / "lat.parquet")
+    with pytest.raises(PreferenceDataError, match=r"row 0, column 'pref': label must lie in \[0, 1\], got 1.5"):
+        load_pairs(tmp_path / "lat.parquet", columns={"label": "pref"})
+    data = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "a", "chosen": "x.png", "rejected": "y.png", "pref": 0.0}])
+    with pytest.raises(PreferenceDataError, match=r"row 0, column 'preference': no label in this row"):
+        load_pairs(data, columns={"label": "preference"})
+    (pair,) = load_pairs(data, columns={"label": "pref"})
+    assert (pair.chosen, pair.rejected) == ("y.png", "x.png")
+
+
 def test_generic_parquet_with_column_mapping_bytes_images_and_labels(tmp_path):
     table = pa.table({
         "caption": ["one", "two"],
@@ -350,6 +369,22 @@ def test_bucket_batch_sampler_batches_share_a_key_and_reshuffle_per_epoch():
     assert list(sampler) != batches
     full = BucketBatchSampler(keys, batch_size=2, seed=3)
     assert len(full) == 3 + 2 and all(len(b) == 2 for b in full)
+    assert full.left_out() == {"a": (1, 7), "b": (1, 5)} and sampler.left_out() == {}
+    small = BucketBatchSampler(keys + ["c"] * 3, batch_size=4)  # "c" is never seen, and it is said
+    assert small.left_out() == {"a": (3, 7), "b": (1, 5), "c": (3, 3)}
+    assert not {i for b in small for i in b} & {12, 13, 14}
+
+
+def test_the_reward_model_trainer_says_what_its_buckets_leave_out(capsys):
+    from types import SimpleNamespace
+
+    from rlkit.trainers.reward_model import _report_left_out
+
+    sampler = BucketBatchSampler(["a"] * 9 + ["b"] * 3, batch_size=4)
+    with pytest.warns(UserWarning, match=r"3 pairs in 1 latent-shape bucket\(s\) smaller than a global batch of 4 "
+                                         r"are never trained on: b \(3\)"):
+        _report_left_out(sampler, SimpleNamespace(is_main_process=True))
+    assert "4 of 12 pairs sit out each epoch" in capsys.readouterr().out
 
 
 # -------------------------------------------------------------------------------------------- cache-latents
@@ -395,6 +430,18 @@ def test_cache_latents_buckets_encodes_once_and_reads_back(tmp_path, tiny_genera
     first_b = next(i for i, p in enumerate(cached) if p.meta["image2_path"] == "img/big_b.png")
     assert batch.chosen.shape[1:] == want.shape
     assert torch.allclose(batch.rejected[first_b], want, atol=1e-4)  # batched encode: float noise only
+    # the cache names the VAE's scaling and shift; a generator with another VAE refuses it, naming the file
+    from types import SimpleNamespace
+
+    from rlkit.cache_latents import cache_metadata, check_vae_factors
+
+    vae = tiny_generator.vae.config
+    meta = cache_metadata(tmp_path / "out/lat.parquet")
+    assert (meta["vae_scaling_factor"], meta["vae_shift_factor"]) == (vae.scaling_factor, vae.shift_factor)
+    check_vae_factors(cached, vae)
+    other = SimpleNamespace(scaling_factor=vae.scaling_factor * 2, shift_factor=vae.shift_factor)
+    with pytest.raises(ValueError, match=r"lat\.parquet: its latents were cached with a VAE scaling_factor of"):
+        check_vae_factors(cached, other)
 
 
 def test_cache_latents_tells_images_apart_by_what_they_are_not_by_the_name_written(tmp_path, tiny_generator):
@@ -476,3 +523,13 @@ def test_a_label_for_the_second_side_orients_the_pair_so_chosen_wins(tmp_path):
         pq.write_table(pa.table({"prompt": ["x"], "latents_a": [za.tolist()], "latents_b": [zb.tolist()],
                                  "label": [1.5]}), tmp_path / "bad.parquet")
         load_pairs(tmp_path / "bad.parquet", format="latents", columns={"chosen": "latents_a", "rejected": "latents_b"})
+
+
+def test_a_synthetic_source_names_the_key_whose_value_is_not_a_number():
+    from rlkit.data.synthetic import SyntheticPreferenceConfig
+
+    assert SyntheticPreferenceConfig.parse("synthetic:pairs=40,signal=0.5").pairs == 40
+    with pytest.raises(ValueError, match=r"'synthetic:pairs=1e3': pairs must be an integer, got '1e3'"):
+        SyntheticPreferenceConfig.parse("synthetic:pairs=1e3")
+    with pytest.raises(ValueError, match=r"expected key=value with keys .*got 'pair=3'"):
+        SyntheticPreferenceConfig.parse("synthetic:pair=3")

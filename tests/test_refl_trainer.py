@@ -417,6 +417,7 @@ def test_pretrain_regulariser_ema_and_early_stopping(tmp_path, tiny_sd3_dir):
 
     exported = load_file(recipe.run_dir / "export" / "pytorch_lora_weights.safetensors")
     run = PolicyRun.setup(recipe, total_updates=6, micro_batch=2, grad_accum=1)  # resumes the final checkpoint
+    assert run.model.training  # as a fresh run after its first evaluation, not the eval mode it was loaded in
     raw = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     with run.ema.applied():
         ema = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}

@@ -122,6 +122,15 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._batches())
 
+    def left_out(self) -> dict[Hashable, tuple[int, int]]:
+        """``{key: (left out, of)}`` for the buckets that an epoch does not cover whole under ``drop_last``: the
+        remainder of a full batch sits out each epoch (another one each time), and a bucket smaller than a batch
+        is never seen."""
+        if not self.drop_last:
+            return {}
+        return {key: (len(idx) % self.batch_size, len(idx)) for key, idx in self.buckets.items()
+                if len(idx) % self.batch_size}
+
     def __len__(self) -> int:
         n = 0
         for idx in self.buckets.values():

@@ -45,7 +45,7 @@ TIE_LABEL = 0.5
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "hpdv3": {"prompt": "prompt", "chosen": "path1", "rejected": "path2"},
     "latents": {"prompt": "prompt", "chosen": "latent1", "rejected": "latent2",
-                "chosen_shape": "latent1_shape", "rejected_shape": "latent2_shape"},
+                "chosen_shape": "latent1_shape", "rejected_shape": "latent2_shape", "label": "label"},
     "generic": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "label": "label"},
     "ranked": {"prompt": "prompt", "images": "image_path", "ranks": "rank"},
 }
@@ -71,8 +71,9 @@ class PreferenceDataError(ValueError):
 
 class ParquetCells:
     """Reads single cells of one parquet file a row group at a time, keeping the last ``keep`` row groups' columns
-    within ``max_bytes`` (batches drawn from one bucket of a cached set meet the same row groups). Parquet reads a
-    column a row group at a time, so small row groups read fastest: :mod:`rlkit.cache_latents` writes one a batch."""
+    within ``max_bytes``. Parquet reads a column a row group at a time, so a cell costs its whole row group: small
+    row groups read fastest (:mod:`rlkit.cache_latents` writes one per encoding batch). A shuffled batch's pairs come
+    from unrelated row groups, so the cache helps little there: a batch of B pairs reads up to 2 B row groups."""
 
     def __init__(self, path: str, keep: int = 8, max_bytes: int = 2 << 30):
         self.path, self.keep, self.max_bytes = path, keep, max_bytes
@@ -338,6 +339,20 @@ def _label(value: Any, file: str, row: int, column: str) -> float:
                                   f"{value!r}", file, row, column) from None
 
 
+def _pair_label(record: dict[str, Any], column: str, required: bool, file: str, row: int) -> float:
+    """The probability that the first side is preferred: 1.0 where the record holds no label, unless the load
+    options named the column (then a row without it is an error, not a pair read the wrong way round)."""
+    if record.get(column) is None:
+        if required:
+            raise PreferenceDataError("no label in this row (LoadOptions.columns names this column for it)", file,
+                                      row, column)
+        return 1.0
+    label = _label(record[column], file, row, column)
+    if not 0.0 <= label <= 1.0:
+        raise PreferenceDataError(f"label must lie in [0, 1], got {label}", file, row, column)
+    return label
+
+
 def _shape(value: Any, file: str, row: int, column: str) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -354,11 +369,7 @@ def _pairs_from_record(fmt: str, record: dict[str, Any], cols: dict[str, str], f
     if fmt in ("hpdv3", "generic"):
         chosen = _get(record, cols["chosen"], file, row)
         rejected = _get(record, cols["rejected"], file, row)
-        label = 1.0
-        if fmt == "generic" and cols.get("label") in record and record[cols["label"]] is not None:
-            label = _label(record[cols["label"]], file, row, cols["label"])
-            if not 0.0 <= label <= 1.0:
-                raise PreferenceDataError(f"label must lie in [0, 1], got {label}", file, row, cols["label"])
+        label = _pair_label(record, cols["label"], "label" in opts.columns, file, row) if fmt == "generic" else 1.0
         kind = "latent" if _looks_like_latent(chosen) else "image"
         meta = {k: record[k] for k in HPDV3_META if fmt == "hpdv3" and k in record}
         return [PreferencePair(prompt, chosen, rejected, kind, label, file, row, (cols["chosen"], cols["rejected"]),
@@ -368,7 +379,7 @@ def _pairs_from_record(fmt: str, record: dict[str, Any], cols: dict[str, str], f
                   _shape(record.get(cols["rejected_shape"]), file, row, cols["rejected_shape"]))
         meta = {k: record[k] for k in ("image1_path", "image2_path", "bucket") if k in record}
         chosen, rejected = _get(record, cols["chosen"], file, row), _get(record, cols["rejected"], file, row)
-        label = 1.0 if record.get("label") is None else _label(record["label"], file, row, "label")
+        label = _pair_label(record, cols["label"], "label" in opts.columns, file, row)
         return [PreferencePair(prompt, chosen, rejected, "latent", label, file, row, (cols["chosen"], cols["rejected"]),
                                shapes, root, meta)]
     return _ranked_pairs(record, prompt, cols, file, row, root, opts)

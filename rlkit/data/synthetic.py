@@ -42,7 +42,12 @@ class SyntheticPreferenceConfig:
             key, sep, value = item.partition("=")
             if not sep or key not in types:
                 raise ValueError(f"{source!r}: expected key=value with keys {sorted(types)}, got {item!r}")
-            kwargs[key] = float(value) if types[key] in (float, "float") else int(value)
+            kind = float if types[key] in (float, "float") else int
+            try:
+                kwargs[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"{source!r}: {key} must be {'a number' if kind is float else 'an integer'}, "
+                                 f"got {value!r}") from None
         return cls(**kwargs)
 
     def pattern(self) -> torch.Tensor:

@@ -63,7 +63,10 @@ def _json_number(value: float) -> float | str:
 class Tracker:
     """``resume_step``: the step of the checkpoint the run goes on from (None: a fresh start). What a killed run
     logged after it, which no checkpoint keeps, is dropped from ``metrics.jsonl`` (all of it on a fresh start) and
-    hidden in TensorBoard (``purge_step``); wandb continues the run it started (its id is kept in the run folder)."""
+    hidden in TensorBoard (``purge_step``). wandb goes on under the run's id (kept in the run folder) but cannot drop
+    rows: offline it starts a second offline run of that id (``wandb sync`` both), online it keeps the killed run's
+    rows and ignores the resumed run's until it passes the last step it saw. ``metrics.jsonl`` is the exact record
+    (what ``rlkit compare`` reads)."""
 
     def __init__(self, run_dir: str | os.PathLike, cfg: LoggingConfig | None = None, config: Mapping | None = None,
                  enabled: bool = True, resume_step: int | None = None):

@@ -281,7 +281,7 @@ def load_training_state(checkpoints, accelerator, *, scheduler, ema, guard) -> d
 RESUMABLE_CHANGES = ("name", "output_dir", "checkpoint.", "logging.", "eval.every", "eval.batch_size", "eval.golden",
                      "eval.early_stopping_patience", "eval.grid_images", "refl.max_steps", "flow_grpo.max_epochs",
                      "reward_model.max_steps", "reward_model.epochs", "reward_model.eval_every",
-                     "launch.main_process_port", "model.text_cache_size")
+                     "launch.main_process_port", "launch.stop_grace_s", "model.text_cache_size")
 
 
 def check_resumable(stored: Path, recipe: Recipe) -> None:

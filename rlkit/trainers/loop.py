@@ -87,6 +87,7 @@ class PolicyRun(common.Processes):
             check_reward(reward)
         optimizer, scheduler = common.build_optimizer(params, recipe.optim, total_updates)
         model, optimizer = accelerator.prepare(gen.transformer, optimizer)
+        model.train()  # as after every evaluation: a resumed run trains in the mode a fresh one does
         ema = EMA(params, decay=recipe.ema.decay, update_every=recipe.ema.update_every) if recipe.ema.enabled else None
         proxy = {spec.name: reward for spec in recipe.rewards[:1]} if len(recipe.rewards) == 1 else {"mix": reward}
         with full_weights_loading(accelerator):

@@ -32,6 +32,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -192,6 +193,7 @@ def _load(sources: str | list[str], cfg: RewardModelConfig, what: str, gen) -> l
     """Every pair of ``sources``, concatenated. ``shapes:drawn:<pairs>`` draws Shapes pictures and encodes
     them with ``gen``'s VAE, ``shapes:generated:<samples>`` samples ``gen`` and labels every within-prompt pair
     (:mod:`rlkit.shapes.preferences`); the rest go through ``load_pairs``."""
+    from rlkit.cache_latents import check_vae_factors
     from rlkit.shapes.preferences import is_shapes_source, shapes_source_pairs
 
     data = cfg.data
@@ -205,6 +207,7 @@ def _load(sources: str | list[str], cfg: RewardModelConfig, what: str, gen) -> l
         else:
             found = load_pairs(source, LoadOptions(format=data.format, columns=dict(data.columns),
                                                    max_pairs_per_prompt=data.max_pairs_per_prompt))
+            check_vae_factors(found, gen.vae.config)
         if not found:
             raise ValueError(f"reward_model.data.{what}: {source!r} holds no pairs")
         pairs.extend(found)
@@ -212,6 +215,22 @@ def _load(sources: str | list[str], cfg: RewardModelConfig, what: str, gen) -> l
     if odd is not None:
         raise odd.error("reward-model training reads latents; encode the images once with `rlkit cache-latents`", 0)
     return pairs
+
+
+def _report_left_out(sampler: BucketBatchSampler, accelerator) -> None:
+    """Says what the shape buckets leave out of each epoch: a batch holds one latent shape, so a bucket's remainder
+    sits out, and a bucket smaller than a global batch is never trained on."""
+    left = sampler.left_out()
+    if not left or not accelerator.is_main_process:
+        return
+    never = {key: n for key, (_, n) in left.items() if n < sampler.batch_size}
+    total = sum(len(idx) for idx in sampler.buckets.values())
+    print(f"[rlkit] reward_model: {sum(k for k, _ in left.values())} of {total} pairs sit out each epoch (what "
+          f"fills no global batch of {sampler.batch_size} in its latent-shape bucket)", flush=True)
+    if never:
+        warnings.warn(f"reward_model: {sum(never.values())} pairs in {len(never)} latent-shape bucket(s) smaller "
+                      f"than a global batch of {sampler.batch_size} are never trained on: "
+                      + ", ".join(f"{key} ({n})" for key, n in never.items()), stacklevel=2)
 
 
 def held_out_sample(pairs: list, limit: int | None, seed: int) -> list:
@@ -278,6 +297,7 @@ def setup(recipe: Recipe) -> RewardModelRun:
     world = accelerator.num_processes
     sampler = BucketBatchSampler([shape_key(p) for p in train_pairs], cfg.batch_size * world,
                                  seed=derive_seed(recipe.seed, "data"), drop_last=True)
+    _report_left_out(sampler, accelerator)
     if len(sampler) < cfg.grad_accum:
         raise ValueError(f"reward_model: {len(train_pairs)} pairs give {len(sampler)} global batches of "
                          f"{cfg.batch_size} x {world} processes; fewer than grad_accum={cfg.grad_accum}")
