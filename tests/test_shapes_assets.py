@@ -128,6 +128,11 @@ def test_a_full_build_does_not_replace_a_finished_folder_unless_restarted(tmp_pa
     (tmp_path / "runs" / "shapes" / build.REPORT_NAME).write_text(json.dumps(report))
     assert build.main(["--fast"]) == 2
     assert "'runs/shapes' holds a finished build" in capsys.readouterr().out
+    # and so is one where a later --stages run was killed: its progress names its own stages only
+    report = {"fast": True, "whole": True, "progress": {"stages": ["evaluate"], "done": []}}
+    (tmp_path / "runs" / "shapes" / build.REPORT_NAME).write_text(json.dumps(report))
+    assert build.main(["--fast"]) == 2
+    assert "'runs/shapes' holds a finished build" in capsys.readouterr().out
 
 
 def test_build_report_records_stages_and_numbers():
@@ -198,6 +203,22 @@ def test_the_dina_lrm_stage_reports_a_failed_training_and_stops_both_when_stoppe
         timer.cancel()
     assert multiprocessing.active_children() == []
     assert signal.getsignal(signal.SIGTERM) is handler  # the stage's own handler is gone with it
+
+
+def test_a_stopped_rewards_stage_keeps_the_ablation_it_resumes_with(tmp_path, monkeypatch):
+    import rlkit.shapes.reward_report
+    from rlkit.shapes.build import FIXED_VARIANCE, reward_accuracies
+
+    (tmp_path / FIXED_VARIANCE).mkdir()
+    (tmp_path / FIXED_VARIANCE / "config.json").write_text("{}")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlkit.shapes.reward_report, "reward_rows", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        reward_accuracies(tmp_path, fast=True, log=lambda _: None)
+    assert (tmp_path / FIXED_VARIANCE / "config.json").is_file()  # not trained again when the build resumes
 
 
 def test_a_build_keeps_what_a_killed_build_of_its_world_left_and_removes_what_another_left(tmp_path):

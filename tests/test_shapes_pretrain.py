@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -260,7 +262,14 @@ def test_pretraining_killed_in_a_decoder_phase_resumes_after_the_work_it_finishe
     with pytest.raises(KeyboardInterrupt):
         pretrain.pretrain(config, tmp_path / "killed", lambda _: None)
     monkeypatch.setattr(pretrain, "finetune_decoder", real_phase)
+    # what it left is not resumed by a run of other settings (its finished legs are not theirs)
+    shutil.copytree(tmp_path / "killed_pretrain", tmp_path / "other_pretrain")
     messages: list[str] = []
+    _, other = pretrain.pretrain(replace(config, vae=replace(config.vae, steps=2)), tmp_path / "other",
+                                 messages.append)
+    assert "holds the work of other settings" in messages[0] and not any("reusing" in m for m in messages)
+    assert other["vae_steps"] == 2
+    messages = []
     resumed, stats = pretrain.pretrain(config, tmp_path / "killed", messages.append)
     assert messages[0].startswith("VAE: reusing") and messages[1].startswith("generator: reusing the leg finished 3")
     assert any(m.startswith("decoder: reusing phase 0") for m in messages)

@@ -198,7 +198,9 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
                    extra: tuple[str, ...] = (), num_threads: int | None = None) -> dict:
     """Trains the Shapes DiNa-LRM with ``recipes/dina_lrm_shapes.yaml`` on ``out_dir``'s generator and pairs.
 
-    The checkpoint lands in ``out_dir / target``; ``extra`` are further recipe overrides (an ablation).
+    The checkpoint lands in ``out_dir / target``; ``extra`` are further recipe overrides (an ablation). The run
+    folder (its checkpoints) stays until the caller's stage is done (:func:`_remove_runs`): a build killed before
+    then resumes a finished training at its end instead of training it again.
     """
     from rlkit.trainers import run
 
@@ -208,9 +210,13 @@ def train_dina_lrm(out_dir: Path, fast: bool, log: Callable[[str], None] = print
     metrics = run(recipe)
     shutil.rmtree(out_dir / target, ignore_errors=True)
     shutil.copytree(recipe.run_dir / "final", out_dir / target)
-    shutil.rmtree(recipe.output_dir, ignore_errors=True)
     log(f"DiNa-LRM ({target}): {metrics}")
     return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def _remove_runs(out_dir: Path, *targets: str) -> None:
+    for target in targets:
+        shutil.rmtree(out_dir / _run_folder(target), ignore_errors=True)
 
 
 def sample_generated_pairs(out_dir: Path, fast: bool) -> None:
@@ -275,6 +281,7 @@ def train_dina_lrms(out_dir: Path, fast: bool) -> dict:
         raise RuntimeError(f"DiNa-LRM training failed: {', '.join(failed)}; the error is printed above. The same "
                            "build command resumes from the last checkpoint")
     metrics = dict(results.get() for _ in processes)  # each process printed its own; the ablation's come later
+    _remove_runs(out_dir, *DINA_TRAININGS)
     return metrics["dina_lrm"]
 
 
@@ -288,12 +295,11 @@ def reward_accuracies(out_dir: Path, fast: bool, log: Callable[[str], None] = pr
 
     if not (out_dir / FIXED_VARIANCE / "config.json").is_file():
         train_dina_lrm(out_dir, fast, log, target=FIXED_VARIANCE, extra=ABLATION)
-    try:
-        rows, shortcuts = reward_rows(out_dir, compare={"dina-lrm (fixed variance)": out_dir / FIXED_VARIANCE},
-                                      limit=16 if fast else None, progress=False,
-                                      shortcut_samples=16 if fast else SHORTCUT_SAMPLES)
-    finally:
-        shutil.rmtree(out_dir / FIXED_VARIANCE, ignore_errors=True)
+        _remove_runs(out_dir, FIXED_VARIANCE)
+    rows, shortcuts = reward_rows(out_dir, compare={"dina-lrm (fixed variance)": out_dir / FIXED_VARIANCE},
+                                  limit=16 if fast else None, progress=False,
+                                  shortcut_samples=16 if fast else SHORTCUT_SAMPLES)
+    shutil.rmtree(out_dir / FIXED_VARIANCE, ignore_errors=True)  # only now: a stopped stage resumes with it
     log(to_markdown(rows))
     log(shortcut_markdown(shortcuts))
     return {**to_dict(rows), **shortcuts_to_dict(shortcuts)}
@@ -355,7 +361,10 @@ def build_all(out_dir: str | Path = DEFAULT_BUILD_DIR, fast: bool = False, num_t
     report: dict = {"fast": fast, "seconds": {}, "stats": {}, "settings": {k: asdict(v) for k, v in configs.items()}}
     previous = json.loads((out_dir / REPORT_NAME).read_text()) if (out_dir / REPORT_NAME).is_file() else {}
     done = None if restart else _finished_before(previous, report, stages)
-    if previous and done is None and not restart and set(stages) == set(STAGES) and _finished(previous):
+    # a folder that held a whole world stays one through subset runs, killed ones too (their progress says only
+    # their own stages): a full build there still needs --restart
+    whole = bool(previous) and (previous.get("whole", False) or _finished(previous))
+    if whole and done is None and not restart and set(stages) == set(STAGES):
         raise FileExistsError(
             f"{str(out_dir)!r} holds a finished build ({REPORT_NAME}); building there again replaces its checkpoints. "
             "Rebuild it in place with --restart (restart=True), or build into another folder")
@@ -372,6 +381,7 @@ def build_all(out_dir: str | Path = DEFAULT_BUILD_DIR, fast: bool = False, num_t
         for name in PARTIAL_WORK:
             shutil.rmtree(out_dir / name, ignore_errors=True)
     report["progress"] = {"stages": list(stages), "done": done}
+    report["whole"] = whole and set(stages) != set(STAGES)
     start_all = time.monotonic()
 
     def write_report() -> None:
@@ -416,9 +426,11 @@ def build_all(out_dir: str | Path = DEFAULT_BUILD_DIR, fast: bool = False, num_t
     for name in STAGES:
         if name in stages and name not in done:
             timed(name, runs[name])
-    # a build killed before here keeps the samples and the ablation for its resumption
+    # a build killed before here keeps the samples, the trainings' checkpoints and the ablation for its resumption
     shutil.rmtree(out_dir / GENERATED_CACHE, ignore_errors=True)
     shutil.rmtree(out_dir / FIXED_VARIANCE, ignore_errors=True)
+    _remove_runs(out_dir, *DINA_TRAININGS)
+    report["whole"] = report["whole"] or set(STAGES) <= set(done)
     write_report()
     return report
 
@@ -449,8 +461,11 @@ def format_report(report: dict) -> str:
             f"{k} {v['accuracy']:.3f}" for k, v in rewards.items() if "accuracy" in v))
         shortcuts = {k.removeprefix("shortcuts / "): v for k, v in rewards.items() if k.startswith("shortcuts / ")}
         if shortcuts:
+            def cell(value: float | None) -> str:
+                return "-" if value is None else f"{value:+.2f}"  # None: no group could measure it
+
             lines.append("rank correlation with utility / blob area / high-frequency energy: " + ", ".join(
-                f"{k} {v['utility']:+.2f} / {v['area']:+.2f} / {v['high_frequency']:+.2f}"
+                f"{k} {cell(v['utility'])} / {cell(v['area'])} / {cell(v['high_frequency'])}"
                 for k, v in shortcuts.items()))
     if "sizes_mb" in report:
         lines.append("sizes (MB): " + ", ".join(f"{k} {v}" for k, v in report["sizes_mb"].items()))

@@ -274,7 +274,7 @@ def to_dict(rows: list[tuple[str, PairwiseResult]]) -> dict[str, dict[str, float
                                       "pairs": r.pairs} for name, r in rows}
 
 
-def shortcuts_to_dict(rows: list[ShortcutRow]) -> dict[str, dict[str, float]]:
+def shortcuts_to_dict(rows: list[ShortcutRow]) -> dict[str, dict[str, float | None]]:
     """``{"shortcuts / reward / setting": {"utility": ..., "area": ..., "high_frequency": ..., "groups": ...}}`` for
     a build report."""
     def value(x: float) -> float | None:

@@ -130,6 +130,8 @@ class DrawConfig:
         if not 0 <= self.undersized_share <= 1:
             raise ValueError(f"DrawConfig.undersized_share must be in [0, 1], got {self.undersized_share}")
         hi = max(self.radius_range[1], self.undersized_radius_range[1])
+        # a shape's box around its cell centre; a triangle, raised by r/3 to put its centroid there, may clip its
+        # apex by up to that much in the top row (by <= 1.8 px in the default world, which the judges read alike)
         reach = self.position_jitter + hi
         if min(self.cell_centers) - reach < 0 or max(self.cell_centers) + reach > self.size:
             raise ValueError("DrawConfig.cell_centers: a shape at the edge cells would leave the picture")
