@@ -126,7 +126,8 @@ def dina_costs(model, transformer, resolution: int, text_tokens: int, dtype: tor
     config = model.config
     lora = sum(p.numel() for p in model.lora_parameters())
     head = sum(p.numel() for p in model.head_parameters())
-    backbone = sum(p.numel() for p in model.tapped_backbone.parameters()) - lora
+    # the base weights of its blocks: neither its own adapter nor the policy's, which a separate copy would not carry
+    backbone = sum(p.numel() for n, p in model.tapped_backbone.named_parameters() if ".lora_" not in n)
     latents, text = _sd3_inputs(transformer, resolution, text_tokens, dtype)
     with torch.device("meta"):
         noise = torch.empty_like(latents, requires_grad=False)
@@ -223,6 +224,8 @@ def reward_call_costs(resolutions: tuple[int, ...], dtype: torch.dtype = torch.b
         with torch.device("meta"):
             add_lora(transformer, recipe.lora.adapter_name, rank=recipe.lora.rank, alpha=recipe.lora.alpha,
                      target_modules=list(recipe.lora.target_modules), init=recipe.lora.init)
+        transformer.to(dtype)  # as DeepSpeed's bf16 module holds it (its fp32 masters live in the optimiser): an
+        # fp32 adapter would keep fp32 copies of its inputs for backward, 2.8 GiB more per call at 1024 px
     # the generator is measured before DiNa-LRM puts its adapter on the same blocks
     gens = {res: generator_cost(transformer, res, text_tokens, dtype) for res in resolutions}
     with torch.device("meta"):  # peft adds a second adapter's weights on the default device
@@ -256,11 +259,14 @@ for every reward, and cached):
              + updates: trained steps x CFG x (forward + backward, + a reference forward when kl_beta > 0)
              (trained steps: the window's, less the grid's last step unless train_last_step; each recipe at its
              own settings: flow_grpo_sd35.yaml trains 9 of 10 steps at CFG 4.5, -Fast 3 at CFG 1; window_end
-             stops the rollout at the window's end and scores there)
+             stops the rollout at the window's end and scores there); each row scores with its one reward
+             (flow_grpo_fast_sd35.yaml adds 0.2 x PickScore's advantage to DiNa-LRM's: a decode + PickScore call
+             per image more than its DiNa-LRM row)
   peak memory = generator weights + reward weights it does not share (shared DiNa-LRM: LoRA + head only;
-             separate: its own 12-block copy) + activations kept for the backward pass (ReFL: transformer
-             grad steps + the reward's; Flow-GRPO: one trained step's call, both CFG branches in one batch, the
-             reward runs without gradient)."""
+             separate: its own 12-block copy, bf16 as the policy) + activations kept for the backward pass (ReFL:
+             transformer grad steps + the reward's; Flow-GRPO: one trained step's call for one image, both CFG
+             branches in one batch, the reward runs without gradient; the recipes train 8-9 images per call,
+             whose activations add up)."""
 
 
 @dataclass
@@ -447,7 +453,7 @@ def measure_grpo(device: str, repeats: int, folder: Path) -> list[Measured]:
     from rlkit.config import FlowGRPOConfig
     from rlkit.models.sd3 import SD3Generator
     from rlkit.models.tiny import save_tiny_sd3
-    from rlkit.trainers.flow_grpo import cost_variants, epoch_cost
+    from rlkit.trainers.flow_grpo import add_cost_policy, cost_variants, epoch_cost
 
     tiny_dir = folder / "sd3"
     if not tiny_dir.exists():
@@ -463,6 +469,7 @@ def measure_grpo(device: str, repeats: int, folder: Path) -> list[Measured]:
     for r in range(repeats):
         for name, cfg in cost_variants(fast).items():
             gen = SD3Generator.from_pretrained(tiny_dir, max_sequence_length=16, device=device)
+            add_cost_policy(gen.transformer)  # set up before the clock starts, on every repeat alike
             reward.attach_generator(gen)
             results[name].append(_measure(lambda: epoch_cost(gen, reward, cfg, prompts, resolution=32, epoch=r),
                                           device, activations=r == 0))

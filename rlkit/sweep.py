@@ -183,8 +183,13 @@ def is_done(run_dir: Path) -> bool:
 
 
 def run_local(sweep: Sweep, isolate: bool = False, log=print) -> list[Path]:
-    """Runs every unfinished run in turn; returns the run folders. ``isolate`` = one subprocess per run
-    (clean memory numbers and no state shared between runs; in-process is faster for tiny runs)."""
+    """Runs every unfinished run in turn; returns the run folders. ``isolate`` = one subprocess per run (no state
+    shared between runs; in-process is faster for tiny runs).
+
+    ``peak_rss_bytes`` in each ``DONE.json``: in-process, the highest RSS of this process while the run ran, which
+    counts the interpreter, the imports and whatever earlier runs left; in a subprocess, what
+    :func:`_run_subprocess` says. Neither sums the ranks of a multi-process run: the trainers log their own peaks.
+    """
     from rlkit.flops import PeakRSS
 
     dirs = []
@@ -215,7 +220,8 @@ def run_local(sweep: Sweep, isolate: bool = False, log=print) -> list[Path]:
 
 def _run_subprocess(base: Path, overrides: list[str]) -> int:
     """``rlkit train BASE overrides`` in a child (accelerate's ranks when the recipe's ``launch`` asks for them);
-    returns the peak RSS (bytes) of the child and the processes it waited for."""
+    returns ``ru_maxrss`` (bytes) of the child and the processes it waited for: the largest peak of any one of
+    them (one rank of several), and never less than this process's RSS when it forked the child."""
     import os
 
     proc = subprocess.Popen([sys.executable, "-m", "rlkit", "train", str(base), *overrides])

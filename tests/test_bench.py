@@ -126,6 +126,18 @@ def test_sd35_costs_follow_the_paper_direction(bench_512):
     assert grpo["grpo_fast_window_end"] < grpo["grpo_fast"] < grpo["grpo_flow_grpo"]
 
 
+def test_the_rewards_shared_blocks_are_counted_without_the_policys_adapter(bench_512):
+    """A separate copy of DiNa-LRM's blocks carries their base weights, not the policy LoRA that sits on them."""
+    from rewards.dina_lrm import DiNaLRM, DiNaLRMConfig
+    from rlkit.bench import _meta_transformer
+
+    dina = {c.reward: c for c in bench_512.reward_calls}["dina-lrm"]
+    with torch.device("meta"):
+        model = DiNaLRM.build(DiNaLRMConfig(), _meta_transformer(torch.bfloat16))  # no policy adapter on it
+    lora = sum(p.numel() for p in model.lora_parameters())
+    assert dina.params - dina.own_params == sum(p.numel() for p in model.tapped_backbone.parameters()) - lora
+
+
 def test_plan_costs_count_what_the_shipped_recipes_run(bench_512):
     """Call counts by hand from the SD3.5-M recipes: Flow-GRPO (flow_grpo_sd35.yaml) trains 9 of its 10 steps (not
     the grid's last) at CFG 4.5 with a KL reference forward; -Fast 3 steps at CFG 1; DiNa-LRM reads the generator's

@@ -380,6 +380,17 @@ class _CallCounter:
         self._handle.remove()
 
 
+def add_cost_policy(model: torch.nn.Module, lora: LoRAConfig | None = None) -> None:
+    """Freezes ``model`` and adds :func:`epoch_cost`'s policy LoRA (``lora``, default rank 4) unless it has it."""
+    from rlkit.models.lora import adapter_names, add_lora
+
+    spec = lora or LoRAConfig(rank=4, alpha=8.0)
+    if spec.adapter_name not in adapter_names(model):
+        model.requires_grad_(False)
+        add_lora(model, spec.adapter_name, rank=spec.rank, alpha=spec.alpha, target_modules=list(spec.target_modules),
+                 init=spec.init)
+
+
 def epoch_cost(gen, reward: Reward, cfg: FlowGRPOConfig, prompts: list[str], *, resolution: int, lr: float = 1e-4,
                lora: LoRAConfig | None = None, seed: int = 0, epoch: int = 0) -> EpochCost:
     """Times one Flow-GRPO epoch on one process: rollout + rewards + advantages, then every update.
@@ -389,15 +400,9 @@ def epoch_cost(gen, reward: Reward, cfg: FlowGRPOConfig, prompts: list[str], *, 
     paths as :func:`train` run (without accelerator, evaluation or checkpoints), so the ratios between
     variants (:func:`cost_variants`) are those of the trainer.
     """
-    from rlkit.models.lora import adapter_names, add_lora
-
     check_reward(reward, cfg)
     model = gen.transformer
-    spec = lora or LoRAConfig(rank=4, alpha=8.0)
-    if spec.adapter_name not in adapter_names(model):
-        model.requires_grad_(False)
-        add_lora(model, spec.adapter_name, rank=spec.rank, alpha=spec.alpha, target_modules=list(spec.target_modules),
-                 init=spec.init)
+    add_cost_policy(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     plan = plan_epoch(cfg, 1)
     run = LocalRun(gen=gen, model=model, reward=reward, prompts=prompts,
