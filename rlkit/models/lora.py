@@ -10,8 +10,9 @@ one autograd graph, and this module exists to avoid them:
 * gradient checkpointing re-runs a block at backward time under whichever adapter is active *then*.
   :func:`enable_adapter_aware_checkpointing` makes each re-run re-enter the adapter state of its forward.
 
-Adapter weights are always float32, even when the backbone is bf16/fp16 (peft casts the layer input to the
-adapter dtype and the result back).
+Adapter weights are created in float32, even on a bf16/fp16 backbone (peft casts the layer input to the adapter
+dtype and the result back); a DeepSpeed bf16/fp16 module holds 16-bit copies of them, its fp32 masters living in
+the optimiser.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def add_lora(
 ) -> None:
     """Injects a LoRA adapter named ``adapter_name`` and makes it the active adapter.
 
-    ``init``: ``gaussian`` (A ~ N(0, 1/r), B = 0), ``default`` (Kaiming A, B = 0) or ``random`` (both random,
+    ``init``: ``gaussian`` (A ~ N(0, std 1/r), B = 0), ``default`` (Kaiming A, B = 0) or ``random`` (both random,
     not a no-op; for tests). ``block_indices`` restricts the targets to ``transformer_blocks.{i}``.
     The new weights are float32 and have ``requires_grad = trainable``; every parameter that existed before
     keeps its ``requires_grad`` (peft would freeze the whole model and unfreeze only the newest adapter).

@@ -43,7 +43,7 @@ class TinySD3Config:
     t5_layers: int = 1
     max_clip_length: int = 16
     vae_block_out_channels: tuple[int, ...] = (8, 16)
-    vae_norm_num_groups: int | None = None  # GroupNorm groups of the VAE; None: one channel per group
+    vae_norm_num_groups: int | None = None  # GroupNorm groups of the VAE; None: min(vae_block_out_channels)
     vae_mid_attention: bool = True  # self-attention in the VAE's middle block
     # side of the transformer's sin-cos position grid, in patches (None: 2 * sample_size, the earlier default).
     # Positions are scaled so that the grid spans sample_size // patch_size units: a grid larger than the
@@ -68,7 +68,11 @@ class TinySD3Config:
 
 
 def _clip_tokenizer(words: tuple[str, ...], max_length: int):
-    """A real ``CLIPTokenizer`` whose BPE merges make every word of ``words`` one token."""
+    """A real ``CLIPTokenizer`` whose BPE merges are built to make each word of ``words`` one token, in order.
+
+    A merge learnt for an earlier word can apply inside a later one first and split it (8 of
+    ``DEFAULT_WORDS`` come out as several tokens: ``green``, ``triangle``, ...); the Shapes vocabulary is one token
+    a word (tested), which its captions' lengths rely on."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
