@@ -237,6 +237,20 @@ def test_different_base_model_is_not_shared(trained_folder, tiny_sd3_dir, tmp_pa
     assert not reward.is_shared and ADAPTER_NAME not in adapter_names(gen.transformer)
 
 
+def test_an_own_copy_of_the_blocks_loads_in_the_attached_generators_dtype(trained_folder, tiny_sd3_dir):
+    """Unless its args say otherwise: a bf16 policy's separate reward copy is not loaded at twice its size."""
+    gen = SD3Generator.from_pretrained(tiny_sd3_dir, dtype="bf16", max_sequence_length=SEQ_LEN)
+    for dtype, expected in ((None, torch.bfloat16), ("fp32", torch.float32)):
+        reward = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir), share_backbone="never",
+                               **({"dtype": dtype} if dtype else {}))
+        reward.attach_generator(gen)
+        model = reward._materialize()
+        assert not reward.is_shared
+        assert next(model.tapped_backbone.transformer_blocks.parameters()).dtype == expected
+    alone = DiNaLRMReward(pretrained=str(trained_folder), base_model=str(tiny_sd3_dir))._materialize()
+    assert next(alone.tapped_backbone.transformer_blocks.parameters()).dtype == torch.float32  # no generator
+
+
 def test_fresh_model_for_reward_training(tiny_sd3_dir):
     reward = DiNaLRMReward(config=tiny_config(lora_init="gaussian"), base_model=str(tiny_sd3_dir))
     model = reward._materialize()

@@ -56,7 +56,9 @@ class DiNaLRMRewardOptions:
     share_backbone: Literal["auto", "always", "never"] | bool = "auto"  # auto (true): share when base_model is
     # the generator's (or not given); always: share with any attached generator; never (false): own copy
     on_full_finetune: Literal["refuse", "copy"] = "refuse"  # generator trained without LoRA: refuse or frozen copy
-    dtype: str = "fp32"  # when the reward loads its own base model
+    # when the reward loads its own base model; None: the attached generator's (as a reward sharing its blocks runs
+    # in), float32 without one
+    dtype: str | None = None
     device: str = "cpu"
     max_sequence_length: int | None = None  # T5 tokens for prompts the reward encodes (None: the config's)
     revision: str | None = None
@@ -145,7 +147,7 @@ class DiNaLRMReward(Reward):
         # where (and in which dtype) an own backbone materialises: the options', or what `.to()` asked for
         # before there was a model to move
         self._load_device = torch.device(self.options.device)
-        self._load_dtype: torch.dtype | str = self.options.dtype
+        self._load_dtype: torch.dtype | str | None = self.options.dtype
 
     # -- placement -------------------------------------------------------------------------------------
     def to(self, *args: Any, **kwargs: Any) -> "DiNaLRMReward":
@@ -196,6 +198,8 @@ class DiNaLRMReward(Reward):
         opts = self.options
         same = self.base_model is None or _source_key(self.base_model) == _generator_source(generator)
         if opts.share_backbone == "never" or (opts.share_backbone == "auto" and not same):
+            if self._load_dtype is None:  # a bf16 policy's reward copy in bf16, not twice its size in fp32
+                self._load_dtype = next(generator.transformer.parameters()).dtype
             return  # the reward loads its own base model at first use
         transformer = generator.transformer
         if self.arch.save_mode == "full":
@@ -224,8 +228,8 @@ class DiNaLRMReward(Reward):
                              "attach_generator(generator) before scoring")
         from rlkit.models.sd3 import SD3Generator
 
-        generator = SD3Generator.from_pretrained(base_model, dtype=self._load_dtype, device=self._load_device,
-                                                 max_sequence_length=self.max_sequence_length,
+        generator = SD3Generator.from_pretrained(base_model, dtype=self._load_dtype or "fp32",
+                                                 device=self._load_device, max_sequence_length=self.max_sequence_length,
                                                  revision=self.options.revision)
         self._build_on(generator.transformer, share=False, copy_blocks=False)
         generator.transformer = None  # the reward keeps only its first blocks
