@@ -72,8 +72,8 @@ def source_problem(source: str) -> str | None:
         return (f"prompt source {source!r}: no such file (expected shapes:<split>, a .txt, .jsonl or .json file, "
                 "or hf:<dataset>)")
     elif Path(source).suffix not in SUFFIXES:
-        return f"prompt source {source!r}: unsupported file type {Path(source).suffix!r}; expected one of " \
-               f"{', '.join(SUFFIXES)}"
+        return (f"prompt source {source!r}: unsupported file type {Path(source).suffix!r}; expected one of "
+                f"{', '.join(SUFFIXES)}")
     return None
 
 
