@@ -129,6 +129,23 @@ class RewardSpec:
             yield "args", str(exc)
 
 
+def reward_classes(specs: list[RewardSpec]) -> Iterator[tuple[str, type]]:
+    """``(recipe key, class)`` of every reward a list of specs builds, a ``weighted`` mixture's components
+    included: what a recipe's validation can know of its rewards without loading a weight (names that do not
+    resolve are left to the specs' own checks)."""
+    import rewards
+
+    for i, spec in enumerate(specs):
+        components = spec.args.get("components") if spec.name == "weighted" else None
+        named = [(f"rewards.{i}.args.components.{j}", c.get("name")) for j, c in enumerate(components)
+                 if isinstance(c, dict)] if isinstance(components, list) else [(f"rewards.{i}", spec.name)]
+        for key, name in named:
+            try:
+                yield key, rewards.REGISTRY.resolve(str(name))
+            except KeyError:
+                continue
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
@@ -459,10 +476,28 @@ class Recipe:
                 self.flow_grpo.split(self.launch.num_processes)
             except ValueError as exc:
                 yield "flow_grpo", f"{exc} (launch.num_processes = {self.launch.num_processes})"
+        yield from self._reward_fits()
         policy = self.policy
         if policy is not None and policy.kl_beta > 0 and not self.lora.enabled:
             yield f"{self.algorithm}.kl_beta", ("> 0 needs lora.enabled: the reference policy is the LoRA-disabled "
                                                 "model (set kl_beta: 0 for full fine-tuning)")
+
+    def _reward_fits(self) -> Problems:
+        """What the trainers refuse at start-up (``require_differentiable``, ``require_noise_aware``) as far as
+        the reward classes tell it; a noise-aware reward set to noise clean latents itself (DiNa-LRM's ``renoise``
+        mode) is still refused at start-up."""
+        states = {"refl": ("refl.reward_at", "state", "x0_hat", self.refl.reward_at == "state"),
+                  "flow_grpo": ("flow_grpo.reward_at", "window_end", "final", self.flow_grpo.reward_at == "window_end")}
+        if self.algorithm not in states:
+            return
+        field_name, value, instead, needs_states = states[self.algorithm]
+        for key, cls in reward_classes(self.rewards):
+            if self.algorithm == "refl" and not cls.differentiable:
+                yield f"{key}.name", (f"ReFL backpropagates the reward into the policy, but {cls.__name__} is not "
+                                      "differentiable; score it under eval.golden, or train with flow_grpo")
+            if needs_states and not cls.noise_aware:
+                yield f"{key}.name", (f"{field_name}: {value} scores a noisy state at its own sigma, but "
+                                      f"{cls.__name__} is not noise-aware; use reward_at: {instead}")
 
     @property
     def run_dir(self) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit.config import recipe_from_dict
+import rewards
+from rlkit.config import ReFLConfig, recipe_from_dict
 from rlkit.trainers.refl import combine_losses, reward_loss
 
 
@@ -134,27 +135,36 @@ def test_setup_places_every_reward_on_the_accelerator_device_unless_its_args_nam
 
 
 def test_reward_on_noisy_states_needs_a_noise_aware_reward(tmp_path, tiny_sd3_dir):
-    from rlkit.trainers.refl import train
+    """Refused by the recipe's validation, before any weight loads, and by the trainer for a built reward."""
+    from rlkit.config import ConfigError
+    from rlkit.trainers.refl import check_reward
 
     data = tiny_recipe(tmp_path, tiny_sd3_dir, reward_at="state")
     data["rewards"] = [{"name": "shapes-clip"}]  # reads pixels: a noisy state would decode to noise
-    with pytest.raises(ValueError, match=r"refl.reward_at: state .* ShapesClipReward is not noise-aware; "
-                                         r"use reward_at: x0_hat"):
-        train(recipe_from_dict(data))
+    message = r"refl.reward_at: state .* ShapesClipReward is not noise-aware; use reward_at: x0_hat"
+    with pytest.raises(ConfigError, match=r"rewards\.0\.name: " + message):
+        recipe_from_dict(data)
+    with pytest.raises(ValueError, match=message):
+        check_reward(rewards.build("shapes-clip"), ReFLConfig(reward_at="state"))
 
 
-@pytest.mark.parametrize("scored, refused", [
-    ([{"name": "shapes-golden"}], "GoldenJudgeReward is not differentiable"),
-    ([{"name": "latent-direction", "args": {"seed": 1}}, {"name": "shapes-golden"}],  # a mixture: part of it
-     "GoldenJudgeReward is not differentiable"),
+@pytest.mark.parametrize("scored, key", [
+    ([{"name": "shapes-golden"}], "rewards.0"),
+    ([{"name": "latent-direction", "args": {"seed": 1}}, {"name": "shapes-golden"}], "rewards.1"),  # a mixture
+    ([{"name": "weighted", "args": {"components": [{"name": "latent-direction"}, {"name": "shapes-golden"}]}}],
+     "rewards.0.args.components.1"),
 ])
-def test_refl_refuses_a_reward_without_gradient(tmp_path, tiny_sd3_dir, scored, refused):
-    from rlkit.trainers.refl import train
+def test_refl_refuses_a_reward_without_gradient(tmp_path, tiny_sd3_dir, scored, key):
+    from rlkit.config import ConfigError, RewardSpec
+    from rlkit.trainers.common import build_reward, require_differentiable
 
     data = tiny_recipe(tmp_path, tiny_sd3_dir)
     data["rewards"] = scored
-    with pytest.raises(ValueError, match=rf"rewards: ReFL backpropagates the reward.*{refused}.*eval\.golden"):
-        train(recipe_from_dict(data))
+    message = r"ReFL backpropagates the reward.*GoldenJudgeReward is not differentiable.*eval\.golden"
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}\.name: {message}"):
+        recipe_from_dict(data)
+    with pytest.raises(ValueError, match=rf"rewards: {message}"):  # the trainer's own check, on the built reward
+        require_differentiable(build_reward([RewardSpec(**spec) for spec in scored]), "rewards")
 
 
 def test_scoring_states_needs_a_reward_set_to_score_them():
