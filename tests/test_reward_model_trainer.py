@@ -171,6 +171,21 @@ def test_tiny_model_learns_the_signal_and_accuracy_falls_with_noise(trained):
 
 
 @pytest.mark.slow
+def test_init_from_goes_on_from_an_exported_model_of_the_same_layout(trained, tiny_sd3_dir, tmp_path):
+    run, *_ = trained
+    final = run.run_dir / rm.FINAL_DIR
+    overrides = tiny_overrides(tiny_sd3_dir, tmp_path, steps=1) + [f"reward_model.init_from={final}",
+                                                                   "reward_model.model={}"]
+    again = rm.setup(load_recipe(TINY_RECIPE, overrides))
+    exported = torch.load(final / "checkpoint" / "rm_head.pt", weights_only=True)
+    head = again.model.reward_head.state_dict()
+    assert exported.keys() == head.keys() and all(torch.equal(exported[k], head[k].cpu()) for k in exported)
+    assert again.model.has_lora and all(p.requires_grad for p in again.model.lora_parameters())
+    with pytest.raises(ValueError, match=r"reward_model.trainable='head' but .* was saved as 'lora_head'"):
+        rm.setup(load_recipe(TINY_RECIPE, overrides + ["reward_model.trainable=head", f"output_dir={tmp_path / 'b'}"]))
+
+
+@pytest.mark.slow
 def test_periodic_evaluation_and_checkpoints_in_the_release_layout(trained):
     run, *_ = trained
     evals = [h for h in run.history if "eval/accuracy_u=0.10" in h]
