@@ -256,7 +256,7 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
         # the sweep's measurement of its last launch, or the run's own clock where it went on across resumes
         wall = [w for w in (done.get("wall_s"), max(elapsed) if elapsed else None) if w is not None]
         out.append(RunSummary(
-            name=d.name, path=d, group=setting, seed=recipe.get("seed"), proxy=proxy, golden=golden,
+            name=d.name, path=d, group="", seed=recipe.get("seed"), proxy=proxy, golden=golden,
             wall_s=max(wall) if wall else None, peak_memory_bytes=peak,
             reward_images=_reward_images(recipe, max(steps) if steps else 0),
             update_s=sum(updates) / len(updates) if updates else None,
@@ -264,8 +264,8 @@ def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list
                       if len(c.steps) > 1 and (se := paired(name, c.steps[0], c.steps[-1])) is not None},
             scores=scores, hacking=hacked_goldens(first_proxy, golden, tol, paired)))
     names = group_names(settings)
-    for summary in out:
-        summary.group = names[summary.group]
+    for summary, (setting, _) in zip(out, settings):
+        summary.group = names[setting]
     return out
 
 

@@ -129,6 +129,23 @@ class RewardSpec:
             yield "args", str(exc)
 
 
+# the setting under which each policy trainer scores noisy states at their own sigma: (key, value, the alternative)
+NOISY_STATE_SETTINGS = {"refl": ("refl.reward_at", "state", "reward_at: x0_hat"),
+                        "flow_grpo": ("flow_grpo.reward_at", "window_end", "reward_at: final")}
+
+
+def not_noise_aware(algorithm: str, reward: str) -> str:
+    """Why ``reward`` cannot score ``algorithm``'s noisy states (recipe validation and the trainers say it alike)."""
+    key, value, instead = NOISY_STATE_SETTINGS[algorithm]
+    return (f"{key}: {value} scores a noisy state at its own sigma, but the reward {reward} is not noise-aware; "
+            f"use {instead}")
+
+
+def not_differentiable(rewards: list[str]) -> str:
+    return (f"ReFL backpropagates the reward into the policy, but {', '.join(rewards)} is not differentiable; score "
+            "it under eval.golden, or train with flow_grpo")
+
+
 def reward_classes(specs: list[RewardSpec]) -> Iterator[tuple[str, type]]:
     """``(recipe key, class)`` of every reward a list of specs builds, a ``weighted`` mixture's components
     included: what a recipe's validation can know of its rewards without loading a weight (names that do not
@@ -486,18 +503,14 @@ class Recipe:
         """What the trainers refuse at start-up (``require_differentiable``, ``require_noise_aware``) as far as
         the reward classes tell it; a noise-aware reward set to noise clean latents itself (DiNa-LRM's ``renoise``
         mode) is still refused at start-up."""
-        states = {"refl": ("refl.reward_at", "state", "x0_hat", self.refl.reward_at == "state"),
-                  "flow_grpo": ("flow_grpo.reward_at", "window_end", "final", self.flow_grpo.reward_at == "window_end")}
-        if self.algorithm not in states:
+        if self.algorithm not in NOISY_STATE_SETTINGS:
             return
-        field_name, value, instead, needs_states = states[self.algorithm]
+        needs_states = self.policy.reward_at == NOISY_STATE_SETTINGS[self.algorithm][1]
         for key, cls in reward_classes(self.rewards):
             if self.algorithm == "refl" and not cls.differentiable:
-                yield f"{key}.name", (f"ReFL backpropagates the reward into the policy, but {cls.__name__} is not "
-                                      "differentiable; score it under eval.golden, or train with flow_grpo")
+                yield f"{key}.name", not_differentiable([cls.__name__])
             if needs_states and not cls.noise_aware:
-                yield f"{key}.name", (f"{field_name}: {value} scores a noisy state at its own sigma, but "
-                                      f"{cls.__name__} is not noise-aware; use reward_at: {instead}")
+                yield f"{key}.name", not_noise_aware(self.algorithm, cls.__name__)
 
     @property
     def run_dir(self) -> Path:

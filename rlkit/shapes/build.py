@@ -430,7 +430,7 @@ def build_all(out_dir: str | Path = DEFAULT_BUILD_DIR, fast: bool = False, num_t
     shutil.rmtree(out_dir / GENERATED_CACHE, ignore_errors=True)
     shutil.rmtree(out_dir / FIXED_VARIANCE, ignore_errors=True)
     _remove_runs(out_dir, *DINA_TRAININGS)
-    report["whole"] = report["whole"] or set(STAGES) <= set(done)
+    report["whole"] = report["whole"] or set(STAGES) <= set(report["progress"]["done"])
     write_report()
     return report
 

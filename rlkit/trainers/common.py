@@ -93,27 +93,30 @@ def reference_context(run) -> Callable[[], contextlib.AbstractContextManager]:
     return lambda: use_adapter(module, None)
 
 
-def require_noise_aware(reward: Reward, field: str, value: str, instead: str) -> None:
-    """Refuses a recipe that scores noisy states at their own sigma (``field: value``) with a reward that reads
-    only clean latents or pixels, or a noise-aware one set to noise clean latents itself: it would score the wrong
-    thing, silently."""
+def require_noise_aware(reward: Reward, algorithm: str) -> None:
+    """Refuses a recipe that scores noisy states at their own sigma (``NOISY_STATE_SETTINGS[algorithm]``) with a
+    reward that reads only clean latents or pixels, or a noise-aware one set to noise clean latents itself: it would
+    score the wrong thing, silently."""
+    from rlkit.config import NOISY_STATE_SETTINGS, not_noise_aware
+
     name = type(reward).__name__
     if not getattr(reward, "noise_aware", False):
-        raise ValueError(f"{field}: {value} scores a noisy state at its own sigma, but the reward {name} is not "
-                         f"noise-aware; use {instead}")
+        raise ValueError(not_noise_aware(algorithm, name))
     if not getattr(reward, "scores_noisy_states", True):
-        raise ValueError(f"{field}: {value} scores a noisy state at its own sigma, but the reward {name} is set to "
+        key, value, instead = NOISY_STATE_SETTINGS[algorithm]
+        raise ValueError(f"{key}: {value} scores a noisy state at its own sigma, but the reward {name} is set to "
                          f"score clean latents (DiNa-LRM: its args need mode: state); or use {instead}")
 
 
 def require_differentiable(reward: Reward, field: str) -> None:
     """Refuses a reward (or a mixture with a component) whose scores carry no gradient to the latents: ReFL would
     train on part of the reward, or on its regularisers alone, while logging the whole."""
+    from rlkit.config import not_differentiable
+
     if not getattr(reward, "differentiable", True):
         parts = [f"{type(r).__name__}" for r in getattr(reward, "components", [reward])
                  if not getattr(r, "differentiable", True)]
-        raise ValueError(f"{field}: ReFL backpropagates the reward into the policy, but {', '.join(parts)} "
-                         "is not differentiable; score it under eval.golden, or train with flow_grpo")
+        raise ValueError(f"{field}: {not_differentiable(parts)}")
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:

@@ -294,7 +294,7 @@ def train_update(run, cfg: FlowGRPOConfig, plan: EpochPlan, data: EpochData, epo
 # -- the trainer --------------------------------------------------------------------------------------------
 def check_reward(reward: Reward, cfg: FlowGRPOConfig) -> None:
     if cfg.reward_at == "window_end":
-        require_noise_aware(reward, "flow_grpo.reward_at", "window_end", "reward_at: final")
+        require_noise_aware(reward, "flow_grpo")
 
 
 def train(recipe: Recipe) -> dict:

@@ -111,7 +111,7 @@ def refl_forward(gen: SD3Generator, transformer, reward: Reward, prompts: list[s
 def check_reward(reward: Reward, cfg: ReFLConfig) -> None:
     require_differentiable(reward, "rewards")
     if cfg.reward_at == "state":
-        require_noise_aware(reward, "refl.reward_at", "state", "reward_at: x0_hat")
+        require_noise_aware(reward, "refl")
 
 
 def train(recipe: Recipe) -> dict:
