@@ -186,17 +186,24 @@ class _Builder:
 
 
 PACKAGE_SCHEME = "pkg://"
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_dirs() -> tuple[Path, ...]:
+    """Where the shipped recipes live: the source tree's ``recipes/`` (a clone, or ``pip install -e .``), then
+    ``<prefix>/share/rlkit/recipes``, where a built wheel installs them (pyproject's data-files)."""
+    import sysconfig
+
+    return (Path(__file__).resolve().parents[1] / "recipes",
+            Path(sysconfig.get_path("data")) / "share" / "rlkit" / "recipes")
 
 
 def shipped_recipe(name: str) -> Path:
-    """``recipes/<name>`` of the rlkit source tree, which the demo, the Shapes build and the benchmarks run."""
-    path = RECIPES_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such shipped recipe. The recipes live in rlkit's source tree (recipes/), "
-                                "not in a built wheel: install rlkit from a clone (`pip install -e .`, as "
-                                "scripts/setup.sh does)")
-    return path
+    """``recipes/<name>`` as shipped with rlkit, which the demo, the Shapes build and the benchmarks run."""
+    dirs = recipe_dirs()
+    for folder in dirs:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{name}: no such shipped recipe in {' or '.join(str(d) for d in dirs)}")
 
 
 def resolve_package_path(value: str) -> str:

@@ -104,12 +104,47 @@ def test_reward_model_architecture_is_checked_with_the_recipe(tmp_path):
     assert load_recipe(path, ["reward_model.model.lora_r=8"]).reward_model.model == {"lora_r": 8}
 
 
-def test_shipped_recipes_are_found_in_the_source_tree_or_the_install_is_named():
-    from rlkit.confload import shipped_recipe
+def test_shipped_recipes_are_found_in_the_source_tree_and_a_missing_one_names_where_it_looked():
+    from rlkit.confload import recipe_dirs, shipped_recipe
 
     assert shipped_recipe("refl_shapes.yaml") in RECIPES
-    with pytest.raises(FileNotFoundError, match=r"no-such\.yaml: no such shipped recipe.*pip install -e \."):
+    with pytest.raises(FileNotFoundError, match=r"no-such\.yaml: no such shipped recipe in .*recipes or .*share"):
         shipped_recipe("no-such.yaml")
+    assert recipe_dirs()[0] == Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.slow
+def test_a_built_wheel_installs_the_recipes_where_shipped_recipe_finds_them(tmp_path):
+    """`pip install rlkit` (no clone): the demo, the build and the sweeps' ``base: ../x.yaml`` still find them."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # built from a copy: pip builds in the tree it is given
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for name in ("rlkit", "rewards", "recipes"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    wheel = next((tmp_path / "dist").glob("rlkit-*.whl"))
+    subprocess.run(pip + ["install", "--no-deps", "--prefix", str(venv), str(wheel)], check=True, capture_output=True)
+    probe = ("import rlkit.confload as c; from rlkit.sweep import load_sweep; "
+             "print(c.__file__); print(c.shipped_recipe('refl_shapes.yaml')); "
+             "print(load_sweep(c.shipped_recipe('sweeps/shapes_reward_ablation.yaml')).validate()[0].algorithm)")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert out[0].startswith(str(venv)), out  # the installed copy, not the editable source tree
+    assert Path(out[1]) == venv / "share" / "rlkit" / "recipes" / "refl_shapes.yaml"
+    assert out[2] == "refl"
+    installed = venv / "share" / "rlkit" / "recipes"
+    assert (sorted(p.relative_to(installed) for p in installed.rglob("*.yaml"))
+            == sorted(p.relative_to(root / "recipes") for p in (root / "recipes").rglob("*.yaml")))
 
 
 def test_reward_model_evaluation_levels_are_scoreable_noise_levels(tmp_path):
