@@ -510,7 +510,10 @@ def test_resume_after_sigterm_is_bit_identical_to_the_uninterrupted_run(killed, 
     assert all(torch.equal(a, b) for a, b in zip(got_shadow, shadow))
     assert _losses(run.history) == {s: v for s, v in losses.items() if s > STOP_AT}
     assert list(_losses(run.history)) == [4, 5]
-    assert any(r.get("resumed_from") == STOP_AT for r in map(json.loads, (run.run_dir / METRICS_FILE).open()))
+    rows = list(map(json.loads, (run.run_dir / METRICS_FILE).open()))
+    assert any(r.get("resumed_from") == STOP_AT for r in rows)
+    elapsed = [r["time/elapsed_s"] for r in rows if "time/elapsed_s" in r]
+    assert len(elapsed) >= 5 and elapsed == sorted(elapsed)  # the training time goes on across the resume
     assert sorted(p.name for p in (run.run_dir / rm.CHECKPOINT_DIR).iterdir()) == ["step_000004", "step_000005"]
 
 

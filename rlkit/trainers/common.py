@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -254,24 +256,39 @@ def discard_gradients(accelerator, optimizer, model) -> None:
             zero.averaged_gradients = {}
 
 
-def save_training_state(checkpoints, accelerator, step: int, *, scheduler, ema, guard,
+@dataclass
+class Stopwatch:
+    """A run's training time (``time/elapsed_s``), kept in its checkpoints so that a resumed run's goes on."""
+
+    offset_s: float = 0.0
+    since: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.offset_s + time.perf_counter() - self.since
+
+    def restart_at(self, elapsed_s: float) -> None:
+        self.offset_s, self.since = elapsed_s, time.perf_counter()
+
+
+def save_training_state(checkpoints, accelerator, step: int, *, scheduler, ema, guard, clock: Stopwatch,
                         write: Callable[[Path], None] | None = None, **extra: Any) -> Path:
     """A resumable checkpoint (:class:`rlkit.runtime.checkpoint.CheckpointManager`): what ``accelerator``
-    prepared (weights, optimiser, RNG states), the schedule, EMA, guard counters and ``extra``; ``write`` adds
-    files to it (main process). Every process must call it."""
-    tensors = {"step": step, "ema": ema.state_dict() if ema is not None else None,
+    prepared (weights, optimiser, RNG states), the schedule, EMA, guard counters, the time trained and
+    ``extra``; ``write`` adds files to it (main process). Every process must call it."""
+    tensors = {"step": step, "ema": ema.state_dict() if ema is not None else None, "elapsed_s": clock.elapsed(),
                "scheduler": scheduler.state_dict(), "guard": guard.state_dict(), **extra}
     return checkpoints.save(accelerator, step, tensors, write=write)
 
 
-def load_training_state(checkpoints, accelerator, *, scheduler, ema, guard) -> dict[str, Any] | None:
+def load_training_state(checkpoints, accelerator, *, scheduler, ema, guard, clock: Stopwatch) -> dict[str, Any] | None:
     """Restores the newest complete checkpoint written by :func:`save_training_state` into the prepared objects,
-    the schedule, EMA and the guard; returns its ``extra`` (with ``step``), or None when there is none."""
+    the schedule, EMA, the guard and the clock; returns its ``extra`` (with ``step``), or None when there is none."""
     extra = checkpoints.load_latest(accelerator)
     if extra is None:
         return None
     scheduler.load_state_dict(extra["scheduler"])
     guard.load_state_dict(extra["guard"])
+    clock.restart_at(float(extra.get("elapsed_s", 0.0)))
     if ema is not None and extra.get("ema") is not None:
         ema.load_state_dict(extra["ema"])
     return extra

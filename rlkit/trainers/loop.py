@@ -11,7 +11,6 @@ takes its slice, so a run on 2 processes sees the same data as one process with 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,7 +56,7 @@ class PolicyRun(common.Processes):
     micro_batch: int
     run_dir: Path
     step: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    clock: common.Stopwatch = field(default_factory=common.Stopwatch)
     last_metrics: dict = field(default_factory=dict)
     stopped_early: bool = False
     saved_step: int = -1  # the step of the newest checkpoint this run wrote or resumed from
@@ -173,7 +172,7 @@ class PolicyRun(common.Processes):
             stats.update(common.optimizer_step(self.accelerator, self.optimizer, self.scheduler, self.ema,
                                                self.model.parameters(), self.recipe.optim.grad_clip))
         stats["lr"] = self.scheduler.get_last_lr()[0]
-        stats["time/elapsed_s"] = time.perf_counter() - self.started
+        stats["time/elapsed_s"] = self.clock.elapsed()
         self.step += 1
         if self.step % self.recipe.logging.every == 0:
             stats = common.over_ranks(self.accelerator, stats)
@@ -195,7 +194,7 @@ class PolicyRun(common.Processes):
             result = self.evaluator.run(self.gen, self.step, out_dir=self.run_dir if self.accelerator.is_main_process
                                         else None, shard=self.shard())
             self.model.train()
-        metrics = dict(result.metrics, **{"time/elapsed_s": time.perf_counter() - self.started})
+        metrics = dict(result.metrics, **{"time/elapsed_s": self.clock.elapsed()})
         self.tracker.log(metrics, step=self.step)
         self.last_metrics = metrics
         if self.evaluator.should_stop:
@@ -207,16 +206,14 @@ class PolicyRun(common.Processes):
         self.saved_step = self.step
         return common.save_training_state(self.checkpoints, self.accelerator, self.step, scheduler=self.scheduler,
                                           ema=self.ema, guard=self.guard, evaluator=self.evaluator.state_dict(),
-                                          reward=self.reward.running_state(),
-                                          elapsed_s=time.perf_counter() - self.started)
+                                          clock=self.clock, reward=self.reward.running_state())
 
     def _resume(self) -> None:
         extra = common.load_training_state(self.checkpoints, self.accelerator, scheduler=self.scheduler,
-                                           ema=self.ema, guard=self.guard)
+                                           ema=self.ema, guard=self.guard, clock=self.clock)
         if extra is None:
             return
         self.step = self.saved_step = int(extra["step"])
-        self.started = time.perf_counter() - float(extra.get("elapsed_s", 0.0))  # time/elapsed_s goes on
         self.evaluator.load_state_dict(extra["evaluator"])
         self.reward.load_running_state(extra.get("reward", {}))
         self.stopped_early = self.evaluator.should_stop  # a run that stopped early stays stopped

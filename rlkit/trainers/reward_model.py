@@ -31,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -182,7 +181,7 @@ class RewardModelRun(common.Processes):
     batches_taken: int = 0
     saved_step: int = -1  # the step of the newest checkpoint this run wrote or resumed from
     history: list[dict[str, Any]] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
+    clock: common.Stopwatch = field(default_factory=common.Stopwatch)
 
     @property
     def cfg(self) -> RewardModelConfig:
@@ -445,7 +444,7 @@ def save(run: RewardModelRun) -> Path:
     staged = export(run, run.checkpoints.directory / f"{step_dir_name(run.step)}_{EXPORT_DIR}{TMP_SUFFIX}")
     folder = common.save_training_state(run.checkpoints, run.accelerator, run.step, scheduler=run.scheduler,
                                         ema=run.ema, guard=run.guard, data=data,
-                                        elapsed_s=time.perf_counter() - run.started,
+                                        clock=run.clock,
                                         write=lambda tmp: os.replace(staged, tmp / EXPORT_DIR))
     run.saved_step = run.step
     return folder
@@ -453,7 +452,7 @@ def save(run: RewardModelRun) -> Path:
 
 def _resume(run: RewardModelRun) -> None:
     extra = common.load_training_state(run.checkpoints, run.accelerator, scheduler=run.scheduler, ema=run.ema,
-                                       guard=run.guard)
+                                       guard=run.guard, clock=run.clock)
     if extra is None:
         return
     data = extra["data"]
@@ -463,7 +462,6 @@ def _resume(run: RewardModelRun) -> None:
                          f"{data['batches_per_epoch']} global batches per epoch, the run now has {now['pairs']} in "
                          f"{now['batches_per_epoch']}; change the data back or set checkpoint.resume=false")
     run.step = run.saved_step = int(extra["step"])
-    run.started = time.perf_counter() - float(extra.get("elapsed_s", 0.0))  # time/elapsed_s goes on
     run.epoch, run.batches_taken = int(data["epoch"]), int(data["batches_taken"])
     _log(run, {"resumed_from": float(run.step)})
 
@@ -488,7 +486,7 @@ def train_loop(run: RewardModelRun) -> None:
         if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total_steps:
             record.update(evaluate(run))
         if run.step % run.recipe.logging.every == 0 or any(k.startswith("eval/") for k in record):
-            record["time/elapsed_s"] = time.perf_counter() - run.started
+            record["time/elapsed_s"] = run.clock.elapsed()
             _log(run, record)
         common.checkpoint_or_stop(run.step, run.recipe.checkpoint.every, run.guard, lambda: save(run),
                                   close=(run.tracker, run.guard))
