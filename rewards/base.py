@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -154,6 +154,12 @@ class Reward(nn.Module):
         noise level: what ``refl.reward_at: state`` and ``flow_grpo.reward_at: window_end`` need. A noise-aware
         reward can be set to do otherwise (DiNa-LRM's ``renoise`` mode noises clean latents itself)."""
         return self.noise_aware
+
+    @classmethod
+    def scores_noisy_states_with(cls, args: dict[str, Any]) -> bool:
+        """:attr:`scores_noisy_states` of the reward these recipe ``args`` would build, told without building it
+        (recipe validation)."""
+        return cls.noise_aware
 
     @contextlib.contextmanager
     def held_out(self) -> Iterator[None]:

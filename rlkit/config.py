@@ -141,24 +141,32 @@ def not_noise_aware(algorithm: str, reward: str) -> str:
             f"use {instead}")
 
 
+def not_scoring_states(algorithm: str, reward: str) -> str:
+    """Why a noise-aware ``reward`` set to noise clean latents itself cannot score ``algorithm``'s noisy states."""
+    key, value, instead = NOISY_STATE_SETTINGS[algorithm]
+    return (f"{key}: {value} scores a noisy state at its own sigma, but the reward {reward} is set to score clean "
+            f"latents (DiNa-LRM: its args need mode: state); or use {instead}")
+
+
 def not_differentiable(rewards: list[str]) -> str:
     return (f"ReFL backpropagates the reward into the policy, but {', '.join(rewards)} is not differentiable; score "
             "it under eval.golden, or train with flow_grpo")
 
 
-def reward_classes(specs: list[RewardSpec]) -> Iterator[tuple[str, type]]:
-    """``(recipe key, class)`` of every reward a list of specs builds, a ``weighted`` mixture's components
+def reward_classes(specs: list[RewardSpec]) -> Iterator[tuple[str, type, dict]]:
+    """``(recipe key, class, args)`` of every reward a list of specs builds, a ``weighted`` mixture's components
     included: what a recipe's validation can know of its rewards without loading a weight (names that do not
     resolve are left to the specs' own checks)."""
     import rewards
 
     for i, spec in enumerate(specs):
         components = spec.args.get("components") if spec.name == "weighted" else None
-        named = [(f"rewards.{i}.args.components.{j}", c.get("name")) for j, c in enumerate(components)
-                 if isinstance(c, dict)] if isinstance(components, list) else [(f"rewards.{i}", spec.name)]
-        for key, name in named:
+        named = [(f"rewards.{i}.args.components.{j}", c.get("name"), c.get("args") or {})
+                 for j, c in enumerate(components) if isinstance(c, dict)] if isinstance(components, list) \
+            else [(f"rewards.{i}", spec.name, spec.args)]
+        for key, name, args in named:
             try:
-                yield key, rewards.REGISTRY.resolve(str(name))
+                yield key, rewards.REGISTRY.resolve(str(name)), args if isinstance(args, dict) else {}
             except KeyError:
                 continue
 
@@ -501,16 +509,17 @@ class Recipe:
 
     def _reward_fits(self) -> Problems:
         """What the trainers refuse at start-up (``require_differentiable``, ``require_noise_aware``) as far as
-        the reward classes tell it; a noise-aware reward set to noise clean latents itself (DiNa-LRM's ``renoise``
-        mode) is still refused at start-up."""
+        the reward classes and their args tell it."""
         if self.algorithm not in NOISY_STATE_SETTINGS:
             return
         needs_states = self.policy.reward_at == NOISY_STATE_SETTINGS[self.algorithm][1]
-        for key, cls in reward_classes(self.rewards):
+        for key, cls, args in reward_classes(self.rewards):
             if self.algorithm == "refl" and not cls.differentiable:
                 yield f"{key}.name", not_differentiable([cls.__name__])
             if needs_states and not cls.noise_aware:
                 yield f"{key}.name", not_noise_aware(self.algorithm, cls.__name__)
+            elif needs_states and not cls.scores_noisy_states_with(args):
+                yield f"{key}.args", not_scoring_states(self.algorithm, cls.__name__)
 
     @property
     def run_dir(self) -> Path:

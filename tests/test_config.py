@@ -120,6 +120,11 @@ def test_a_built_wheel_installs_the_recipes_where_shipped_recipe_finds_them(tmp_
     import subprocess
     import sys
 
+    def installed() -> str:  # asked in a fresh process (this one caches metadata), away from the source tree
+        return subprocess.run([sys.executable, "-m", "pip", "show", "rlkit"], cwd=tmp_path, capture_output=True,
+                              text=True).stdout
+
+    ours = installed()
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"  # built from a copy: pip builds in the tree it is given
     src.mkdir()
@@ -133,7 +138,9 @@ def test_a_built_wheel_installs_the_recipes_where_shipped_recipe_finds_them(tmp_
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
     wheel = next((tmp_path / "dist").glob("rlkit-*.whl"))
-    subprocess.run(pip + ["install", "--no-deps", "--prefix", str(venv), str(wheel)], check=True, capture_output=True)
+    # --ignore-installed: otherwise pip uninstalls the rlkit this test runs from (--prefix does not stop it)
+    subprocess.run(pip + ["install", "--no-deps", "--ignore-installed", "--prefix", str(venv), str(wheel)], check=True,
+                   capture_output=True)
     probe = ("import rlkit.confload as c; from rlkit.sweep import load_sweep; "
              "print(c.__file__); print(c.shipped_recipe('refl_shapes.yaml')); "
              "print(load_sweep(c.shipped_recipe('sweeps/shapes_reward_ablation.yaml')).validate()[0].algorithm)")
@@ -142,8 +149,9 @@ def test_a_built_wheel_installs_the_recipes_where_shipped_recipe_finds_them(tmp_
     assert out[0].startswith(str(venv)), out  # the installed copy, not the editable source tree
     assert Path(out[1]) == venv / "share" / "rlkit" / "recipes" / "refl_shapes.yaml"
     assert out[2] == "refl"
-    installed = venv / "share" / "rlkit" / "recipes"
-    assert (sorted(p.relative_to(installed) for p in installed.rglob("*.yaml"))
+    assert installed() == ours  # the install the tests run from is left as it was
+    shared = venv / "share" / "rlkit" / "recipes"
+    assert (sorted(p.relative_to(shared) for p in shared.rglob("*.yaml"))
             == sorted(p.relative_to(root / "recipes") for p in (root / "recipes").rglob("*.yaml")))
 
 

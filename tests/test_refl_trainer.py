@@ -167,14 +167,28 @@ def test_refl_refuses_a_reward_without_gradient(tmp_path, tiny_sd3_dir, scored, 
         require_differentiable(build_reward([RewardSpec(**spec) for spec in scored]), "rewards")
 
 
-def test_scoring_states_needs_a_reward_set_to_score_them():
+def test_scoring_states_needs_a_reward_set_to_score_them(tmp_path, tiny_sd3_dir):
     """A noise-aware reward set to noise clean latents itself (DiNa-LRM's renoise and ensemble modes) is refused
-    where the trainer hands it noisy states; in mode state, or in a mixture of such rewards, it is taken."""
+    where the trainer hands it noisy states, by the recipe's validation and by the trainer; in mode state, or in a
+    mixture of such rewards, it is taken."""
     import rewards
     from rewards.dina_lrm import DiNaLRMConfig
     from rewards.dina_lrm.reward import DiNaLRMReward
     from rewards.weighted import WeightedReward
+    from rlkit.config import ConfigError
     from rlkit.trainers.common import require_noise_aware
+
+    data = tiny_recipe(tmp_path, tiny_sd3_dir, reward_at="state")
+    dina = {"name": "dina-lrm", "args": {"pretrained": "unused", "mode": "state"}}
+    for scored, key in [([{**dina, "args": {"pretrained": "unused"}}], "rewards.0"),  # renoise by default
+                        ([dina, {**dina, "args": {**dina["args"], "mode": "ensemble"}}], "rewards.1"),
+                        ([{"name": "weighted", "args": {"components": [dina, {"name": "dina-lrm"}]}}],
+                         "rewards.0.args.components.1")]:
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}\.args: refl\.reward_at: state .* DiNaLRMReward is "
+                                              r"set to score clean latents .*mode: state"):
+            recipe_from_dict({**data, "rewards": scored})
+    for scored in ([dina], [{"name": "weighted", "args": {"components": [dina, {"name": "latent-direction"}]}}]):
+        assert recipe_from_dict({**data, "rewards": scored}).rewards[0].name == scored[0]["name"]
 
     for mode in ("renoise", "ensemble"):
         reward = DiNaLRMReward(config=DiNaLRMConfig(), mode=mode)

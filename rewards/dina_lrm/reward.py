@@ -311,6 +311,10 @@ class DiNaLRMReward(Reward):
     def scores_noisy_states(self) -> bool:
         return self.options.mode == "state"
 
+    @classmethod
+    def scores_noisy_states_with(cls, args: dict[str, Any]) -> bool:
+        return args.get("mode", DiNaLRMRewardOptions.mode) == "state"
+
     def forward(self, batch: RewardInput) -> RewardOutput:
         raw = self.raw_scores(batch)
         return RewardOutput(scores=self.normalize(raw), extras={"raw": raw.detach()})

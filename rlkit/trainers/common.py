@@ -99,15 +99,13 @@ def require_noise_aware(reward: Reward, algorithm: str) -> None:
     """Refuses a recipe that scores noisy states at their own sigma (``NOISY_STATE_SETTINGS[algorithm]``) with a
     reward that reads only clean latents or pixels, or a noise-aware one set to noise clean latents itself: it would
     score the wrong thing, silently."""
-    from rlkit.config import NOISY_STATE_SETTINGS, not_noise_aware
+    from rlkit.config import not_noise_aware, not_scoring_states
 
     name = type(reward).__name__
     if not getattr(reward, "noise_aware", False):
         raise ValueError(not_noise_aware(algorithm, name))
     if not getattr(reward, "scores_noisy_states", True):
-        key, value, instead = NOISY_STATE_SETTINGS[algorithm]
-        raise ValueError(f"{key}: {value} scores a noisy state at its own sigma, but the reward {name} is set to "
-                         f"score clean latents (DiNa-LRM: its args need mode: state); or use {instead}")
+        raise ValueError(not_scoring_states(algorithm, name))
 
 
 def require_differentiable(reward: Reward, field: str) -> None:
