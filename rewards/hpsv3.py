@@ -294,7 +294,7 @@ class HPSv3Reward(Reward):
         model.rm_head.to(device=cfg.device, dtype=torch.float32)
         model.requires_grad_(False)
         if cfg.gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return tokenizer, image_processor, model
 
     def train(self, mode: bool = True) -> "HPSv3Reward":

@@ -105,3 +105,18 @@ def run_as_ranks():
         return results
 
     return run
+
+
+@pytest.fixture()
+def checkpoint_calls(monkeypatch) -> list[int]:
+    """Counts ``torch.utils.checkpoint.checkpoint`` calls (one per checkpointed block forward): a test of
+    gradient checkpointing shows that it checkpoints, not only that its gradients are right."""
+    calls: list[int] = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    return calls

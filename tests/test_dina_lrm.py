@@ -158,7 +158,8 @@ def test_sharing_adds_only_lora_and_head(trained_folder, tiny_sd3_dir):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_reward_gradients_equal_a_separate_frozen_copy(checkpointing, trained_folder, tiny_sd3_dir):
+def test_shared_reward_gradients_equal_a_separate_frozen_copy(checkpointing, trained_folder, tiny_sd3_dir,
+                                                              checkpoint_calls):
     """ReFL: policy -> x0_hat -> reward. Sharing the blocks gives the policy the same gradients as a copy,
     also when the generator checkpoints its blocks (re-runs at backward time use the forward's adapter)."""
     gen = policy_generator(tiny_sd3_dir)
@@ -184,6 +185,9 @@ def test_shared_reward_gradients_equal_a_separate_frozen_copy(checkpointing, tra
         return scores.detach(), grads
 
     s_shared, g_shared = policy_grads(shared)
+    # the policy's blocks, then the reward's (the first of them, run under rm_lora) are checkpointed
+    blocks = len(gen.transformer.transformer_blocks) + shared.model.config.num_transformer_layers
+    assert len(checkpoint_calls) == (blocks if checkpointing else 0)
     s_sep, g_sep = policy_grads(separate)
     torch.testing.assert_close(s_shared, s_sep, rtol=0, atol=1e-5)
     assert sum(g.abs().sum() for g in g_shared) > 0

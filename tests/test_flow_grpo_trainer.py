@@ -268,6 +268,27 @@ def test_cfg_training_recomputes_the_rollout_log_probs_exactly(tiny_generator):
 
 
 # -- the trainer on one process -------------------------------------------------------------------------------
+def _assert_kl_term_in_the_loss(run, ro, adv, data, cfg) -> None:
+    """step_loss at kl_beta 0 and 0.5, same batch: the losses differ by 0.5 * KL / informative, and the
+    gradients differ."""
+    from rlkit.trainers.common import reference_context
+    from rlkit.trainers.flow_grpo import step_loss
+
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    j = trained_positions(cfg, int(ro.step_indices[0, 0]))[0]
+    results = {}
+    for beta in (0.0, 0.5):
+        loss, stats = step_loss(run.gen, run.model, ro, j, adv, data.keep[0], data.informative,
+                                replace(cfg, kl_beta=beta), reference_context(run))
+        results[beta] = loss.detach(), torch.autograd.grad(loss, params, allow_unused=True), stats
+    (loss0, grads0, _), (loss1, grads1, stats1) = results[0.0], results[0.5]
+    assert data.keep[0].bool().all()  # every image informative: the kept mean is the logged mean
+    assert stats1["kl"] > 0
+    assert (loss1 - loss0).item() == pytest.approx(0.5 * stats1["kl"] / data.informative, rel=1e-3)
+    moved = [(a - b).norm().item() for a, b in zip(grads1, grads0) if a is not None and b is not None]
+    assert max(moved) > 0, "kl_beta > 0 changed no gradient"
+
+
 def test_on_policy_ratio_is_one_and_kl_is_zero_then_positive(tmp_path, tiny_sd3_dir):
     """One batch per update: the recomputed log-probs equal the rollout's bit for bit (ratio exactly 1, the
     clipped loss equals the unclipped one), also after the policy has moved; the KL to the LoRA-disabled
@@ -292,6 +313,8 @@ def test_on_policy_ratio_is_one_and_kl_is_zero_then_positive(tmp_path, tiny_sd3_
             for j in trained_positions(cfg, int(ro.step_indices[0, 0])):
                 out = step_log_probs(run.gen, ro, j, transformer=run.model)
                 assert torch.equal(out.log_prob, ro.log_probs[:, j]), "recomputed log-probs differ from the rollout's"
+        if epoch == 1:  # the policy is off the reference: kl_beta * KL is in the loss and in its gradient
+            _assert_kl_term_in_the_loss(run, ro, adv, data, cfg)
         stats = train_update(run, cfg, plan, data, epoch, 0, recipe.seed)
         assert stats["ratio_dev_max"] == 0.0 and stats["clip_fraction"] == 0.0 and stats["ratio_mean"] == 1.0
         # ratio 1: the clipped surrogate is -mean(A), the unclipped one

@@ -187,16 +187,24 @@ def test_gradients_reach_latents_through_decode(reward, tiny_generator):
     assert latents.grad is not None and torch.isfinite(latents.grad).all() and latents.grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_hpsv3, reward):
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_hpsv3, reward, checkpoint_calls, monkeypatch):
+    import transformers.modeling_utils
+
+    # transformers holds its own reference to torch's checkpoint: point it at the counting one
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", torch.utils.checkpoint.checkpoint)
     ckpt = _build(tiny_hpsv3, gradient_checkpointing=True)
     for r, backbone_flag in ((reward, False), (ckpt, True)):
         r.train()  # a trainer switching modes leaves the reward in inference mode
         assert not r.model.rm_head.training and r.model.backbone.training == backbone_flag
-    grads = []
+    grads, calls = [], []
     for r in (reward, ckpt):
         images = _images(2, 16, 16, seed=5).requires_grad_()
+        checkpoint_calls.clear()
         r(RewardInput(prompts=PROMPTS[:2], images=images)).scores.sum().backward()
         grads.append(images.grad)
+        calls.append(len(checkpoint_calls))
+    layers = ckpt.model.backbone.config.text_config.num_hidden_layers
+    assert calls[0] == 0 and calls[1] >= layers, calls  # every decoder layer is checkpointed
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 

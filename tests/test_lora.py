@@ -151,12 +151,14 @@ def test_disabled_adapters_equal_base_model(base_transformer):
 
 @pytest.mark.parametrize("second", ["B", None], ids=["adapterB", "base"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_two_adapter_graph_gradients_match_separate_copies(base_transformer, checkpointing, second):
+def test_two_adapter_graph_gradients_match_separate_copies(base_transformer, checkpointing, second,
+                                                           checkpoint_calls):
     model = _two_adapter_model(base_transformer)
     if checkpointing:
         enable_adapter_aware_checkpointing(model)
     inputs = _inputs()
     got = _shared_graph_grads(model, inputs, second)
+    assert len(checkpoint_calls) == (2 * len(model.transformer_blocks) if checkpointing else 0)  # two forwards
     _assert_grads_equal(got, _reference_grads(base_transformer, model, inputs, second))
 
 

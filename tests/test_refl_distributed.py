@@ -84,10 +84,12 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(stage, kl_beta, tm
 
 
 def test_shared_backbone_dina_lrm_runs_under_zero3(tmp_path, tiny_sd3_dir):
-    """The reward's blocks are the policy's own (a second adapter), also when ZeRO-3 partitions them."""
+    """The reward's blocks are the policy's own (a second adapter; ``share_backbone: always`` never falls back to
+    a copy), also when ZeRO-3 partitions them: two ranks log what one process logs on the same global batch."""
     from rewards.dina_lrm.config import DiNaLRMConfig
     from rewards.dina_lrm.reward import DiNaLRMReward
     from rlkit.models.sd3 import SD3Generator
+    from rlkit.trainers import refl
 
     config = DiNaLRMConfig(num_transformer_layers=3, visual_head_idx=(1, 2, 3), text_head_idx=(2, 3), lora_r=4,
                            lora_alpha=8.0, num_queries=2, num_attn_heads=2, max_sequence_length=16)
@@ -97,15 +99,24 @@ def test_shared_backbone_dina_lrm_runs_under_zero3(tmp_path, tiny_sd3_dir):
     reward.attach_generator(gen)
     reward.save_pretrained(tmp_path / "rm")
 
-    data = tiny_recipe(tmp_path / "run", tiny_sd3_dir, max_steps=2, batch_size=1)
-    data["rewards"] = [{"name": "dina-lrm", "args": {"pretrained": str(tmp_path / "rm"), "mode": "renoise",
-                                                     "u": 0.4, "share_backbone": True}}]
-    path = tmp_path / "dina.yaml"
-    path.write_text(yaml.safe_dump(data))
-    launch_two(path, 3, [])
-    log = read_log(recipe_from_dict(data).run_dir)
-    losses = [r["train/loss"] for r in log if "train/loss" in r]
-    assert len(losses) == 2 and all(abs(x) < 1e6 for x in losses)
+    # the state at its own sigma (no re-noising draw, which each rank would make from its own stream)
+    scored = [{"name": "dina-lrm", "args": {"pretrained": str(tmp_path / "rm"), "mode": "state",
+                                            "share_backbone": "always"}}]
+    logs = {}
+    for name, batch_size in (("one", 2), ("two", 1)):
+        data = tiny_recipe(tmp_path / name, tiny_sd3_dir, max_steps=2, batch_size=batch_size, reward_at="state")
+        data["rewards"], data["checkpoint"]["every"], data["optim"]["eps"] = scored, 0, ADAM_EPS
+        if name == "one":
+            refl.train(recipe_from_dict(data))
+        else:
+            path = tmp_path / "dina.yaml"
+            path.write_text(yaml.safe_dump(data))
+            launch_two(path, 3, [])
+        logs[name] = [r for r in read_log(recipe_from_dict(data).run_dir) if "train/loss" in r]
+    assert len(logs["one"]) == len(logs["two"]) == 2
+    for r1, r2 in zip(logs["one"], logs["two"]):
+        for key in ("train/loss", "train/reward"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
 
 
 def test_logged_stats_are_the_mean_over_ranks_and_max_keys_their_largest():

@@ -432,6 +432,9 @@ def test_pretrain_regulariser_ema_and_early_stopping(tmp_path, tiny_sd3_dir):
     log = read_log(recipe.run_dir)
     train = [r for r in log if "train/loss" in r]
     assert all("train/loss_pretrain" in r and r["train/loss_pretrain"] > 0 for r in train)
+    for r in train:  # (L_reward + lambda L_pre) / (1 + lambda), lambda = 1, L_reward = -loss_scale * reward
+        assert r["train/loss"] == pytest.approx((-recipe.refl.loss_scale * r["train/reward"]
+                                                 + r["train/loss_pretrain"]) / 2, rel=1e-5, abs=1e-7)
     assert any(r.get("eval/early_stopped") == 1.0 for r in log)
     assert len(train) < 6, "early stopping ended the run before max_steps"
     checkpoints = sorted(p.name for p in (recipe.run_dir / "checkpoints").iterdir())

@@ -306,18 +306,11 @@ def test_bf16_backbone_trains_fp32_weights_under_autocast(tiny_sd3_dir, tmp_path
 
 
 def test_gradient_checkpointing_recomputes_the_blocks_with_the_same_gradients(tiny_sd3_dir, tmp_path,
-                                                                             monkeypatch):
+                                                                             checkpoint_calls):
     """``model.gradient_checkpointing`` reaches the reward model's own copy of the blocks (it had been ignored)."""
     from rlkit.models.sd3 import SD3Generator
 
-    recorded = []
-    original = torch.utils.checkpoint.checkpoint
-
-    def counting(*args, **kwargs):
-        recorded.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    recorded = checkpoint_calls
     grads = {}
     for on in (False, True):
         gen = SD3Generator.from_pretrained(tiny_sd3_dir, max_sequence_length=16)  # the model trains its blocks
@@ -593,8 +586,8 @@ def test_two_processes_under_zero_equal_one_process_on_the_same_global_batch(sta
     a2 = load_file(tmp_path / "two" / rm.FINAL_DIR / ckpt / "backbone_lora" / "adapter_model.safetensors")
     for k in a1:
         assert torch.allclose(a1[k], a2[k], **tol), (k, (a1[k] - a2[k]).abs().max())
-        moved += int(a1[k].abs().sum() > 0)
-    assert moved > 0
+        moved += int("lora_B" in k and a1[k].abs().max() > 1e-5)
+    assert moved > 0  # lora_B starts at zero: training moved the adapter
     # the final held-out evaluation (each rank scored its share under ZeRO-2, both the whole set under ZeRO-3) is
     # the one process's evaluation of the exported weights, pair for pair
     import rewards

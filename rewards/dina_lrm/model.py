@@ -231,9 +231,9 @@ class DiNaLRM(nn.Module):
         if self.is_shared:
             if not getattr(self.adapter_host, "gradient_checkpointing", False):
                 return None
-            from rlkit.models.lora import _checkpoint_under_captured_adapter
+            from rlkit.models.lora import checkpoint_under_forward_adapter
 
-            return _checkpoint_under_captured_adapter
+            return checkpoint_under_forward_adapter
         if not self.gradient_checkpointing:
             return None
         return partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)

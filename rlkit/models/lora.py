@@ -196,9 +196,6 @@ def enable_adapter_aware_checkpointing(transformer: nn.Module) -> None:
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_under_forward_adapter)
 
 
-_checkpoint_under_captured_adapter = checkpoint_under_forward_adapter  # former private name, still imported
-
-
 def lora_state_dict(model: nn.Module, adapter_name: str,
                     values: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft's layout (adapter name stripped from the keys), detached on CPU.
