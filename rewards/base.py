@@ -156,6 +156,24 @@ class Reward(nn.Module):
         return self.noise_aware
 
     @classmethod
+    def args_problems(cls, args: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        """``(arg, message)`` for every problem of recipe ``args`` the reward can tell without loading a weight:
+        their types and values, as :attr:`args_class` checks them (recipe validation; the registry has checked
+        their names)."""
+        if cls.args_class is None:
+            return
+        import dataclasses
+
+        from rlkit.confload import ConfigError, build
+
+        names = {f.name for f in dataclasses.fields(cls.args_class)}
+        try:
+            build(cls.args_class, {k: v for k, v in args.items() if k in names})
+        except ConfigError as exc:
+            for problem in exc.problems:
+                yield problem.key, problem.message
+
+    @classmethod
     def scores_noisy_states_with(cls, args: dict[str, Any]) -> bool:
         """:attr:`scores_noisy_states` of the reward these recipe ``args`` would build, told without building it
         (recipe validation)."""

@@ -69,7 +69,8 @@ class Registry:
                 cls = getattr(module, attr)
             except (ImportError, AttributeError) as exc:
                 raise KeyError(f"reward {name!r} points to {target!r}, which cannot be imported: {exc}") from exc
-            self._targets[name] = cls
+            if name in self._targets:  # a registered name (a module:Class path given directly is not listed)
+                self._targets[name] = cls
             return cls
         return target
 
@@ -77,7 +78,11 @@ class Registry:
         """The class of reward ``name``, once ``kwargs`` fit its constructor: its named parameters and, for its
         ``**kwargs``, the fields of its ``args_class`` (when it declares one). Raises ``TypeError`` naming the args
         that do not fit and what the reward takes."""
+        from rewards.base import Reward
+
         cls = self.resolve(name)
+        if not (isinstance(cls, type) and issubclass(cls, Reward)):
+            raise KeyError(f"reward {name!r} resolves to {cls!r}, which is not a rewards.base.Reward class")
         signature = inspect.signature(cls)
         takes = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
         args_class = getattr(cls, "args_class", None)

@@ -170,6 +170,28 @@ class WeightedReward(Reward):
     noise_aware = False
     differentiable = True
 
+    @classmethod
+    def args_problems(cls, args: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        """Each component's spec, name and args, as a recipe's own rewards are checked."""
+        from rewards import REGISTRY
+
+        components = args.get("components")
+        if not isinstance(components, (list, tuple)) or not components:
+            yield "components", f"must list at least one reward, got {components!r}"
+            return
+        for i, value in enumerate(components):
+            try:
+                spec = ComponentSpec.parse(value, i)
+                reward_cls = REGISTRY.check_args(spec.name, spec.args)
+            except KeyError as exc:
+                yield f"components.{i}.name", str(exc.args[0])
+                continue
+            except (TypeError, ValueError) as exc:
+                yield f"components.{i}", str(exc)
+                continue
+            for key, message in reward_cls.args_problems(spec.args):
+                yield f"components.{i}.args" + (f".{key}" if key else ""), message
+
     def __init__(self, components: list[Mapping[str, Any]], rewards_by_key: Mapping[str, Reward] | None = None):
         """``components``: specs to build through the registry. ``rewards_by_key`` (optional): already built
         rewards to use instead of building, keyed like the extras (tests, sharing a reward between mixtures)."""

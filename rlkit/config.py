@@ -11,6 +11,7 @@ trainers derive the rest from the world size at run time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -30,6 +31,13 @@ def _positive(obj: Any, *names: str) -> Problems:
         value = getattr(obj, name)
         if value is not None and not value > 0:  # NaN too
             yield name, f"must be > 0, got {value}"
+
+
+def _non_negative(obj: Any, *names: str) -> Problems:
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= 0:  # NaN too
+            yield name, f"must be >= 0, got {value}"
 
 
 def _prompt_source(obj: Any, name: str) -> Problems:
@@ -113,6 +121,8 @@ class RewardSpec:
     def check(self) -> Problems:
         import rewards
 
+        if not math.isfinite(self.weight):
+            yield "weight", f"must be a finite number, got {self.weight}"
         known = rewards.available()
         if self.name not in known and ":" not in self.name:
             import difflib
@@ -122,11 +132,15 @@ class RewardSpec:
             yield "name", f"unknown reward {self.name!r}; {hint}known: {', '.join(known)} (or a module:Class path)"
             return
         try:
-            rewards.REGISTRY.check_args(self.name, self.args)
+            cls = rewards.REGISTRY.check_args(self.name, self.args)
         except KeyError as exc:  # a module:Class path that does not import
             yield "name", str(exc.args[0])
+            return
         except TypeError as exc:
             yield "args", str(exc)
+            return
+        for key, message in cls.args_problems(self.args):
+            yield "args" + (f".{key}" if key else ""), f"reward {self.name!r}: {message}"
 
 
 # the setting under which each policy trainer scores noisy states at their own sigma: (key, value, the alternative)
@@ -158,6 +172,7 @@ def reward_classes(specs: list[RewardSpec]) -> Iterator[tuple[str, type, dict]]:
     included: what a recipe's validation can know of its rewards without loading a weight (names that do not
     resolve are left to the specs' own checks)."""
     import rewards
+    from rewards.base import Reward
 
     for i, spec in enumerate(specs):
         components = spec.args.get("components") if spec.name == "weighted" else None
@@ -166,9 +181,11 @@ def reward_classes(specs: list[RewardSpec]) -> Iterator[tuple[str, type, dict]]:
             else [(f"rewards.{i}", spec.name, spec.args)]
         for key, name, args in named:
             try:
-                yield key, rewards.REGISTRY.resolve(str(name)), args if isinstance(args, dict) else {}
+                cls = rewards.REGISTRY.resolve(str(name))
             except KeyError:
                 continue
+            if isinstance(cls, type) and issubclass(cls, Reward):
+                yield key, cls, args if isinstance(args, dict) else {}
 
 
 @dataclass
@@ -183,10 +200,8 @@ class OptimConfig:
 
     def check(self) -> Problems:
         yield from _positive(self, "lr", "eps", "grad_clip")
-        if self.weight_decay < 0:
-            yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
-        if self.warmup_steps < 0:
-            yield "warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        yield from _non_negative(self, "weight_decay")
+        yield from _non_negative(self, "warmup_steps")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             yield "betas", f"expected two numbers in [0, 1), got {list(self.betas)}"
 
@@ -288,8 +303,7 @@ class PretrainLossConfig:
     data: str | None = None  # latents/images for source=data
 
     def check(self) -> Problems:
-        if self.weight < 0:
-            yield "weight", f"must be >= 0, got {self.weight}"
+        yield from _non_negative(self, "weight")
         if self.weight > 0 and self.source == "data" and not self.data:
             yield "data", "source 'data' needs a data path"
 
@@ -312,8 +326,7 @@ class ReFLConfig:
 
     def check(self) -> Problems:
         yield from _positive(self, "num_steps", "grad_steps", "batch_size", "grad_accum", "max_steps")
-        if self.kl_beta < 0:
-            yield "kl_beta", f"must be >= 0, got {self.kl_beta}"
+        yield from _non_negative(self, "kl_beta")
         lo, hi = self.grad_step_range
         if not 0 <= lo <= hi < self.num_steps:
             yield "grad_step_range", f"must satisfy 0 <= lo <= hi < num_steps ({self.num_steps}), got {[lo, hi]}"
@@ -366,6 +379,7 @@ class FlowGRPOConfig:
     def check(self) -> Problems:
         yield from _positive(self, "num_steps", "window_size", "group_size", "prompts_per_epoch", "batch_size",
                              "inner_epochs", "updates_per_epoch", "clip_range", "max_epochs")
+        yield from _non_negative(self, "kl_beta")
         lo, hi = self.window_start_range
         if not 0 <= lo <= hi or hi + self.window_size > self.num_steps:
             yield "window_start_range", (f"window [{lo}..{hi}] + size {self.window_size} must fit in "
@@ -432,8 +446,7 @@ class RewardModelConfig:
         yield from _positive(self, "batch_size", "grad_accum", "max_steps", "eval_limit", "eval_batch_size")
         if self.epochs is not None and self.epochs <= 0:
             yield "epochs", f"must be > 0 or null, got {self.epochs}"
-        if self.adversarial_eps < 0:
-            yield "adversarial_eps", f"must be >= 0, got {self.adversarial_eps}"
+        yield from _non_negative(self, "adversarial_eps")
         scheme_args = {"uniform": (), "logit_normal": ("mean", "std"), "mode": ("scale",), "constant": ("value",),
                        "beta": ("alpha", "beta")}[self.timestep_sampling]
         for key in self.timestep_args:

@@ -113,12 +113,15 @@ class _Builder:
                 return self.fail(key, f"expected a list of {len(args)} items, got {list(value)!r}")
             item_tps = args if fixed else [args[0] if args else Any] * len(value)
             items = [self.convert(tp_i, v, _join(key, i)) for i, (tp_i, v) in enumerate(zip(item_tps, value))]
+            if any(item is _MISSING for item in items):  # reported; the list must not reach a check half-built
+                return _MISSING
             return tuple(items) if origin is tuple else items
         if origin is dict:
             if not isinstance(value, dict):
                 return self.fail(key, f"expected a mapping, got {value!r}")
             val_tp = args[1] if len(args) == 2 else Any
-            return {k: self.convert(val_tp, v, _join(key, k)) for k, v in value.items()}
+            converted = {k: self.convert(val_tp, v, _join(key, k)) for k, v in value.items()}
+            return _MISSING if any(v is _MISSING for v in converted.values()) else converted
         if tp is bool:
             if isinstance(value, bool):
                 return value
@@ -302,12 +305,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> list[ConfigProblem]:
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last one, so a section
+    pasted twice would silently drop every setting of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be given again, on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([ConfigProblem(str(path), "", "file not found")])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""

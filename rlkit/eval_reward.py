@@ -438,19 +438,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     import rewards
+    from rlkit.config import RewardSpec
+    from rlkit.confload import resolve_package_path
 
     args = build_parser().parse_args(argv)
     try:
         reward_args = parse_kv(args.args)
+        problems = [f"{key}: {message}" for key, message in RewardSpec(args.reward, args=reward_args).check()]
+        if problems:  # before any data or weights load
+            raise ValueError(f"--reward {args.reward} --args: {'; '.join(problems)}")
         options = LoadOptions(format=args.format, columns=_columns(args.columns), split=args.split,
                               image_root=args.image_root, limit=args.limit)
-        pairs = load_pairs(args.data, options)
+        pairs = load_pairs(resolve_package_path(args.data), options)
         reward = rewards.build(args.reward, **reward_args).place(args.device)  # unless its args name a device
         decode = None
         if args.generator:
             from rlkit.models.sd3 import SD3Generator
 
-            generator = SD3Generator.from_pretrained(args.generator, device=args.device)
+            generator = SD3Generator.from_pretrained(resolve_package_path(args.generator), device=args.device)
             reward.attach_generator(generator)
             decode = generator.decode
         size = (args.image_size, args.image_size) if args.image_size else None

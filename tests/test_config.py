@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,58 @@ def test_package_path_turns_paths_inside_the_package_back_into_pkg_names():
     assert package_path([str(root / "a" / "b.parquet"), "shapes:drawn:16", 3]) == [
         "pkg://rlkit/a/b.parquet", "shapes:drawn:16", 3]
     assert package_path(str(root.parent / "rlkitx" / "y")) == str(root.parent / "rlkitx" / "y")  # a sibling folder
+
+
+def test_a_reward_written_as_a_bare_name_is_reported_not_crashed_on(tmp_path):
+    for rewards, key in [(["pickscore"], "rewards.0"), ([{"name": "latent-direction"}, "hpsv3"], "rewards.1")]:
+        with pytest.raises(ConfigError, match=rf"{key}: expected a mapping \(RewardSpec\), got '\w+'") as err:
+            recipe_from_dict({**BASE, "rewards": rewards})
+        assert len(err.value.problems) == 1
+    with pytest.raises(ConfigError, match=r"rewards\.1\.weight: expected a number, got 'abc'"):
+        recipe_from_dict({**BASE, "rewards": [{"name": "latent-direction"}, {"name": "pickscore", "weight": "abc"}]})
+
+
+def test_a_key_given_twice_in_a_recipe_is_refused_with_its_lines(tmp_path):
+    """Plain YAML keeps the last one: a section pasted twice would silently reset the first one's settings."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("algorithm: refl\nrefl:\n  num_steps: 10\n  max_steps: 3\nrefl:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: line 5: .*'refl' is given twice \(lines 2 and 5\)"):
+        load_recipe(path)
+    path.write_text("algorithm: refl\noptim: {lr: 1.0e-4, lr: 1.0e-2}\n")
+    with pytest.raises(ConfigError, match=r"'lr' is given twice"):
+        load_recipe(path)
+    from rlkit.confload import read_yaml
+
+    path.write_text("base: &d {lr: 1.0e-4, eps: 1.0e-6}\noptim:\n  <<: *d\n  lr: 1.0e-2\n")  # merged, then set
+    assert read_yaml(path)["optim"] == {"lr": 1.0e-2, "eps": 1.0e-6}
+
+
+def test_negative_or_nan_values_are_refused_where_they_would_switch_a_term_off():
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict({**BASE, "algorithm": "flow_grpo"}, ["flow_grpo.kl_beta=-1", "optim.weight_decay=.nan",
+                                                             "rewards.0.weight=.nan"])
+    assert {(p.key, p.message) for p in err.value.problems} == {
+        ("flow_grpo.kl_beta", "must be >= 0, got -1.0"), ("optim.weight_decay", "must be >= 0, got nan"),
+        ("rewards.0.weight", "must be a finite number, got nan")}
+
+
+@pytest.mark.parametrize("reward, key, message", [
+    ({"name": "dina-lrm", "args": {"pretrained": "x", "u": "abc"}}, "rewards.0.args.u", "expected a number, got 'abc'"),
+    ({"name": "dina-lrm", "args": {"pretrained": "x", "mode": "State"}}, "rewards.0.args.mode",
+     r"expected one of 'renoise', 'state', 'ensemble', got 'State' \(did you mean 'state'\?\)"),
+    ({"name": "dina-lrm", "args": {"u": 0.4}}, "rewards.0.args", "give exactly one of `pretrained`"),
+    ({"name": "dina-lrm", "args": {"pretrained": "x", "u": 3}}, "rewards.0.args", r"'u': must lie in \[0, 1\]"),
+    ({"name": "pickscore", "args": {"normalize": "affin"}}, "rewards.0.args.normalize", "did you mean 'affine'"),
+    ({"name": "weighted", "args": {"components": []}}, "rewards.0.args.components", "must list at least one"),
+    ({"name": "weighted", "args": {"components": [{"name": "latent-direction"}, {"name": "nope"}]}},
+     "rewards.0.args.components.1.name", "unknown reward 'nope'"),
+    ({"name": "weighted", "args": {"components": [{"name": "dina-lrm", "args": {"pretrained": "x", "u": "a"}}]}},
+     "rewards.0.args.components.0.args.u", "expected a number"),
+    ({"name": "os:getcwd"}, "rewards.0.name", "not a rewards.base.Reward class"),
+])
+def test_reward_args_are_checked_for_type_and_value_before_any_weight_loads(reward, key, message):
+    """What a reward's options class (DiNa-LRM, PickScore, HPSv3) or a mixture's components refuse, at validation,
+    not as a traceback after the generator has loaded."""
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict({"algorithm": "flow_grpo", "rewards": [reward]})
+    assert any(p.key == key and re.search(message, p.message) for p in err.value.problems), err.value.problems

@@ -298,7 +298,14 @@ def test_cli_builds_a_registered_reward_with_args_and_writes_reports(tmp_path, c
     assert result["reward_args"] == {"scale": "-1.0"}
     assert "| reward | 4 | 1 | 1 | 2 | 25.00 |" in capsys.readouterr().out
     assert main(["--reward", "no-such-reward", "--data", str(data), "--no-progress"]) == 2
-    assert "Known rewards" in capsys.readouterr().err
+    assert "unknown reward 'no-such-reward'; known: " in capsys.readouterr().err
+    # argument values are checked before the data or any weight loads
+    assert main(["--reward", "dina-lrm", "--args", "pretrained=x", "u=abc", "--data", "no-such-file"]) == 2
+    assert "--reward dina-lrm --args: args.u: reward 'dina-lrm': expected a number" in capsys.readouterr().err
+    # a pkg:// path resolves as in recipes: the error names the file inside the package
+    assert main(["--reward", "latent-direction", "--data", "pkg://rlkit/no-such.parquet", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "rlkit/no-such.parquet" in err and "pkg://" not in err, err
 
 
 def test_two_ranks_each_score_every_other_batch_and_get_the_report_of_one_process(run_as_ranks):

@@ -511,6 +511,22 @@ def test_resume_after_sigterm_is_bit_identical_to_the_uninterrupted_run(killed, 
 
 
 @pytest.mark.slow
+def test_a_run_whose_every_checkpoint_is_truncated_is_refused_and_keeps_its_log(killed, tiny_sd3_dir, tmp_path):
+    """Starting afresh would drop the killed run's logged metrics; the user restores a checkpoint or says so."""
+    out, _ = killed
+    folder = _copy_run(out, tmp_path)
+    for step in (folder / rm.CHECKPOINT_DIR).iterdir():
+        biggest = max((p for p in step.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    logged = (folder / METRICS_FILE).read_text()
+    assert logged.count("\n") >= STOP_AT
+    with pytest.warns(UserWarning, match="truncated"), pytest.raises(
+            ValueError, match=r"none of its checkpoints \(step_000002, step_000003\) is complete.*resume=false"):
+        rm.setup(resume_recipe(tiny_sd3_dir, tmp_path))
+    assert (folder / METRICS_FILE).read_text() == logged
+
+
+@pytest.mark.slow
 def test_resume_skips_a_truncated_checkpoint(killed, uninterrupted, tiny_sd3_dir, tmp_path):
     out, _ = killed
     (weights, _), losses = uninterrupted

@@ -22,6 +22,7 @@ Modes: ``renoise`` adds noise at level ``u`` to the (clean or predicted-clean) l
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -310,6 +311,12 @@ class DiNaLRMReward(Reward):
     @property
     def scores_noisy_states(self) -> bool:
         return self.options.mode == "state"
+
+    @classmethod
+    def args_problems(cls, args: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        yield from super().args_problems(args)
+        if (args.get("pretrained") is None) == (args.get("config") is None):
+            yield "", "give exactly one of `pretrained` (a checkpoint folder or hub id) and `config` (a fresh model)"
 
     @classmethod
     def scores_noisy_states_with(cls, args: dict[str, Any]) -> bool:

@@ -323,7 +323,7 @@ def open_run_folder(recipe: Recipe, accelerator, checkpoint_dir: str = "checkpoi
     checkpoint must keep its training settings (:func:`check_resumable`); its tracker drops what the killed run
     logged after that checkpoint."""
     from rlkit.config import save_resolved
-    from rlkit.runtime.checkpoint import CheckpointManager
+    from rlkit.runtime.checkpoint import CheckpointManager, list_checkpoints
     from rlkit.runtime.tracking import Tracker
 
     folder = run_dir(recipe)
@@ -331,6 +331,12 @@ def open_run_folder(recipe: Recipe, accelerator, checkpoint_dir: str = "checkpoi
     resume_step = checkpoints.latest_step() if recipe.checkpoint.resume else None
     if resume_step is not None:
         check_resumable(folder / "recipe.yaml", recipe)
+    elif recipe.checkpoint.resume and (found := list_checkpoints(checkpoints.directory)):
+        # atomic writes never leave a step_N folder incomplete: these were cut short from outside (a partial copy),
+        # and starting afresh would drop the run's logged metrics with them
+        raise ValueError(f"{checkpoints.directory}: none of its checkpoints ({', '.join(p.name for _, p in found)}) "
+                         "is complete, so the run cannot resume. Restore one, or set checkpoint.resume=false to "
+                         "train this run afresh")
     if accelerator.is_main_process:
         if not recipe.checkpoint.resume and (removed := checkpoints.clear()):
             print(f"[rlkit] checkpoint.resume=false: removed the {removed} checkpoint(s) of the run before in "
