@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,9 +120,26 @@ def expand_run_dirs(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if _is_run_dir(p):
             out.append(p)
-        elif p.is_dir():
-            out += sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c))
+            continue
+        runs = sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c)) if p.is_dir() else []
+        if not runs:
+            raise ValueError(f"{p}: not a run folder (no {METRICS_FILE}) nor a folder of run folders"
+                             + ("" if p.exists() else "; it does not exist"))
+        out += runs
     return out
+
+
+def _read_recipe(run: Path) -> dict:
+    path = run / "recipe.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ValueError(f"{path}: expected a recipe mapping, got {type(recipe).__name__}")
+    return recipe or {}
 
 
 def curves(rows: list[dict], prefix: str) -> dict[str, Curve]:
@@ -228,10 +246,7 @@ def _read_done(run_dir: Path) -> dict:
 
 
 def summarize(run_dirs: list[Path], tol: float = DEFAULT_HACK_TOLERANCE) -> list[RunSummary]:
-    recipes = []
-    for d in run_dirs:
-        path = d / "recipe.yaml"
-        recipes.append(yaml.safe_load(path.read_text()) if path.is_file() else {})
+    recipes = [_read_recipe(d) for d in run_dirs]
     varied = varied_keys(recipes)
     out, settings = [], []
     for d, recipe in zip(run_dirs, recipes):
@@ -488,7 +503,7 @@ def main(argv: list[str]) -> int:
     try:
         paths = write_report(args.runs, out, args.tolerance)
     except ValueError as exc:
-        print(f"rlkit compare: {exc}")
+        print(f"rlkit compare: {exc}", file=sys.stderr)
         return 2
     print(paths["markdown"].read_text())
     print("\n".join(str(p) for p in paths.values()))

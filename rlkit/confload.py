@@ -332,7 +332,9 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
-        raise ConfigError([ConfigProblem(str(path), where, f"not valid YAML: {exc}")]) from None
+        context = getattr(exc, "context", None)
+        what = f"{exc.problem}{f' ({context})' if context else ''}" if getattr(exc, "problem", None) else str(exc)
+        raise ConfigError([ConfigProblem(str(path), where, f"not valid YAML: {what}")]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -76,10 +76,12 @@ def main(argv: list[str]) -> int:
 
         run(recipe)
         return 0
+    if args.dry_run:  # writes nothing, not even the run folder
+        cmd = launch_command(recipe, args.recipe, args.overrides, recipe.run_dir / LAUNCHER_CONFIG)
+        print("launching:", shlex.join(cmd), flush=True)
+        return 0
     cmd = launch_command(recipe, args.recipe, args.overrides, write_launcher_config(recipe))
     print("launching:", shlex.join(cmd), flush=True)
-    if args.dry_run:
-        return 0
     env = dict(os.environ)
     env.pop("ACCELERATE_USE_CPU", None)  # accelerate would silently drop DeepSpeed
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(recipe.launch.stop_grace_s)  # SIGTERM -> checkpoint -> exit

@@ -160,8 +160,8 @@ class Sweep:
             try:
                 recipes.append(self.recipe(run, extra))
             except ConfigError as exc:
-                problems += [confload.ConfigProblem(f"{self.file} [{run.name}]", p.key, p.message)
-                             for p in exc.problems]
+                problems += [confload.ConfigProblem(f"{self.file} [{run.name}: {p.file} with its overrides]", p.key,
+                                                    p.message) for p in exc.problems]
         if problems:
             raise ConfigError(problems)
         return recipes
@@ -175,7 +175,10 @@ def is_sweep_file(path: str | Path) -> bool:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Reads and validates a sweep file (``overrides`` edit the sweep file itself, e.g. ``seeds=[0]``)."""
     data = confload.read_yaml(path)
-    return Sweep(confload.build(SweepConfig, data, file=str(path), overrides=overrides), Path(path))
+    sweep = Sweep(confload.build(SweepConfig, data, file=str(path), overrides=overrides), Path(path))
+    if not sweep.base_path.is_file():
+        raise ConfigError([confload.ConfigProblem(str(path), "base", f"no such recipe: {sweep.base_path}")])
+    return sweep
 
 
 def is_done(run_dir: Path) -> bool:

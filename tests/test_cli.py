@@ -8,12 +8,14 @@ from rlkit.cli import main
 from rlkit.config import load_recipe
 from rlkit.launch import launch_command, write_launcher_config
 
+DINA = {"name": "dina-lrm", "args": {"pretrained": "some/dina-lrm-checkpoint"}}  # validated, never loaded
+
 
 def test_validate_reports_three_mistakes_exit_2_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({
         "algorithm": "refl",
-        "rewards": [{"name": "dina-lrm", "wieght": 1.0}],
+        "rewards": [{**DINA, "wieght": 1.0}],
         "optim": {"lr": "fast"},
         "launch": {"deepspeed": 1},
     }))
@@ -28,14 +30,14 @@ def test_validate_reports_three_mistakes_exit_2_no_traceback(tmp_path):
 
 def test_validate_ok_and_unknown_command(tmp_path, capsys):
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}]}))
+    good.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [DINA]}))
     assert main(["validate", str(good)]) == 0
     assert "ok (refl, rewards: dina-lrm)" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
 
 
 def test_validate_checks_every_run_of_a_sweep_file(tmp_path, capsys):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}]}))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [DINA]}))
     sweep = {"base": "base.yaml", "name": "ablation", "output_dir": str(tmp_path / "runs"), "seeds": [0, 1],
              "axes": [{"name": "reward", "options": [{"label": "dina", "overrides": []},
                                                      {"label": "pick", "overrides": ["rewards=[{name: pickscore}]"]}]}]}
@@ -51,14 +53,15 @@ def test_validate_checks_every_run_of_a_sweep_file(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"{tmp_path / 'base.yaml'}: ok (refl, rewards: dina-lrm)" in out and f"{path}: INVALID" in err
     assert "2 problem(s)" in err and "did you mean 'max_steps'" in err
-    assert f"{path} [pick__seed0]: refl.max_stepz" in err and f"{path} [pick__seed1]: refl.max_stepz" in err
+    for run in ("pick__seed0", "pick__seed1"):
+        assert f"{path} [{run}: {tmp_path / 'base.yaml'} with its overrides]: refl.max_stepz" in err
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
     assert "file not found" in capsys.readouterr().err
 
 
 def test_train_builds_accelerate_command_from_launch_section(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}],
+    path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [DINA],
                                     "launch": {"num_processes": 2, "deepspeed": 3, "mixed_precision": "bf16"}}))
     recipe = load_recipe(path, [f"output_dir={tmp_path / 'runs'}"])
     config = write_launcher_config(recipe)
@@ -76,13 +79,15 @@ def test_train_dry_run_prints_the_command_wherever_the_flag_stands(tmp_path, cap
     from rlkit.launch import main as train_main
 
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}],
+    path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [DINA],
                                     "launch": {"num_processes": 2}}))
     for argv in ([str(path), "--dry-run", f"output_dir={tmp_path}", "seed=3"],
                  [str(path), f"output_dir={tmp_path}", "seed=3", "--dry-run"]):
         assert train_main(argv) == 0
         out = capsys.readouterr().out
         assert out.startswith("launching:") and out.rstrip().endswith(f"-m rlkit {path} output_dir={tmp_path} seed=3")
+        assert f"--config_file {tmp_path / 'refl' / 'accelerate_config.yaml'} " in out
+    assert list(tmp_path.iterdir()) == [path]  # a dry run writes nothing
 
 
 def test_rlkit_train_gives_the_ranks_the_recipes_grace_to_checkpoint_after_a_stop(tmp_path, monkeypatch):
@@ -92,7 +97,7 @@ def test_rlkit_train_gives_the_ranks_the_recipes_grace_to_checkpoint_after_a_sto
     seen = {}
     monkeypatch.setattr(rlkit.launch, "run_forwarding_signals", lambda cmd, env: seen.update(env) or 0)
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}],
+    path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [DINA],
                                     "launch": {"num_processes": 2, "stop_grace_s": 900}}))
     assert rlkit.launch.main([str(path), f"output_dir={tmp_path}"]) == 0
     assert seen["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "900" and "ACCELERATE_USE_CPU" not in seen
@@ -136,7 +141,7 @@ def test_a_recipe_run_tears_its_process_group_down_before_the_interpreter_does(t
     import rlkit.trainers
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [{"name": "dina-lrm"}]}))
+    recipe.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [DINA]}))
     seen = []
 
     def stopped(r):

@@ -149,9 +149,24 @@ def test_report_flags_the_hacked_run_and_groups_by_what_varied(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_cli_errors_without_runs(tmp_path, capsys):
+def test_cli_names_what_it_cannot_read_instead_of_leaving_it_out(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
-    assert "no run folders" in capsys.readouterr().out
+    assert f"{tmp_path}: not a run folder (no metrics.jsonl) nor a folder of run folders" in capsys.readouterr().err
+    good = make_run(tmp_path, "good", "r", 0, [0.1, 0.2], [0.3, 0.4])
+    assert main([str(good), str(tmp_path / "typo")]) == 2  # a mistyped folder among good ones
+    assert "typo: not a run folder (no metrics.jsonl) nor a folder of run folders; it does not exist" in \
+        capsys.readouterr().err
+    (good / "recipe.yaml").write_text("name: [unclosed\n")
+    assert main([str(good)]) == 2
+    assert f"{good / 'recipe.yaml'}: not valid YAML" in capsys.readouterr().err
+    (good / "recipe.yaml").write_text("- a list\n")
+    assert main([str(good)]) == 2
+    assert "expected a recipe mapping, got list" in capsys.readouterr().err
+    (good / "recipe.yaml").unlink()
+    with (good / "metrics.jsonl").open("a") as f:
+        f.write('[1, 2]\n{"step": 30}\n')
+    assert main([str(good)]) == 2
+    assert "metrics.jsonl: record 4 is not a mapping with a numeric step: [1, 2]" in capsys.readouterr().err
 
 
 def test_per_slot_scores_pair_the_hacking_flags_noise_and_give_each_gains_error(tmp_path):

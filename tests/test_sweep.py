@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,13 @@ def test_bad_sweep_names_the_field(tmp_path):
     bad = write_sweep(tmp_path, base, overrides=["refl.max_step=3"])
     with pytest.raises(ConfigError, match="max_step"):
         load_sweep(bad).validate()
+    base.write_text("algorithm: refl\nrefl: {max_steps: 3}\nrefl: {max_steps: 4}\n")  # a problem of the base
+    with pytest.raises(ConfigError, match=rf"\[latent__seed0: {re.escape(str(base))} with its overrides\]: line 3: "
+                                          r".*'refl' is given twice"):
+        load_sweep(bad).validate()
+    base.unlink()
+    with pytest.raises(ConfigError, match=rf"sweep\.yaml: base: no such recipe: {re.escape(str(base))}"):
+        load_sweep(bad)
 
 
 def test_tiny_sweep_resumes_after_interruption_and_reports(tmp_path, tiny_sd3_dir, monkeypatch):

@@ -234,4 +234,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}: record {i + 1} is not JSON ({exc})") from None
             warnings.warn(f"{path}: skipping its last record, cut short (a killed run)", stacklevel=2)
+            continue
+        if not isinstance(records[-1], dict) or not isinstance(records[-1].get("step", 0), (int, float)):
+            raise ValueError(f"{path}: record {i + 1} is not a mapping with a numeric step: {line[:80]}")
     return records
