@@ -89,6 +89,8 @@ class ModelConfig:
 
     def check(self) -> Problems:
         yield from _positive(self, "resolution", "max_sequence_length")
+        if confload.missing_local_path(self.pretrained):
+            yield "pretrained", f"no such folder: {self.pretrained} (expected a local folder or a hub id)"
         if self.text_cache_size is not None and self.text_cache_size < 0:
             yield "text_cache_size", f"must be >= 0 (0: no cache) or null (no limit), got {self.text_cache_size}"
 
@@ -402,6 +404,9 @@ def source_list(sources: str | list[str]) -> list[str]:
     return [sources] if isinstance(sources, str) else list(sources)
 
 
+GENERATED_PAIR_SOURCES = ("hf:", "synthetic:", "shapes:")  # preference sources that are not files
+
+
 @dataclass
 class PreferenceDataConfig:
     # one source or several, concatenated (files, folders, hf:<id>, synthetic:..., shapes:drawn:<pairs>[:<seed>],
@@ -414,6 +419,14 @@ class PreferenceDataConfig:
     # where shapes:generated sources keep their labelled samples, so that the next training on the same source
     # and generator weights (an ablation, a sweep) skips the sampling; None samples every time
     cache_dir: str | None = None
+
+    def check(self) -> Problems:
+        sources = [("train", self.train)] if isinstance(self.train, str) else \
+            [(f"train.{i}", source) for i, source in enumerate(self.train)]
+        for key, source in sources + [("eval", self.eval or "")]:
+            if source and not source.startswith(GENERATED_PAIR_SOURCES) and confload.missing_local_path(source):
+                yield key, (f"no such file or folder: {source} (expected a preference file or folder, or one of "
+                            f"{', '.join(s + '...' for s in GENERATED_PAIR_SOURCES)})")
 
 
 @dataclass

@@ -209,6 +209,16 @@ def shipped_recipe(name: str) -> Path:
     raise FileNotFoundError(f"{name}: no such shipped recipe in {' or '.join(str(d) for d in dirs)}")
 
 
+def missing_local_path(value: str) -> bool:
+    """``value`` is written as a local path (absolute, ``./``, ``../``, ``~`` or ``pkg://``), not a hub id, and
+    nothing is there: what a recipe's validation can refuse before any weight loads. (A bare relative path such as
+    ``data/x.parquet`` may name a file the user has yet to make; it is checked when the run reads it.)"""
+    value = resolve_package_path(str(value))
+    if not value.startswith(("/", "./", "../", "~")):
+        return False
+    return not Path(value).expanduser().exists()
+
+
 def resolve_package_path(value: str) -> str:
     """``pkg://rlkit/shapes/assets/x`` -> the absolute path of that file inside the installed package.
 

@@ -74,6 +74,10 @@ def source_problem(source: str) -> str | None:
     elif Path(source).suffix not in SUFFIXES:
         return (f"prompt source {source!r}: unsupported file type {Path(source).suffix!r}; expected one of "
                 f"{', '.join(SUFFIXES)}")
+    else:
+        with open(source, encoding="utf-8", errors="replace") as lines:  # read up to its first line with text
+            if not any(line.strip() for line in lines):
+                return f"prompt source {source!r} holds no prompts"
     return None
 
 

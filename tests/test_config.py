@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from rlkit.config import ConfigError, Recipe, load_recipe, recipe_from_dict, save_resolved
-from rlkit.confload import package_path
+from rlkit.confload import package_path, resolve_package_path
 
 RECIPES = sorted(p for p in Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml")
                  if "accelerate" not in p.parts and "sweeps" not in p.parts)
@@ -80,6 +80,9 @@ def test_values_that_crashed_validation_are_reported_by_key(tmp_path):
     assert "eval.prompts: prompt source" in text and "missing.txt': no such file" in text
     with pytest.raises(ConfigError, match="flow_grpo.updates_per_epoch: must be > 0, got 0"):
         load_recipe(path, ["flow_grpo.updates_per_epoch=0"])  # (not a division by zero in the epoch checks)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ConfigError, match=r"prompts\.source: prompt source .*empty\.txt' holds no prompts"):
+        load_recipe(path, [f"prompts.source={tmp_path / 'empty.txt'}"])
     assert load_recipe(path, ["launch.mixed_precision=no"]).launch.mixed_precision == "no"  # YAML's false
 
 
@@ -200,21 +203,22 @@ def test_package_paths_resolve_to_the_installed_package(tmp_path):
     import rlkit
 
     r = recipe_from_dict({"algorithm": "refl", "model": {"pretrained": "pkg://rlkit/shapes/assets/generator"},
-                          "rewards": [{"name": "dina-lrm", "args": {"pretrained": "pkg://rlkit/x", "u": 0.4}}]})
+                          "rewards": [{"name": "dina-lrm", "args": {"pretrained": "pkg://rlkit/shapes/assets/dina_lrm",
+                                                                    "u": 0.4}}]})
     root = Path(rlkit.__file__).parent
     assert r.model.pretrained == str(root / "shapes/assets/generator")
-    assert r.rewards[0].args == {"pretrained": str(root / "x"), "u": 0.4}
+    assert r.rewards[0].args == {"pretrained": str(root / "shapes/assets/dina_lrm"), "u": 0.4}
 
 
-def test_package_path_turns_paths_inside_the_package_back_into_pkg_names():
+def test_package_path_turns_paths_inside_the_package_back_into_pkg_names(tmp_path):
     import rlkit
 
     root = Path(rlkit.__file__).parent
     recipe = recipe_from_dict({"algorithm": "refl", "model": {"pretrained": "pkg://rlkit/shapes/assets/generator"},
-                               "rewards": [{"name": "dina-lrm", "args": {"pretrained": "/elsewhere/dina"}}]})
+                               "rewards": [{"name": "dina-lrm", "args": {"pretrained": str(tmp_path)}}]})
     recorded = package_path(recipe.to_dict())
     assert recorded["model"]["pretrained"] == "pkg://rlkit/shapes/assets/generator"
-    assert recorded["rewards"][0]["args"]["pretrained"] == "/elsewhere/dina"  # outside the package: unchanged
+    assert recorded["rewards"][0]["args"]["pretrained"] == str(tmp_path)  # outside the package: unchanged
     assert package_path([str(root / "a" / "b.parquet"), "shapes:drawn:16", 3]) == [
         "pkg://rlkit/a/b.parquet", "shapes:drawn:16", 3]
     assert package_path(str(root.parent / "rlkitx" / "y")) == str(root.parent / "rlkitx" / "y")  # a sibling folder
@@ -273,3 +277,23 @@ def test_reward_args_are_checked_for_type_and_value_before_any_weight_loads(rewa
     with pytest.raises(ConfigError) as err:
         recipe_from_dict({"algorithm": "flow_grpo", "rewards": [reward]})
     assert any(p.key == key and re.search(message, p.message) for p in err.value.problems), err.value.problems
+
+
+def test_local_paths_that_do_not_exist_are_refused_before_any_weight_loads(tmp_path):
+    """Written as local paths (absolute, ./, pkg://): the generator, a DiNa-LRM's checkpoint and base model, and
+    preference data. Hub ids and bare relative paths (data a user has yet to make) are left to the run."""
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict({"algorithm": "refl", "model": {"pretrained": missing},
+                          "rewards": [{"name": "dina-lrm", "args": {"pretrained": "./nope-rm", "base_model": missing,
+                                                                    "mode": "state"}}],
+                          "reward_model": {"data": {"train": [missing, "shapes:drawn:8"], "eval": "pkg://rlkit/nope"}}})
+    got = {p.key: p.message for p in err.value.problems}
+    assert got.keys() == {"model.pretrained", "rewards.0.args.pretrained", "rewards.0.args.base_model",
+                          "reward_model.data.train.0", "reward_model.data.eval"}, got
+    assert got["model.pretrained"] == f"no such folder: {missing} (expected a local folder or a hub id)"
+    assert got["reward_model.data.eval"].startswith(f"no such file or folder: {resolve_package_path('pkg://rlkit/nope')}")
+    recipe = recipe_from_dict({"algorithm": "refl", "model": {"pretrained": "stabilityai/stable-diffusion-3.5-medium"},
+                               "rewards": [{"name": "dina-lrm", "args": {"pretrained": "some/hub-checkpoint"}}],
+                               "reward_model": {"data": {"train": "data/made/later.parquet", "eval": "hf:x/y"}}})
+    assert recipe.model.pretrained == "stabilityai/stable-diffusion-3.5-medium"

@@ -165,12 +165,21 @@ def test_a_build_resumes_only_a_killed_build_of_the_same_world():
     assert _finished_before({k: v for k, v in killed.items() if k != "progress"}, now, stages) is None  # no record
 
 
+def _earlier_stages_outputs(out: Path) -> None:
+    """The paths the DiNa-LRM recipe names (a recipe naming missing local paths does not validate), empty."""
+    (out / "generator").mkdir()
+    (out / "preferences").mkdir()
+    for split in ("train", "eval"):
+        (out / "preferences" / f"{split}.parquet").touch()
+
+
 def test_the_builds_dina_lrm_trainings_checkpoint_where_a_fresh_build_clears_them(tmp_path):
     from rlkit.shapes.build import DINA_CHECKPOINT_EVERY, DINA_TRAININGS, FIXED_VARIANCE, PARTIAL_WORK, _dina_recipe
 
     # side by side in two processes: one progress bar on the console, the shipped training's
     expected = {"dina_lrm": ("thurstone_calibrated", True), FIXED_VARIANCE: ("thurstone_fixed", False)}
     assert set(DINA_TRAININGS) == set(expected)
+    _earlier_stages_outputs(tmp_path)
     for target, extra in DINA_TRAININGS.items():
         recipe = _dina_recipe(tmp_path, False, target, extra)
         assert recipe.checkpoint.resume and recipe.checkpoint.every == DINA_CHECKPOINT_EVERY
@@ -190,7 +199,7 @@ def test_the_dina_lrm_stage_reports_a_failed_training_and_stops_both_when_stoppe
 
     from rlkit.shapes.build import train_dina_lrms
 
-    # no generator in tmp_path: both trainings fail while loading it
+    _earlier_stages_outputs(tmp_path)  # an empty generator folder: both trainings fail while loading it
     with pytest.raises(RuntimeError, match=r"dina_lrm \(exit code 1\), _dina_lrm_fixed_variance \(exit code 1\)"):
         train_dina_lrms(tmp_path, fast=True)
     handler = signal.getsignal(signal.SIGTERM)

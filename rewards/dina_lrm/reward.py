@@ -34,7 +34,7 @@ from rewards.base import Reward, RewardInput, RewardOutput, TextConditioning
 from rewards.dina_lrm.checkpoint import load_dina_lrm, read_config, resolve_folder, save_dina_lrm
 from rewards.dina_lrm.config import DiNaLRMConfig
 from rewards.dina_lrm.model import TIMESTEP_SCALE, DiNaLRM
-from rlkit.confload import resolve_package_path
+from rlkit.confload import missing_local_path, resolve_package_path
 
 Mode = Literal["renoise", "state", "ensemble"]
 MODES = ("renoise", "state", "ensemble")
@@ -317,6 +317,9 @@ class DiNaLRMReward(Reward):
         yield from super().args_problems(args)
         if (args.get("pretrained") is None) == (args.get("config") is None):
             yield "", "give exactly one of `pretrained` (a checkpoint folder or hub id) and `config` (a fresh model)"
+        for key in ("pretrained", "base_model"):
+            if isinstance(args.get(key), str) and missing_local_path(args[key]):
+                yield key, f"no such folder: {args[key]} (expected a local folder or a hub id)"
 
     @classmethod
     def scores_noisy_states_with(cls, args: dict[str, Any]) -> bool:

@@ -73,6 +73,7 @@ class PolicyRun(common.Processes):
         from rlkit.runtime.ema import EMA
         from rlkit.runtime.guards import TrainingGuard
 
+        prompts = common.load_prompts(recipe.prompts.source, recipe.prompts.limit)  # a bad source fails first
         run_dir = common.run_dir(recipe)
         accelerator = build_accelerator(recipe.launch, grad_accum=grad_accum, micro_batch=micro_batch,
                                         grad_clip=recipe.optim.grad_clip)
@@ -94,7 +95,7 @@ class PolicyRun(common.Processes):
                                                device=accelerator.device)
         run = cls(recipe=recipe, accelerator=accelerator, gen=gen, model=model, reward=reward, optimizer=optimizer,
                   scheduler=scheduler, ema=ema, tracker=tracker, evaluator=evaluator, checkpoints=checkpoints,
-                  guard=TrainingGuard(), prompts=common.load_prompts(recipe.prompts.source, recipe.prompts.limit),
+                  guard=TrainingGuard(), prompts=prompts,
                   total_updates=total_updates, micro_batch=micro_batch, run_dir=run_dir)
         if recipe.checkpoint.resume:
             run._resume()
