@@ -292,7 +292,8 @@ def test_local_paths_that_do_not_exist_are_refused_before_any_weight_loads(tmp_p
     assert got.keys() == {"model.pretrained", "rewards.0.args.pretrained", "rewards.0.args.base_model",
                           "reward_model.data.train.0", "reward_model.data.eval"}, got
     assert got["model.pretrained"] == f"no such folder: {missing} (expected a local folder or a hub id)"
-    assert got["reward_model.data.eval"].startswith(f"no such file or folder: {resolve_package_path('pkg://rlkit/nope')}")
+    inside = resolve_package_path("pkg://rlkit/nope")
+    assert got["reward_model.data.eval"].startswith(f"no such file or folder: {inside}")
     recipe = recipe_from_dict({"algorithm": "refl", "model": {"pretrained": "stabilityai/stable-diffusion-3.5-medium"},
                                "rewards": [{"name": "dina-lrm", "args": {"pretrained": "some/hub-checkpoint"}}],
                                "reward_model": {"data": {"train": "data/made/later.parquet", "eval": "hf:x/y"}}})

@@ -359,6 +359,20 @@ def test_missing_files_are_named(tmp_path, trained_folder, tiny_sd3_dir):
         reward(batch(torch.zeros(2, 4, 8, 8)))
 
 
+@pytest.mark.parametrize("name", ["config.json", "checkpoint/backbone_lora/adapter_config.json",
+                                  "checkpoint/backbone_lora/adapter_model.safetensors", "checkpoint/rm_head.pt"])
+@pytest.mark.parametrize("cut", ["half", "empty"])
+def test_a_file_cut_short_is_named_as_corrupt(tmp_path, trained_folder, tiny_sd3_dir, name, cut):
+    """Not the JSON, zip, pickle or safetensors reader's own message, which names no file."""
+    broken = shutil.copytree(trained_folder, tmp_path / "broken")
+    data = (broken / name).read_bytes()
+    (broken / name).write_bytes(data[: len(data) // 2] if cut == "half" else b"")
+    with pytest.raises(ValueError, match=rf"checkpoint file '.*broken/{name}' .* cannot be read, so it is corrupt or "
+                                         r"cut short: \w+"):
+        reward = DiNaLRMReward(pretrained=str(broken), base_model=str(tiny_sd3_dir))
+        reward(batch(torch.zeros(2, 4, 8, 8)))
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="'mode'"):
         DiNaLRMReward(config=tiny_config(), mode="sometimes")

@@ -114,3 +114,16 @@ def test_missing_weights_message_names_source_and_remedy(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsNotFoundError, match="not a complete"):
         SD3Generator.from_pretrained(tmp_path / "empty")
+
+
+def test_a_weights_file_cut_short_names_the_folder(tmp_path, tiny_sd3_dir):
+    import shutil
+
+    import pytest
+
+    broken = shutil.copytree(tiny_sd3_dir, tmp_path / "broken")
+    weights = next((broken / "text_encoder").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(WeightsNotFoundError, match=rf"folder '{broken}' exists but is not a complete SD3 pipeline "
+                                                  r"folder \(SafetensorError"):
+        SD3Generator.from_pretrained(broken)

@@ -19,8 +19,9 @@ loads them at their initial values, as the release does (with a warning).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,11 +68,29 @@ def _missing(path: Path, why: str) -> WeightsNotFoundError:
         f"liuhuohuo/DiNa-LRM-SD35M-12layers --local-dir <folder>`), or one written by rewards.dina_lrm.save_dina_lrm")
 
 
+def _read(path: Path, what: str, reader: Callable[[Path], Any]) -> Any:
+    """``reader(path)``; a file that does not parse (cut short by a copy or a download) is named, not left to the
+    parser's own message."""
+    try:
+        return reader(path)
+    except Exception as exc:  # JSON, pickle, zip and safetensors readers each raise their own kind
+        raise ValueError(f"DiNa-LRM checkpoint file {str(path)!r} ({what}) cannot be read, so it is corrupt or cut "
+                         f"short: {type(exc).__name__}: {exc}. Download or copy it again") from None
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _torch_file(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_config(folder: Path) -> DiNaLRMConfig:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise _missing(path, "it holds the architecture")
-    return DiNaLRMConfig.from_official(json.loads(path.read_text()), source=str(path))
+    return DiNaLRMConfig.from_official(_read(path, "the architecture", _json), source=str(path))
 
 
 def checkpoint_dir(folder: Path) -> Path:
@@ -87,7 +106,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, if
 def _load_pt(path: Path, why: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise _missing(path, why)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read(path, why, _torch_file)
     for prefix in WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items()}
@@ -98,7 +117,7 @@ def _adapter_config(lora_dir: Path) -> dict:
     path = lora_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise _missing(path, "the peft adapter of the backbone")
-    data = json.loads(path.read_text())
+    data = _read(path, "the peft adapter of the backbone", _json)
     for option in UNSUPPORTED_LORA_OPTIONS:
         if data.get(option):
             raise ValueError(f"{path}: {option}=true is not supported by rlkit's DiNa-LRM loader")
@@ -112,9 +131,9 @@ def _adapter_weights(lora_dir: Path) -> dict[str, torch.Tensor]:
             if name.endswith(".safetensors"):
                 from safetensors.torch import load_file
 
-                weights = load_file(str(path))
+                weights = _read(path, "the LoRA weights of the backbone", lambda p: load_file(str(p)))
             else:
-                weights = torch.load(path, map_location="cpu", weights_only=True)
+                weights = _read(path, "the LoRA weights of the backbone", _torch_file)
             return {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
     raise _missing(lora_dir / ADAPTER_WEIGHTS[0], "the LoRA weights of the backbone")
 

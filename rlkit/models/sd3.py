@@ -96,9 +96,11 @@ class SD3Generator:
         if not load_text_encoders:
             kwargs.update(text_encoder=None, text_encoder_2=None, text_encoder_3=None,
                           tokenizer=None, tokenizer_2=None, tokenizer_3=None)
+        from safetensors import SafetensorError
+
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(str(source), **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a weights file cut short
             raise explain_missing(str(source), exc, "SD3 pipeline") from None
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
