@@ -78,20 +78,18 @@ def mixed_advantages(
     eps: float = DEFAULT_EPS,
     clip: float | None = DEFAULT_CLIP,
 ) -> Tensor:
-    """``sum_k w_k A_k``: each reward normalised (and clipped) within groups on its own, then weighted.
+    """``clamp(sum_k w_k A_k)``: each reward normalised within groups on its own, weighted, and the sum clamped to
+    ``[-clip, clip]``, as the DiNa-LRM release adds 0.2 x the PickScore advantage to its own and clamps the sum.
 
-    Mixing advantages instead of raw scores makes rewards of different scales comparable (the DiNa-LRM
-    release adds 0.2 x the PickScore advantage). The sum itself is not clipped again.
+    Mixing advantages instead of raw scores makes rewards of different scales comparable.
     """
     if set(rewards) != set(weights):
         raise ValueError(f"rewards {sorted(rewards)} and weights {sorted(weights)} must name the same rewards")
     if not rewards:
         raise ValueError("mixed_advantages needs at least one reward")
-    total = None
-    for name, r in rewards.items():
-        term = weights[name] * group_advantages(r, group_ids, std=std, eps=eps, clip=clip)
-        total = term if total is None else total + term
-    return total
+    total = sum(weights[name] * group_advantages(r, group_ids, std=std, eps=eps, clip=None)
+                for name, r in rewards.items())
+    return total.clamp(-clip, clip) if clip is not None else total
 
 
 def advantages_across_ranks(

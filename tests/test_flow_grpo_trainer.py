@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -438,8 +439,23 @@ def test_shipped_recipes_load_and_split_over_processes(name):
     worlds = (1, 2) if "shapes" in name else (1, 2, 4, 8)
     for world in worlds:
         plan_epoch(recipe.flow_grpo, world)
+    listed = re.search(r"GPU counts .* work:\n# ([\d, ]+) \(", text)
+    if listed:  # the comment's counts are exactly those that split
+        counts = [int(n) for n in listed.group(1).split(",")]
+
+        def splits(world: int) -> bool:
+            try:
+                return bool(recipe.flow_grpo.split(world))
+            except ValueError:
+                return False
+
+        assert counts == [w for w in range(1, counts[-1] + 1) if splits(w)]
     if "fast" in name:
         assert recipe.flow_grpo.window_size == 3 and recipe.flow_grpo.guidance_scale == 1.0
+    if "fast_sd35" in name:  # the release's window: sde_window_range (0, num_steps // 2) holds the whole window
+        assert recipe.flow_grpo.window_start_range[1] + recipe.flow_grpo.window_size <= recipe.flow_grpo.num_steps // 2
+        assert recipe.flow_grpo.prompts_per_epoch * recipe.flow_grpo.group_size == 1152  # 64 prompts x 18
+        assert recipe.eval.guidance_scale == 4.5  # the release evaluates with CFG, its policy samples without
 
 
 # -- two processes, ZeRO-2 ------------------------------------------------------------------------------------

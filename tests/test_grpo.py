@@ -63,6 +63,20 @@ def test_mixed_advantages_weighted_sum_of_normalised():
         mixed_advantages({"a": a}, {"b": 1.0}, ids)
 
 
+def test_mixed_advantages_clamp_the_sum_not_each_term():
+    """The release clamps A + 0.2 A_proxy at adv_clip: an outlier's own advantage may exceed the clip where the
+    other reward pulls the sum back inside it, and a sum beyond it is cut there."""
+    ids = torch.zeros(10, dtype=torch.long)
+    outlier = torch.tensor([10.0] + [0.0] * 9)  # group advantage 3.0 at eps 0 (population std)
+    against = -outlier
+    unclipped = group_advantages(outlier, ids, eps=0.0, clip=None)
+    assert unclipped[0] == pytest.approx(3.0)
+    mixed = mixed_advantages({"a": outlier, "b": against}, {"a": 1.0, "b": 0.5}, ids, eps=0.0, clip=2.0)
+    assert mixed[0] == pytest.approx(1.5)  # 3.0 - 0.5 x 3.0 inside the clip (clipping each first would give 1.0)
+    mixed = mixed_advantages({"a": outlier, "b": outlier}, {"a": 1.0, "b": 0.5}, ids, eps=0.0, clip=2.0)
+    assert mixed[0] == pytest.approx(2.0) and mixed.abs().max() <= 2.0  # 4.5 clamped
+
+
 def test_group_spanning_ranks_equals_single_process():
     """Two ranks each hold half of every group; gathered advantages equal the single-process ones."""
     g = torch.Generator().manual_seed(0)
