@@ -22,8 +22,12 @@ from rlkit.confload import ConfigError, ConfigProblem
 Problems = Iterator[tuple[str, str]]
 
 ALGORITHMS = ("refl", "flow_grpo", "reward_model")
-# the attention projections of SD3 blocks: the default LoRA targets of the policy and of the DiNa-LRM
+# the attention projections of SD3 blocks, matched by name suffix (peft): the DiNa-LRM release's LoRA targets, which
+# include SD3.5's second image attention (attn2, in its dual-attention blocks)
 SD3_ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# the policy's default: the joint attention only (`attn.`), as upstream Flow-GRPO and the DiNa-LRM release's
+# trainers adapt SD3.5 (attn2 would add about a quarter more LoRA parameters to SD3.5-M)
+POLICY_LORA_TARGETS = [f"attn.{name}" for name in SD3_ATTN_TARGETS]
 
 
 def _positive(obj: Any, *names: str) -> Problems:
@@ -66,8 +70,10 @@ class DecodeConfig:
 
 # distinct prompts whose text embeddings a generator keeps (SD3Generator.cache_limit): SD3.5-M's take (77 + T5 tokens)
 # x 4096 values each, 1.3 MB in bf16 at 77 T5 tokens and 2.7 MB at 256, on the accelerator; a prompt set of 25k would
-# otherwise fill tens of GB. Prompts past the limit are encoded at each use, exactly as the cached ones were
-TEXT_CACHE_SIZE = 1024
+# otherwise fill tens of GB. The first prompts seen stay: the evaluation's, which the step-0 evaluation encodes first
+# and every evaluation reuses, then training prompts, which a large prompt set seldom repeats (256 x 2.7 MB = 0.7 GB).
+# Prompts past the limit are encoded at each use, exactly as the cached ones were
+TEXT_CACHE_SIZE = 256
 
 
 @dataclass
@@ -103,7 +109,7 @@ class LoRAConfig:
     rank: int = 32
     alpha: float = 64.0
     init: Literal["gaussian", "default", "random"] = "gaussian"  # random: A and B random (tests)
-    target_modules: list[str] = field(default_factory=lambda: list(SD3_ATTN_TARGETS))
+    target_modules: list[str] = field(default_factory=lambda: list(POLICY_LORA_TARGETS))
     adapter_name: str = "policy"
 
     def check(self) -> Problems:
@@ -334,11 +340,15 @@ class ReFLConfig:
             yield "grad_step_range", f"must satisfy 0 <= lo <= hi < num_steps ({self.num_steps}), got {[lo, hi]}"
 
 
+# the noise level a of each sampler where a recipe gives none: Flow-GRPO's flow-SDE 0.7, Flow-GRPO-Fast's CPS 0.8
+DEFAULT_NOISE_LEVELS = {"sde": 0.7, "cps": 0.8}
+
+
 @dataclass
 class FlowGRPOConfig:
     num_steps: int = 10
     sde: Literal["sde", "cps"] = "cps"
-    noise_level: float = 0.8
+    noise_level: float | None = None  # None: the method's own, DEFAULT_NOISE_LEVELS
     window_size: int = 3  # SDE steps trained; = num_steps gives plain Flow-GRPO
     window_start_range: tuple[int, int] = (0, 2)  # inclusive
     group_size: int = 8  # images per prompt (a group may span processes)
@@ -360,6 +370,10 @@ class FlowGRPOConfig:
     train_last_step: bool = False
     cps_log_prob: Literal["upstream", "gaussian"] = "upstream"  # upstream: -mean((x' - mu)^2), no variance
     kl_std: Literal["upstream", "transition"] = "upstream"  # KL divides by std_t^2 (upstream) or std_t^2 |dt|
+
+    def __post_init__(self) -> None:
+        if self.noise_level is None:
+            self.noise_level = DEFAULT_NOISE_LEVELS.get(self.sde, DEFAULT_NOISE_LEVELS["cps"])
 
     def split(self, world: int) -> tuple[int, int]:
         """``(images, batches)`` per process of an epoch on ``world`` processes; raises naming the recipe keys that

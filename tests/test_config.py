@@ -298,3 +298,13 @@ def test_local_paths_that_do_not_exist_are_refused_before_any_weight_loads(tmp_p
                                "rewards": [{"name": "dina-lrm", "args": {"pretrained": "some/hub-checkpoint"}}],
                                "reward_model": {"data": {"train": "data/made/later.parquet", "eval": "hf:x/y"}}})
     assert recipe.model.pretrained == "stabilityai/stable-diffusion-3.5-medium"
+
+
+def test_flow_grpo_noise_level_defaults_to_the_samplers_own():
+    """Flow-GRPO's flow-SDE runs at a = 0.7, Fast's CPS at 0.8; a recipe that names only the sampler gets its own."""
+    def noise(*overrides: str) -> float:
+        return recipe_from_dict({**BASE, "algorithm": "flow_grpo"}, list(overrides)).flow_grpo.noise_level
+
+    assert noise() == noise("flow_grpo.sde=cps") == 0.8
+    assert noise("flow_grpo.sde=sde") == 0.7
+    assert noise("flow_grpo.sde=sde", "flow_grpo.noise_level=0.5") == 0.5

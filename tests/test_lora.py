@@ -223,3 +223,21 @@ def test_a_bf16_policy_exports_the_float32_weights_it_is_given(base_transformer,
     for n, _ in named:
         key = "transformer." + n.replace(".policy.", ".")
         assert torch.equal(written[key], exact[n]) and torch.equal(rounded[key], exact[n].to(torch.bfloat16).float())
+
+
+def test_the_policy_adapts_the_joint_attention_as_upstream_and_dina_lrm_every_attention(tiny_sd3_dir):
+    """Upstream Flow-GRPO and the DiNa-LRM release's trainers put the policy LoRA on `attn.*` (SD3.5's second image
+    attention, attn2, stays frozen); the DiNa-LRM release adapts every attention projection, attn2 included."""
+    from rlkit.config import SD3_ATTN_TARGETS, LoRAConfig
+    from rlkit.models.sd3 import SD3Generator
+    from rlkit.trainers.common import prepare_policy
+
+    for targets, with_attn2 in ((LoRAConfig().target_modules, False), (SD3_ATTN_TARGETS, True)):
+        gen = SD3Generator.from_pretrained(tiny_sd3_dir)
+        prepare_policy(gen, LoRAConfig(rank=2, alpha=4, target_modules=list(targets)))
+        adapted = {n.split(".lora_")[0] for n, _ in gen.transformer.named_parameters() if ".policy" in n}
+        modules = dict(gen.transformer.named_modules())
+        joint = {n for n in modules if n.startswith("transformer_blocks.") and ".attn." in n
+                 and any(n.endswith(f".attn.{t}") for t in SD3_ATTN_TARGETS)}
+        second = {n for n in adapted if ".attn2." in n}
+        assert joint <= adapted and bool(second) == with_attn2, sorted(adapted - joint)
