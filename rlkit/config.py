@@ -125,12 +125,23 @@ class RewardSpec:
     name: str
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
+    # in a list of several: how this reward's scores are normalised before they are weighted and summed (none,
+    # affine, zscore, or a mapping of rewards.weighted.NormalizeSpec fields); none leaves raw scores, whose scales
+    # may differ by orders of magnitude
+    normalize: str | dict[str, Any] | None = None
 
     def check(self) -> Problems:
         import rewards
 
         if not math.isfinite(self.weight):
             yield "weight", f"must be a finite number, got {self.weight}"
+        if self.normalize is not None:
+            from rewards.weighted import NormalizeSpec
+
+            try:
+                NormalizeSpec.parse(self.normalize)
+            except (TypeError, ValueError) as exc:
+                yield "normalize", str(exc)
         known = rewards.available()
         if self.name not in known and ":" not in self.name:
             import difflib
@@ -288,6 +299,9 @@ class EvalConfig:
         yield from _prompt_source(self, "prompts")
         if self.early_stopping_patience and not self.golden:
             yield "early_stopping_patience", "needs at least one golden reward"
+        for i, spec in enumerate(self.golden):
+            if spec.normalize is not None:
+                yield f"golden.{i}.normalize", "has no effect: golden rewards are scored raw, each on its own"
 
 
 @dataclass

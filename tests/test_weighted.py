@@ -262,3 +262,26 @@ def test_zscore_sync_pools_statistics_over_processes():
         out, m, v = results[rank]
         assert m == pytest.approx(mean) and v == pytest.approx(std**2)
         assert out == pytest.approx([(xi - mean) / (std + 1e-6) for xi in x], rel=1e-5)
+
+
+def test_a_recipes_reward_list_normalises_each_component_as_it_says():
+    """`rewards: [{name, weight, normalize}, ...]` is the weighted mixture with those normalisations; a bad one is
+    refused at validation, and one on a golden reward, which is scored raw, is refused too."""
+    from rlkit.config import ConfigError, recipe_from_dict
+    from rlkit.trainers.common import build_reward
+
+    base = {"algorithm": "flow_grpo"}
+    recipe = recipe_from_dict({**base, "rewards": [
+        {"name": "latent-direction", "args": {"seed": 1}, "normalize": "zscore"},
+        {"name": "latent-direction", "args": {"seed": 2, "scale": 1000.0}, "weight": 0.5,
+         "normalize": {"kind": "affine", "scale": 1000.0}}]})
+    reward = build_reward(recipe.rewards)
+    assert [n.spec.kind for n in reward.normalizers] == ["zscore", "affine"] and reward.weights == [1.0, 0.5]
+    single = build_reward(recipe_from_dict({**base, "rewards": [{"name": "latent-direction", "normalize": "zscore"}]})
+                          .rewards)
+    assert [n.spec.kind for n in single.normalizers] == ["zscore"]  # a single reward, normalised: a mixture of one
+    with pytest.raises(ConfigError, match=r"rewards\.0\.normalize: normalize\.kind must be one of"):
+        recipe_from_dict({**base, "rewards": [{"name": "latent-direction", "normalize": "z-score"}]})
+    with pytest.raises(ConfigError, match=r"eval\.golden\.0\.normalize: has no effect"):
+        recipe_from_dict({**base, "rewards": [{"name": "latent-direction"}],
+                          "eval": {"golden": [{"name": "latent-direction", "normalize": "zscore"}]}})

@@ -66,13 +66,14 @@ def _ready(reward: Reward, gen: SD3Generator | None, device: torch.device | str 
 
 def build_reward(specs: list[RewardSpec], gen: SD3Generator | None = None,
                  device: torch.device | str | None = None) -> Reward:
-    """One reward from the recipe's list: the reward itself, or a ``weighted`` mixture of several, placed on
-    ``device`` (the accelerator's) when given."""
-    if len(specs) == 1 and specs[0].weight == 1.0:
+    """One reward from the recipe's list: the reward itself, or a ``weighted`` mixture of several (each component
+    normalised as its ``normalize`` says), placed on ``device`` (the accelerator's) when given."""
+    if len(specs) == 1 and specs[0].weight == 1.0 and specs[0].normalize is None:
         reward = reward_registry.build(specs[0].name, **specs[0].args)
     else:
         reward = reward_registry.build("weighted", components=[
-            {"name": s.name, "weight": s.weight, "args": dict(s.args)} for s in specs])
+            {"name": s.name, "weight": s.weight, "args": dict(s.args),
+             **({"normalize": s.normalize} if s.normalize is not None else {})} for s in specs])
     return _ready(reward, gen, device)
 
 
