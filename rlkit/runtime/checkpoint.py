@@ -5,6 +5,10 @@ per-process RNG states), ``trainer_state.json`` (step and small JSON-able facts)
 else the trainer hands over: EMA weights, schedule, generators) and ``COMPLETE``, a manifest of every file
 with its size.
 
+The prepared model's frozen weights (the base model under a LoRA, a reward's borrowed blocks) are not written:
+they are the ones it was loaded with, and at SD3.5-M scale they would add 4.6 GB to every checkpoint. A resumed
+run loads them as a fresh one does, then the trainable weights from the checkpoint.
+
 Writing goes to ``step_000123.tmp``; the main process fsyncs every file, writes ``COMPLETE`` last, and
 renames the folder. A crash mid-write leaves a ``.tmp`` folder that is ignored (and removed by the next save);
 a folder whose files no longer match its manifest (truncated, copied halfway) is skipped with a warning.
@@ -12,12 +16,13 @@ a folder whose files no longer match its manifest (truncated, copied halfway) is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,50 @@ TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"  # a checkpoint being replaced by a re-save of its step, until the new one is in place
 STEP_DIGITS = 6
 STEP_DIR = re.compile(r"^step_(\d+)(\.old)?$")
+
+
+def _model_file(input_dir: str | os.PathLike, index: int) -> Path:
+    """Where accelerate's ``save_state`` writes the ``index``-th prepared model's weights (without DeepSpeed)."""
+    return Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
+
+
+def _drop_frozen(models: list, weights: list, output_dir: str) -> None:
+    for model, state in zip(models, weights):
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                state.pop(name, None)
+
+
+def _load_trainable(models: list, input_dir: str) -> None:
+    """Loads what :func:`_drop_frozen` kept, refusing a file without some trainable weight, and leaves nothing for
+    accelerate's own (strict) load."""
+    from safetensors.torch import load_file
+
+    for i, model in enumerate(models):
+        state = load_file(str(_model_file(input_dir, i)))
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+        if missing:
+            raise ValueError(f"{_model_file(input_dir, i)} lacks trainable weights {missing[:5]} "
+                             f"({len(missing)} in all): it was written for another model or set of trainable weights")
+        model.load_state_dict(state, strict=False)
+    models.clear()
+
+
+@contextlib.contextmanager
+def _trainable_weights_only(accelerator, load: bool = False) -> Iterator[dict[str, Any]]:
+    """``save_state`` / ``load_state`` keyword arguments, and hooks, that keep the prepared models' frozen weights
+    out of a checkpoint: DeepSpeed's own ``exclude_frozen_parameters``, otherwise accelerate's state hooks."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        yield {"load_module_strict": False} if load else {"exclude_frozen_parameters": True}
+        return
+    handle = (accelerator.register_load_state_pre_hook(_load_trainable) if load
+              else accelerator.register_save_state_pre_hook(_drop_frozen))
+    try:
+        yield {}
+    finally:
+        handle.remove()
 
 
 def step_dir_name(step: int) -> str:
@@ -170,7 +219,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)  # before any rank writes its shard or RNG file into it
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        with _trainable_weights_only(accelerator) as kwargs:
+            accelerator.save_state(str(tmp), **kwargs)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             torch.save(extra or {}, tmp / EXTRA_FILE)
@@ -231,7 +281,8 @@ class CheckpointManager:
         folder = self.latest()
         if folder is None:
             return None
-        accelerator.load_state(str(folder))
+        with _trainable_weights_only(accelerator, load=True) as kwargs:
+            accelerator.load_state(str(folder), **kwargs)
         trainer_state = read_trainer_state(folder)
         extra = torch.load(folder / EXTRA_FILE, map_location="cpu", weights_only=False)
         return {**extra, "step": int(trainer_state["step"]), "state": trainer_state, "path": str(folder)}
