@@ -466,7 +466,7 @@ class RewardModelConfig:
     trainable: Literal["lora_head", "head", "full"] = "lora_head"
     loss: Literal["thurstone_calibrated", "thurstone_fixed", "bt", "bt_margin", "nll_calibrated"] = (
         "thurstone_calibrated")
-    timestep_sampling: Literal["uniform", "logit_normal", "mode", "constant", "beta"] = "uniform"
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "constant", "power", "beta"] = "uniform"
     timestep_args: dict[str, float] = field(default_factory=dict)
     snap_to_grid: bool = True
     # > 0: each micro-batch also trains on its noisy latents moved this far (per-latent RMS) along the pair loss's
@@ -489,7 +489,7 @@ class RewardModelConfig:
             yield "epochs", f"must be > 0 or null, got {self.epochs}"
         yield from _non_negative(self, "adversarial_eps")
         scheme_args = {"uniform": (), "logit_normal": ("mean", "std"), "mode": ("scale",), "constant": ("value",),
-                       "beta": ("alpha", "beta")}[self.timestep_sampling]
+                       "power": ("power",), "beta": ("alpha", "beta")}[self.timestep_sampling]
         for key in self.timestep_args:
             if key not in scheme_args:
                 yield f"timestep_args.{key}", (f"does not apply to timestep_sampling {self.timestep_sampling!r} "

@@ -58,6 +58,8 @@ def test_noise_level_schemes_follow_their_distributions_and_are_seeded():
     assert abs(b.mean() - 0.25) < 0.01 and torch.equal(b, draw("beta", {"alpha": 2.0, "beta": 6.0}))
     mode = draw("mode", {"scale": 0.0})  # scale 0 is the identity map of a uniform draw
     assert torch.allclose(mode, 1 - draw("uniform"))
+    power = draw("power", {"power": 3.0})  # U^3: E = 1/4, and the same uniform draw cubed
+    assert abs(power.mean() - 0.25) < 0.01 and torch.equal(power, draw("uniform") ** 3)
     with pytest.raises(ValueError, match="do not apply to 'uniform'"):
         draw("uniform", {"mean": 0.0})
 

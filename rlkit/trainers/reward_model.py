@@ -55,6 +55,7 @@ SCHEME_DEFAULTS: dict[str, dict[str, float]] = {
     "logit_normal": {"mean": 0.0, "std": 1.0},
     "mode": {"scale": 1.29},
     "constant": {"value": 0.0},
+    "power": {"power": 1.0},  # U^p: p > 1 leans to low noise, p < 1 to high
     "beta": {"alpha": 1.0, "beta": 1.0},
 }
 TRAINABLE_TO_ARCH = {  # RewardModelConfig.trainable -> DiNaLRMConfig fields (decide the checkpoint layout)
@@ -90,6 +91,8 @@ def sample_noise_levels(scheme: str, n: int, generator: torch.Generator, args: d
         u = 1 - x - a["scale"] * (torch.cos(math.pi * x / 2) ** 2 - 1 + x)
     elif scheme == "constant":
         u = torch.full((n,), float(a["value"]))
+    elif scheme == "power":
+        u = torch.rand(n, generator=generator) ** a["power"]
     else:  # beta: numpy draws it, seeded from the torch generator (torch's Beta takes no generator)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         u = torch.from_numpy(np.random.default_rng(seed).beta(a["alpha"], a["beta"], n)).float()
