@@ -82,7 +82,9 @@ def sde_std_t(sigma: Tensor, noise_level: float, sigma_max_guard: float | Tensor
 
     ``sigma_max_guard`` is the largest grid sigma below 1 (upstream's ``sigmas[1]``).
     """
-    guard = torch.as_tensor(sigma_max_guard, dtype=torch.float32, device=sigma.device)
+    # a Python number stays one: turning it into a tensor on the accelerator would be a blocking copy every step
+    guard = sigma_max_guard.to(sigma.device, torch.float32) if isinstance(sigma_max_guard, Tensor) \
+        else float(sigma_max_guard)
     denom = 1 - torch.where(sigma == 1, guard, sigma)
     return noise_level * torch.sqrt(sigma / denom)
 
