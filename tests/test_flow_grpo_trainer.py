@@ -285,7 +285,7 @@ def _assert_kl_term_in_the_loss(run, ro, adv, data, cfg) -> None:
     (loss0, grads0, _), (loss1, grads1, stats1) = results[0.0], results[0.5]
     assert data.keep[0].bool().all()  # every image informative: the kept mean is the logged mean
     assert stats1["kl"] > 0
-    assert (loss1 - loss0).item() == pytest.approx(0.5 * stats1["kl"] / data.informative, rel=1e-3)
+    assert (loss1 - loss0).item() == pytest.approx(0.5 * stats1["kl"].item() / data.informative, rel=1e-3)
     moved = [(a - b).norm().item() for a, b in zip(grads1, grads0) if a is not None and b is not None]
     assert max(moved) > 0, "kl_beta > 0 changed no gradient"
 

@@ -234,8 +234,9 @@ def _kl_std(out, ro: Rollout, j: int, convention: str) -> Tensor:
 
 def step_loss(gen, model, ro: Rollout, j: int, advantages: Tensor, keep: Tensor, informative: float,
               cfg: FlowGRPOConfig, reference: Callable[[], contextlib.AbstractContextManager] | None
-              ) -> tuple[Tensor, dict[str, float]]:
-    """The loss of window step ``j`` of one batch: clipped ratio (+ ``kl_beta`` KL), over informative images.
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of window step ``j`` of one batch: clipped ratio (+ ``kl_beta`` KL), over informative images,
+    and its statistics as detached 0-d tensors (read once per update: each read would wait for the accelerator).
 
     ``reference``: a context that turns the policy into the reference (LoRA disabled); required when
     ``kl_beta > 0``.
@@ -245,17 +246,17 @@ def step_loss(gen, model, ro: Rollout, j: int, advantages: Tensor, keep: Tensor,
     policy, pstats = clipped_policy_loss(out.log_prob, logp_old, advantages, cfg.clip_range)
     scale = 1.0 / informative if informative > MIN_INFORMATIVE else 0.0
     loss = policy
-    stats = {"policy_loss": policy.item(), "clip_fraction": pstats["clip_fraction"].item(),
-             "approx_kl": pstats["approx_kl"].item(), "ratio_mean": pstats["ratio_mean"].item(),
-             "ratio_dev_max": (out.log_prob.detach() - logp_old).exp().sub(1).abs().max().item()}
+    stats = {"policy_loss": policy.detach(), "clip_fraction": pstats["clip_fraction"].detach(),
+             "approx_kl": pstats["approx_kl"].detach(), "ratio_mean": pstats["ratio_mean"].detach(),
+             "ratio_dev_max": (out.log_prob.detach() - logp_old).exp().sub(1).abs().max()}
     if cfg.kl_beta > 0:
         with torch.no_grad():
             ref = step_log_probs(gen, ro, j, transformer=model, context=reference)
         kl = kl_to_reference(out.mean, ref.mean, _kl_std(out, ro, j, cfg.kl_std))
         kl_term = (kl * keep).mean()
         loss = loss + cfg.kl_beta * kl_term
-        stats["kl"] = kl.detach().mean().item()
-    stats["loss"] = loss.item() * scale
+        stats["kl"] = kl.detach().mean()
+    stats["loss"] = loss.detach() * scale
     return loss * scale, stats
 
 
@@ -274,7 +275,7 @@ def train_update(run, cfg: FlowGRPOConfig, plan: EpochPlan, data: EpochData, epo
     order = torch.randperm(plan.batches_per_rank, generator=g).tolist()
     chosen = order[part * plan.batches_per_update:(part + 1) * plan.batches_per_update]
     reference = reference_context(run) if cfg.kl_beta > 0 else None
-    totals: dict[str, float] = {}
+    totals: dict[str, Tensor] = {}
     calls = 0
     for b in chosen:
         ro = data.batches[b]
@@ -286,9 +287,10 @@ def train_update(run, cfg: FlowGRPOConfig, plan: EpochPlan, data: EpochData, epo
                 run.backward(loss)
             calls += 1
             for key, value in stats.items():
-                totals[key] = max(totals.get(key, 0.0), value) if key == "ratio_dev_max" else \
-                    totals.get(key, 0.0) + value
-    return {k: (v if k == "ratio_dev_max" else v / calls) for k, v in totals.items()}
+                value = value.float()
+                totals[key] = value if key not in totals else (
+                    torch.maximum(totals[key], value) if key == "ratio_dev_max" else totals[key] + value)
+    return {k: (v if k == "ratio_dev_max" else v / calls).item() for k, v in totals.items()}
 
 
 # -- the trainer --------------------------------------------------------------------------------------------
