@@ -341,7 +341,9 @@ def _micro_step(run: RewardModelRun, global_idx: list[int], micro: int) -> dict[
     sigma_all = run.model.snap(u.to(device)).cpu() if cfg.snap_to_grid else u
     mine = run.rank_slice(cfg.batch_size)
     batch = collate_pairs([run.train_pairs[i] for i in global_idx[mine]])
-    eps = torch.randn((n_global, *batch.chosen.shape[1:]), generator=g)[mine].to(device)
+    # one stream per row of the global batch: each rank draws its own rows only, as any process count would
+    eps = torch.stack([torch.randn(batch.chosen.shape[1:], generator=make_generator(
+        run.recipe.seed, "pair_noise", run.step, micro, row)) for row in range(n_global)[mine]]).to(device)
     sigma = sigma_all[mine].to(device)
     s = sigma.reshape(-1, 1, 1, 1)
     noisy = torch.cat([(1 - s) * batch.chosen.to(device) + s * eps, (1 - s) * batch.rejected.to(device) + s * eps])
