@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
@@ -189,6 +190,8 @@ class WeightedReward(Reward):
             except (TypeError, ValueError) as exc:
                 yield f"components.{i}", str(exc)
                 continue
+            if not math.isfinite(spec.weight):
+                yield f"components.{i}.weight", f"must be a finite number, got {spec.weight}"
             for key, message in reward_cls.args_problems(spec.args):
                 yield f"components.{i}.args" + (f".{key}" if key else ""), message
 

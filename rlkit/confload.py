@@ -193,11 +193,23 @@ PACKAGE_SCHEME = "pkg://"
 
 def recipe_dirs() -> tuple[Path, ...]:
     """Where the shipped recipes live: the source tree's ``recipes/`` (a clone, or ``pip install -e .``), then
-    ``<prefix>/share/rlkit/recipes``, where a built wheel installs them (pyproject's data-files)."""
+    ``share/rlkit/recipes`` of the installed wheel (pyproject's data-files) wherever it went (``--user``,
+    ``--prefix``), as its installed-files record says, else under the interpreter's own prefix."""
+    import importlib.metadata
     import sysconfig
 
-    return (Path(__file__).resolve().parents[1] / "recipes",
-            Path(sysconfig.get_path("data")) / "share" / "rlkit" / "recipes")
+    dirs = [Path(__file__).resolve().parents[1] / "recipes"]
+    try:
+        files = importlib.metadata.files("rlkit") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if "share/rlkit/recipes/" in file.as_posix():
+            located = Path(file.locate()).resolve()
+            dirs.append(next(p for p in located.parents if p.name == "recipes" and p.parent.name == "rlkit"))
+            break
+    dirs.append(Path(sysconfig.get_path("data")) / "share" / "rlkit" / "recipes")
+    return tuple(dict.fromkeys(dirs))
 
 
 def shipped_recipe(name: str) -> Path:
@@ -216,7 +228,10 @@ def missing_local_path(value: str) -> bool:
     value = resolve_package_path(str(value))
     if not value.startswith(("/", "./", "../", "~")):
         return False
-    return not Path(value).expanduser().exists()
+    try:
+        return not Path(value).expanduser().exists()
+    except RuntimeError:  # ~user of no such user
+        return True
 
 
 def resolve_package_path(value: str) -> str:
@@ -317,20 +332,31 @@ def apply_overrides(data: dict, overrides: list[str]) -> list[ConfigProblem]:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last one, so a section
-    pasted twice would silently drop every setting of the first."""
+    pasted twice would silently drop every setting of the first. Checked as each mapping is first flattened, before
+    merge keys (``<<: *anchor``) bring in keys that the mapping may set again on purpose."""
 
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be given again, on purpose
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"{key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    twice = key in seen
+                except TypeError:  # an unhashable key: the constructor reports it
+                    continue
+                if twice:
+                    lines = f"lines {seen[key] + 1} and {key_node.start_mark.line + 1}"
+                    raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice ({lines})",
+                                                            key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        super().flatten_mapping(node)
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -76,9 +76,12 @@ def main(argv: list[str]) -> int:
 
         run(recipe)
         return 0
-    if args.dry_run:  # writes nothing, not even the run folder
-        cmd = launch_command(recipe, args.recipe, args.overrides, recipe.run_dir / LAUNCHER_CONFIG)
-        print("launching:", shlex.join(cmd), flush=True)
+    if args.dry_run:  # writes nothing, not even the run folder: shows the launcher file the run would write
+        import yaml
+
+        config = recipe.run_dir / LAUNCHER_CONFIG
+        print("launching:", shlex.join(launch_command(recipe, args.recipe, args.overrides, config)))
+        print(f"with {config} (written when the run starts):\n{yaml.safe_dump(launcher_config(recipe))}", end="")
         return 0
     cmd = launch_command(recipe, args.recipe, args.overrides, write_launcher_config(recipe))
     print("launching:", shlex.join(cmd), flush=True)

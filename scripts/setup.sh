@@ -4,9 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import torch" >/dev/null 2>&1; then
-  # PyPI's Linux wheel is the CUDA build; PyTorch's CPU index has the CPU one. Where that index cannot be reached
-  # (an offline machine with its own wheel house), pip's configured sources are asked instead.
-  python3 -m pip install --quiet --retries 1 --timeout 20 "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
-    || python3 -m pip install --quiet "torch==2.13.0"
+  # PyPI's Linux wheel of torch is the CUDA build: on Linux take the CPU one (+cpu), from PyTorch's CPU index or a
+  # local wheel folder (pip's find-links) where that index cannot be reached; elsewhere PyPI's wheel is the CPU build
+  if [ "$(uname -s)" = Linux ]; then
+    python3 -m pip install --quiet --retries 1 --timeout 20 "torch==2.13.0+cpu" \
+      --extra-index-url https://download.pytorch.org/whl/cpu
+  else
+    python3 -m pip install --quiet "torch==2.13.0"
+  fi
 fi
 python3 -m pip install --quiet -e ".[dev]"

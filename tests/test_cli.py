@@ -84,9 +84,11 @@ def test_train_dry_run_prints_the_command_wherever_the_flag_stands(tmp_path, cap
     for argv in ([str(path), "--dry-run", f"output_dir={tmp_path}", "seed=3"],
                  [str(path), f"output_dir={tmp_path}", "seed=3", "--dry-run"]):
         assert train_main(argv) == 0
-        out = capsys.readouterr().out
-        assert out.startswith("launching:") and out.rstrip().endswith(f"-m rlkit {path} output_dir={tmp_path} seed=3")
-        assert f"--config_file {tmp_path / 'refl' / 'accelerate_config.yaml'} " in out
+        command, *config = capsys.readouterr().out.splitlines()
+        assert command.startswith("launching:") and command.endswith(f"-m rlkit {path} output_dir={tmp_path} seed=3")
+        assert f"--config_file {tmp_path / 'refl' / 'accelerate_config.yaml'} " in command
+        assert config[0].endswith("accelerate_config.yaml (written when the run starts):")
+        assert yaml.safe_load("\n".join(config[1:]))["num_processes"] == 2  # the file's content, shown
     assert list(tmp_path.iterdir()) == [path]  # a dry run writes nothing
 
 

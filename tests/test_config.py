@@ -119,7 +119,9 @@ def test_shipped_recipes_are_found_in_the_source_tree_and_a_missing_one_names_wh
 
 @pytest.mark.slow
 def test_a_built_wheel_installs_the_recipes_where_shipped_recipe_finds_them(tmp_path):
-    """`pip install rlkit` (no clone): the demo, the build and the sweeps' ``base: ../x.yaml`` still find them."""
+    """`pip install rlkit` (no clone), here into a prefix of its own as `--user` would: the demo, the build and the
+    sweeps' ``base: ../x.yaml`` still find the recipes, through the install's record of its files."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -139,22 +141,22 @@ def test_a_built_wheel_installs_the_recipes_where_shipped_recipe_finds_them(tmp_
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                    check=True, capture_output=True)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    prefix = tmp_path / "prefix"
     wheel = next((tmp_path / "dist").glob("rlkit-*.whl"))
     # --ignore-installed: otherwise pip uninstalls the rlkit this test runs from (--prefix does not stop it)
-    subprocess.run(pip + ["install", "--no-deps", "--ignore-installed", "--prefix", str(venv), str(wheel)], check=True,
-                   capture_output=True)
+    subprocess.run(pip + ["install", "--no-deps", "--ignore-installed", "--prefix", str(prefix), str(wheel)],
+                   check=True, capture_output=True)
+    site = next(prefix.glob("lib/python*/site-packages"))
     probe = ("import rlkit.confload as c; from rlkit.sweep import load_sweep; "
              "print(c.__file__); print(c.shipped_recipe('refl_shapes.yaml')); "
              "print(load_sweep(c.shipped_recipe('sweeps/shapes_reward_ablation.yaml')).validate()[0].algorithm)")
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, check=True,
-                         capture_output=True, text=True).stdout.splitlines()
-    assert out[0].startswith(str(venv)), out  # the installed copy, not the editable source tree
-    assert Path(out[1]) == venv / "share" / "rlkit" / "recipes" / "refl_shapes.yaml"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(site))).stdout.splitlines()
+    assert out[0].startswith(str(site)), out  # the installed copy, not the editable source tree
+    assert Path(out[1]) == prefix / "share" / "rlkit" / "recipes" / "refl_shapes.yaml"
     assert out[2] == "refl"
     assert installed() == ours  # the install the tests run from is left as it was
-    shared = venv / "share" / "rlkit" / "recipes"
+    shared = prefix / "share" / "rlkit" / "recipes"
     assert (sorted(p.relative_to(shared) for p in shared.rglob("*.yaml"))
             == sorted(p.relative_to(root / "recipes") for p in (root / "recipes").rglob("*.yaml")))
 
@@ -246,6 +248,13 @@ def test_a_key_given_twice_in_a_recipe_is_refused_with_its_lines(tmp_path):
 
     path.write_text("base: &d {lr: 1.0e-4, eps: 1.0e-6}\noptim:\n  <<: *d\n  lr: 1.0e-2\n")  # merged, then set
     assert read_yaml(path)["optim"] == {"lr": 1.0e-2, "eps": 1.0e-6}
+    # an anchored mapping that merges and sets a key itself, merged again elsewhere (PyYAML flattens it in place)
+    path.write_text("g: &ld {<<: {seed: 1, scale: 2.0}, seed: 3}\nr: {<<: *ld}\n")
+    assert read_yaml(path) == {"g": {"seed": 3, "scale": 2.0}, "r": {"seed": 3, "scale": 2.0}}
+    for text, message in [("? [a, b]\n: 1\n", "found unhashable key"), ("optim: !!map foo\n", "expected a mapping")]:
+        path.write_text(text)  # reported, not raised past the loader
+        with pytest.raises(ConfigError, match=message):
+            read_yaml(path)
 
 
 def test_negative_or_nan_values_are_refused_where_they_would_switch_a_term_off():
@@ -270,6 +279,8 @@ def test_negative_or_nan_values_are_refused_where_they_would_switch_a_term_off()
     ({"name": "weighted", "args": {"components": [{"name": "dina-lrm", "args": {"pretrained": "x", "u": "a"}}]}},
      "rewards.0.args.components.0.args.u", "expected a number"),
     ({"name": "os:getcwd"}, "rewards.0.name", "not a rewards.base.Reward class"),
+    ({"name": "weighted", "args": {"components": [{"name": "latent-direction", "weight": float("nan")}]}},
+     "rewards.0.args.components.0.weight", "must be a finite number, got nan"),
 ])
 def test_reward_args_are_checked_for_type_and_value_before_any_weight_loads(reward, key, message):
     """What a reward's options class (DiNa-LRM, PickScore, HPSv3) or a mixture's components refuse, at validation,

@@ -150,3 +150,19 @@ def test_invalid_arguments_are_named():
         group_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long), std="batch")
     with pytest.raises(ValueError, match="clip_range"):
         clipped_policy_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), 0.0)
+
+
+def test_the_logged_clip_fraction_is_of_the_advantage_that_is_clamped():
+    """With mixed advantages the clamp acts on the weighted sum: an outlier pulled back inside by the other reward
+    is not clipped, and is not counted as clipped."""
+    from rlkit.config import FlowGRPOConfig
+    from rlkit.trainers.flow_grpo import MIXED_REWARD, compute_advantages
+
+    ids = torch.zeros(10, dtype=torch.long)
+    outlier = torch.tensor([10.0] + [0.0] * 9)  # its own group advantage is 3.0
+    cfg = FlowGRPOConfig(adv_clip=2.0, std="group")
+    adv, stats = compute_advantages({MIXED_REWARD: outlier, "a": outlier, "b": -outlier}, ids, cfg,
+                                    {"a": 1.0, "b": 0.5})
+    assert adv.abs().max() == pytest.approx(1.5, abs=1e-3) and stats["adv_clip_fraction"] == 0.0
+    adv, stats = compute_advantages({MIXED_REWARD: outlier}, ids, cfg, None)
+    assert adv.abs().max() == 2.0 and stats["adv_clip_fraction"] == pytest.approx(0.1)

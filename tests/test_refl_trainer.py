@@ -183,7 +183,8 @@ def test_scoring_states_needs_a_reward_set_to_score_them(tmp_path, tiny_sd3_dir)
     renoise = {**dina, "args": {"pretrained": "unused"}}  # the default mode
     for scored, key in [([renoise], "rewards.0"),
                         ([dina, {**dina, "args": {**dina["args"], "mode": "ensemble"}}], "rewards.1"),
-                        ([{"name": "weighted", "args": {"components": [dina, renoise]}}], "rewards.0.args.components.1")]:
+                        ([{"name": "weighted", "args": {"components": [dina, renoise]}}],
+                         "rewards.0.args.components.1")]:
         with pytest.raises(ConfigError, match=rf"{re.escape(key)}\.args: refl\.reward_at: state .* DiNaLRMReward is "
                                               r"set to score clean latents .*mode: state"):
             recipe_from_dict({**data, "rewards": scored})

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from rewards.base import Reward, RewardInput
 from rlkit.config import FlowGRPOConfig, LoRAConfig, Recipe
-from rlkit.grpo import clipped_policy_loss, group_advantages, informative_mask, kl_to_reference, mixed_advantages
+from rlkit.grpo import clipped_policy_loss, informative_mask, kl_to_reference, mixed_advantages
 from rlkit.models.decode import decode_if_needed
 from rlkit.rollout import Rollout, draw_window, rollout, step_log_probs
 from rlkit.runtime.seeding import derive_seed
@@ -158,21 +158,19 @@ def score_rollout(gen, reward: Reward, ro: Rollout, cfg: FlowGRPOConfig, generat
 def compute_advantages(scores: dict[str, Tensor], group_ids: Tensor, cfg: FlowGRPOConfig,
                        weights: dict[str, float] | None) -> tuple[Tensor, dict[str, float]]:
     """Advantages of every image of the epoch (all ranks' rewards) and their statistics."""
-    kwargs = {"std": cfg.std, "clip": cfg.adv_clip}
     if weights is None:
-        adv = group_advantages(scores[MIXED_REWARD], group_ids, **kwargs)
-        components = {MIXED_REWARD: scores[MIXED_REWARD]}
+        components, weights = {MIXED_REWARD: scores[MIXED_REWARD]}, {MIXED_REWARD: 1.0}
     else:
         components = {k: scores[k] for k in weights}
-        adv = mixed_advantages(components, weights, group_ids, **kwargs)
-    unclipped = [group_advantages(r, group_ids, std=cfg.std, clip=None) for r in components.values()]
+    unclipped = mixed_advantages(components, weights, group_ids, std=cfg.std, clip=None)
+    adv = unclipped.clamp(-cfg.adv_clip, cfg.adv_clip)  # as mixed_advantages(..., clip=cfg.adv_clip)
     mask = informative_mask(adv, group_ids)
     r = scores[MIXED_REWARD]
     stats = {
         "reward/mean": r.mean().item(),
         "reward/std": r.std(correction=0).item(),
         "zero_std_fraction": 1.0 - mask.float().mean().item(),
-        "adv_clip_fraction": torch.stack([(u.abs() > cfg.adv_clip).float().mean() for u in unclipped]).mean().item(),
+        "adv_clip_fraction": (unclipped.abs() > cfg.adv_clip).float().mean().item(),  # of what is clamped
         "adv_abs_mean": adv.abs().mean().item(),
     }
     for name, value in scores.items():

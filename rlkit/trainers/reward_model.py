@@ -4,9 +4,9 @@ One optimiser step, top to bottom:
 
 1. a *global* batch of pairs from one shape bucket (``BucketBatchSampler``, seeded), each process takes its
    slice, so the data does not depend on the number of processes;
-2. per pair one noise level ``sigma`` (uniform / logit-normal / mode / constant / beta, snapped to the
-   scheduler's sigma table or continuous) and one ``eps``, drawn for the global batch and shared by the
-   chosen and the rejected latent: ``x = (1 - sigma) x0 + sigma eps``;
+2. per pair one noise level ``sigma`` (uniform / logit-normal / mode / constant / power / beta, drawn for the
+   global batch and snapped to the scheduler's sigma table or continuous) and one ``eps``, drawn from its row's
+   own stream and shared by the chosen and the rejected latent: ``x = (1 - sigma) x0 + sigma eps``;
 3. both latents scored in one forward (with ``adversarial_eps`` > 0, beside both moved against the model,
    :func:`adversarial_latents`), loss from the DiNa-LRM family (noise-calibrated Thurstone fidelity by
    default), backward under accelerate (DDP or DeepSpeed ZeRO-2/3);
@@ -20,8 +20,9 @@ pretrained=...)``: ``final/`` at the end, and ``checkpoints/step_N/reward_model/
 Checkpoints are the policy trainers' (:mod:`rlkit.runtime.checkpoint`, written atomically every
 ``checkpoint.every`` steps, at the end and on SIGTERM, the newest ``checkpoint.keep_last`` kept): the prepared
 model and optimiser with the RNG states (``accelerator.save_state``), schedule, EMA, and the data position
-(epoch and global batches taken in it). The noise levels and ``eps`` come from generators derived from
-``(seed, step, micro-batch)`` and the batch order from ``(seed, epoch)``, so with ``checkpoint.resume`` a run
+(epoch and global batches taken in it). The noise levels come from generators derived from ``(seed, step,
+micro-batch)``, each ``eps`` from ``(seed, step, micro-batch, row of the global batch)`` and the batch order from
+``(seed, epoch)``, so with ``checkpoint.resume`` a run
 continues from the newest complete checkpoint bit-identically to one that was never stopped.
 """
 
