@@ -206,8 +206,10 @@ def recipe_dirs() -> tuple[Path, ...]:
     for file in files:
         if "share/rlkit/recipes/" in file.as_posix():
             located = Path(file.locate()).resolve()
-            dirs.append(next(p for p in located.parents if p.name == "recipes" and p.parent.name == "rlkit"))
-            break
+            folder = next((p for p in located.parents if p.name == "recipes" and p.parent.name == "rlkit"), None)
+            if folder is not None:
+                dirs.append(folder)
+                break
     dirs.append(Path(sysconfig.get_path("data")) / "share" / "rlkit" / "recipes")
     return tuple(dict.fromkeys(dirs))
 
