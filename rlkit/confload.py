@@ -380,6 +380,9 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+OVERRIDDEN = " (set on the command line)"  # marks the file of a problem at a key an override set
+
+
 def build(cls: type, data: dict, file: str = "", overrides: list[str] | None = None):
     """Builds dataclass ``cls`` from ``data`` (+ overrides, applied to a copy: the caller's mapping is left as it
     is); raises :class:`ConfigError` with every problem."""
@@ -387,7 +390,10 @@ def build(cls: type, data: dict, file: str = "", overrides: list[str] | None = N
     problems = apply_overrides(data, overrides or [])
     builder = _Builder(file)
     obj = builder.build_dataclass(cls, data, "")
-    problems += builder.problems
+    # a problem at or under a key an override set is the command line's, not the file's
+    given = [text.partition("=")[0].strip() for text in overrides or []]
+    problems += [ConfigProblem(f"{file}{OVERRIDDEN}", p.key, p.message)
+                 if any(p.key == k or p.key.startswith(k + ".") for k in given) else p for p in builder.problems]
     if problems:
         raise ConfigError(problems)
     return obj

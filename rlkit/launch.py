@@ -65,6 +65,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
+    if not any(not a.startswith("-") for a in argv):  # (intermixed parsing would also call the overrides required)
+        parser.error("the following arguments are required: recipe")
     args = parser.parse_intermixed_args(argv)  # --dry-run before the overrides too
     try:
         recipe = load_recipe(args.recipe, args.overrides)

@@ -160,8 +160,10 @@ class Sweep:
             try:
                 recipes.append(self.recipe(run, extra))
             except ConfigError as exc:
-                problems += [confload.ConfigProblem(f"{self.file} [{run.name}: {p.file} with its overrides]", p.key,
-                                                    p.message) for p in exc.problems]
+                # a key the run's overrides set is the sweep file's problem; any other is the base recipe's
+                problems += [confload.ConfigProblem(
+                    f"{self.file} [{run.name}]" if p.file.endswith(confload.OVERRIDDEN)
+                    else f"{self.file} [{run.name}: {p.file}]", p.key, p.message) for p in exc.problems]
         if problems:
             raise ConfigError(problems)
         return recipes

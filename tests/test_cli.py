@@ -53,8 +53,8 @@ def test_validate_checks_every_run_of_a_sweep_file(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"{tmp_path / 'base.yaml'}: ok (refl, rewards: dina-lrm)" in out and f"{path}: INVALID" in err
     assert "2 problem(s)" in err and "did you mean 'max_steps'" in err
-    for run in ("pick__seed0", "pick__seed1"):
-        assert f"{path} [{run}: {tmp_path / 'base.yaml'} with its overrides]: refl.max_stepz" in err
+    for run in ("pick__seed0", "pick__seed1"):  # the sweep's own override, not the base recipe
+        assert f"{path} [{run}]: refl.max_stepz" in err
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
     assert "file not found" in capsys.readouterr().err
 
@@ -77,6 +77,11 @@ def test_train_builds_accelerate_command_from_launch_section(tmp_path):
 
 def test_train_dry_run_prints_the_command_wherever_the_flag_stands(tmp_path, capsys):
     from rlkit.launch import main as train_main
+
+    for argv in ([], ["--dry-run"]):  # the recipe is what is missing; overrides are optional
+        with pytest.raises(SystemExit):
+            train_main(argv)
+        assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: recipe")
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"algorithm": "refl", "rewards": [DINA],

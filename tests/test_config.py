@@ -319,3 +319,12 @@ def test_flow_grpo_noise_level_defaults_to_the_samplers_own():
     assert noise() == noise("flow_grpo.sde=cps") == 0.8
     assert noise("flow_grpo.sde=sde") == 0.7
     assert noise("flow_grpo.sde=sde", "flow_grpo.noise_level=0.5") == 0.5
+
+
+def test_a_problem_an_override_made_is_the_command_lines_not_the_files(tmp_path):
+    path = write(tmp_path, {**BASE, "refl": {"max_stepz": 3}})
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, ["optim.lrr=1e-4", "refl.max_steps=abc"])
+    files = {p.key: p.file for p in err.value.problems}
+    assert files == {"refl.max_stepz": str(path), "optim.lrr": f"{path} (set on the command line)",
+                     "refl.max_steps": f"{path} (set on the command line)"}, files

@@ -126,7 +126,7 @@ def test_bad_sweep_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match="max_step"):
         load_sweep(bad).validate()
     base.write_text("algorithm: refl\nrefl: {max_steps: 3}\nrefl: {max_steps: 4}\n")  # a problem of the base
-    with pytest.raises(ConfigError, match=rf"\[latent__seed0: {re.escape(str(base))} with its overrides\]: line 3: "
+    with pytest.raises(ConfigError, match=rf"\[latent__seed0: {re.escape(str(base))}\]: line 3: "
                                           r".*'refl' is given twice"):
         load_sweep(bad).validate()
     base.unlink()
