@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
@@ -162,11 +162,9 @@ class Reward(nn.Module):
         their names)."""
         if cls.args_class is None:
             return
-        import dataclasses
-
         from rlkit.confload import ConfigError, build
 
-        names = {f.name for f in dataclasses.fields(cls.args_class)}
+        names = {f.name for f in fields(cls.args_class)}
         try:
             build(cls.args_class, {k: v for k, v in args.items() if k in names})
         except ConfigError as exc:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
@@ -173,8 +172,8 @@ class WeightedReward(Reward):
 
     @classmethod
     def args_problems(cls, args: dict[str, Any]) -> Iterator[tuple[str, str]]:
-        """Each component's spec, name and args, as a recipe's own rewards are checked."""
-        from rewards import REGISTRY
+        """Each component checked as a recipe's own reward entries are (:meth:`rlkit.config.RewardSpec.check`)."""
+        from rlkit.config import RewardSpec
 
         components = args.get("components")
         if not isinstance(components, (list, tuple)) or not components:
@@ -183,17 +182,11 @@ class WeightedReward(Reward):
         for i, value in enumerate(components):
             try:
                 spec = ComponentSpec.parse(value, i)
-                reward_cls = REGISTRY.check_args(spec.name, spec.args)
-            except KeyError as exc:
-                yield f"components.{i}.name", str(exc.args[0])
-                continue
             except (TypeError, ValueError) as exc:
                 yield f"components.{i}", str(exc)
                 continue
-            if not math.isfinite(spec.weight):
-                yield f"components.{i}.weight", f"must be a finite number, got {spec.weight}"
-            for key, message in reward_cls.args_problems(spec.args):
-                yield f"components.{i}.args" + (f".{key}" if key else ""), message
+            for key, message in RewardSpec(spec.name, weight=spec.weight, args=spec.args).check():
+                yield f"components.{i}.{key}", message
 
     def __init__(self, components: list[Mapping[str, Any]], rewards_by_key: Mapping[str, Reward] | None = None):
         """``components``: specs to build through the registry. ``rewards_by_key`` (optional): already built
